@@ -1,0 +1,240 @@
+"""Shared pieces of the analysis scripts: reading sweep Parquet, filters that explain an empty result,
+mean ± std cells, display names, table rendering and figure saving."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+
+from uhkd.errors import UserError
+
+TRIALS = "trials.parquet"
+EPOCHS = "epochs.parquet"
+RESULTS_HELP = ("a trials.parquet file, a sweep folder holding trials.parquet (and epochs.parquet), or a results "
+                "root holding several sweep folders (concatenated); local paths or pyarrow URIs (file://, s3://, gs://)")
+
+
+def _filesystem(results: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in results:
+        try:
+            return pafs.FileSystem.from_uri(results)
+        except Exception as exc:  # pyarrow raises several types for unknown schemes and unreachable stores
+            raise UserError(f"cannot open results {results!r}: {exc}") from None
+    return pafs.LocalFileSystem(), str(Path(results).resolve())
+
+
+def find_tables(results: str | Path, name: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The `name` Parquet files (trials.parquet / epochs.parquet) that `results` designates."""
+    fs, root = _filesystem(str(results))
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        paths = [root] if root.endswith(name) else [root.rsplit("/", 1)[0] + "/" + name]
+        paths = [p for p in paths if fs.get_file_info(p).type == pafs.FileType.File]
+    elif info.type == pafs.FileType.Directory:
+        direct = f"{root.rstrip('/')}/{name}"
+        if fs.get_file_info(direct).type == pafs.FileType.File:
+            paths = [direct]
+        else:
+            subdirs = [i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory]
+            paths = sorted(p for p in (f"{d}/{name}" for d in subdirs)
+                           if fs.get_file_info(p).type == pafs.FileType.File)
+    else:
+        raise UserError(f"results path {str(results)!r} does not exist; give {RESULTS_HELP}")
+    if not paths:
+        raise UserError(f"no {name} found at {str(results)!r}; give {RESULTS_HELP}")
+    return fs, paths
+
+
+def _read(results: str | Path, name: str) -> pd.DataFrame:
+    fs, paths = find_tables(results, name)
+    frames = [pq.read_table(p, filesystem=fs).to_pandas() for p in paths]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        raise UserError(f"{name} at {str(results)!r} has no rows yet (no trial has finished)")
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_trials(results: str | Path) -> pd.DataFrame:
+    """All trial rows (one per trial) of the sweeps under `results`."""
+    return _read(results, TRIALS)
+
+
+def read_epochs(results: str | Path) -> pd.DataFrame:
+    """All per-epoch rows of the sweeps under `results`."""
+    return _read(results, EPOCHS)
+
+
+def require_columns(df: pd.DataFrame, columns: Iterable[str], purpose: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"results lack the column(s) {', '.join(missing)} needed for {purpose}")
+
+
+def select(df: pd.DataFrame, filters: Mapping[str, object], what: str = "trials") -> pd.DataFrame:
+    """Rows matching every `column == value` filter; `None` values are skipped.
+
+    An empty result names the filter that emptied it, the filters applied before it and the values available."""
+    applied: list[str] = []
+    for column, value in filters.items():
+        if value is None:
+            continue
+        require_columns(df, [column], f"the filter {column}={value!r}")
+        kept = df[df[column] == value]
+        if kept.empty:
+            available = ", ".join(repr(v) for v in sorted(df[column].dropna().unique(), key=str)) or "none"
+            among = f" among the {' '.join(applied)} {what}" if applied else ""
+            raise UserError(f"no {what} with {column}={value!r}{among}; available {column} values: {available}")
+        applied.append(f"{column}={value!r}")
+        df = kept
+    return df
+
+
+def ok_trials(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Finished trials only (`status == "ok"`), and a note saying how many others were excluded."""
+    require_columns(df, ["status"], "keeping finished trials")
+    ok = df[df["status"] == "ok"]
+    if ok.empty:
+        counts = ", ".join(f"{k}: {v}" for k, v in df["status"].value_counts().sort_index().items())
+        raise UserError(f"no trial with status 'ok' among {len(df)} trials ({counts})")
+    excluded = df.loc[df["status"] != "ok", "status"].value_counts().sort_index()
+    note = f"{len(ok)} trials with status ok; " + (
+        f"{int(excluded.sum())} excluded ({', '.join(f'{k}: {v}' for k, v in excluded.items())})"
+        if len(excluded) else "none excluded")
+    return ok, note
+
+
+def dedupe_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Keep the latest row of runs repeated with the same config and seed (same `config_hash`), e.g. a sweep
+    re-run under another name in the same results root, so repeats do not count as extra seeds."""
+    if "config_hash" not in df.columns or df.empty:
+        return df, 0
+    order = df.sort_values("finished_at") if "finished_at" in df.columns else df
+    keyed = order[order["config_hash"].fillna("") != ""]
+    kept = pd.concat([keyed.drop_duplicates("config_hash", keep="last"),
+                      order[order["config_hash"].fillna("") == ""]])
+    return kept.sort_index(), len(df) - len(kept)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (ddof=1; NaN for one value) and count of a cell's values."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> "Stat":
+        arr = np.asarray([v for v in values if v is not None and not pd.isna(v)], dtype=float)
+        if arr.size == 0:
+            return cls(math.nan, math.nan, 0)
+        return cls(float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan, int(arr.size))
+
+    def text(self, digits: int = 2) -> str:
+        if self.n == 0:
+            return "—"
+        std = f" ± {self.std:.{digits}f}" if self.n > 1 else ""
+        return f"{self.mean:.{digits}f}{std} (n={self.n})"
+
+
+def signed(value: float, digits: int = 2) -> str:
+    return "—" if value is None or pd.isna(value) else f"{value:+.{digits}f}"
+
+
+def published_results() -> pd.DataFrame:
+    """The published numbers shipped with the toolkit (SPEC §4): one row per number with its source."""
+    with resources.files("uhkd").joinpath("reference/published_results.csv").open() as handle:
+        table = pd.read_csv(handle, keep_default_na=False)
+    table["top1"] = table["top1"].astype(float)
+    return table
+
+
+# timm names missing from the published table (which names every other model the paper uses).
+_EXTRA_NAMES = {"mixer_b16_224": "Mixer-B/16", "resnet34": "ResNet34", "resnet50": "ResNet50",
+                "swin_nano_patch4_window7_224": "Swin-N", "swin_pico_patch4_window7_224": "Swin-P"}
+
+
+def display_names() -> dict[str, str]:
+    """timm name -> the paper's short name (ResNet18, Swin-T, ...)."""
+    pub = published_results()
+    names = dict(_EXTRA_NAMES)
+    for timm_col, short_col in (("teacher_timm", "teacher"), ("student_timm", "student")):
+        names.update({t: s for t, s in zip(pub[timm_col], pub[short_col]) if t and s})
+    return names
+
+
+def render(header: Sequence[str], rows: Sequence[Sequence[str]], fmt: str, notes: Sequence[str] = (),
+           bold: Iterable[tuple[int, int]] = ()) -> str:
+    """A text table in `md`, `latex` or `csv`; `bold` holds (row, column) cells to emphasise (md/latex)."""
+    bold = set(bold)
+    if fmt == "csv":
+        return pd.DataFrame(list(rows), columns=list(header)).to_csv(index=False)
+
+    def cell(i: int, j: int, text: str) -> str:
+        if fmt == "latex":
+            text = _latex_escape(text)
+            return f"\\textbf{{{text}}}" if (i, j) in bold else text
+        return f"**{text}**" if (i, j) in bold else text
+
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(cell(i, j, t) for j, t in enumerate(r)) + " |" for i, r in enumerate(rows)]
+        return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+    if fmt == "latex":
+        lines = [f"\\begin{{tabular}}{{l{'r' * (len(header) - 1)}}}", "\\toprule",
+                 " & ".join(_latex_escape(h) for h in header) + " \\\\", "\\midrule"]
+        lines += [" & ".join(cell(i, j, t) for j, t in enumerate(r)) + " \\\\" for i, r in enumerate(rows)]
+        lines += ["\\bottomrule", "\\end{tabular}"]
+        return "\n".join(lines + [f"% {n}" for n in notes]) + "\n"
+    raise UserError(f"unknown format {fmt!r}; valid choices: csv, latex, md")
+
+
+def _latex_escape(text: str) -> str:
+    for raw, escaped in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
+                         ("±", "$\\pm$"), ("→", "$\\to$"), ("—", "--"), ("Δ", "$\\Delta$")):
+        text = text.replace(raw, escaped)
+    return text
+
+
+def save_figure(fig: Figure, stem: Path) -> list[Path]:
+    """Write `stem.png` and `stem.pdf`; returns both paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return paths
+
+
+def write_text(text: str, out: str | None) -> list[Path]:
+    """Write to `out`, or print to stdout when no file is given."""
+    if not out:
+        sys.stdout.write(text)
+        return []
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return [path]
+
+
+def cli(main: Callable[[argparse.Namespace], list[Path]], parser: argparse.ArgumentParser,
+        argv: Sequence[str] | None = None) -> int:
+    """Parse, run, print the output paths; a `UserError` becomes one `error:` line and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        outputs = main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in outputs:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,206 @@
+"""The paper's comparison table (UHKD Tables 1-2 layout) from sweep results.
+
+Rows are teacher→student pairs grouped by student family; columns are the teacher's top-1, the student trained from
+scratch, and the student distilled by each method; every cell is mean ± std over seeds with the number of seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, display_names, ok_trials, published_results,
+                             read_trials, render, require_columns, select, signed, write_text)
+from uhkd.errors import UserError
+
+METHODS = ("scratch", "kd", "dkd", "dist", "fitnet", "ofa", "uhkd")
+HEADERS = {"scratch": "Scratch", "kd": "KD", "dkd": "DKD", "dist": "DIST", "fitnet": "FitNet", "ofa": "OFA",
+           "uhkd": "UHKD"}
+FAMILIES = {"cnn": "CNN students", "vit": "ViT students", "mlp": "MLP students"}
+CLAIM = "uhkd_max_gain_over_ofa"
+
+
+@dataclass
+class Row:
+    family: str
+    teacher: str
+    student: str
+    teacher_top1: Stat
+    cells: dict[str, Stat]
+
+    @property
+    def best(self) -> list[str]:
+        """The method(s) with the highest mean in this row."""
+        means = {m: s.mean for m, s in self.cells.items() if s.n}
+        top = max(means.values(), default=math.nan)
+        return [m for m, v in means.items() if v == top]
+
+    @property
+    def gain(self) -> float:
+        """UHKD's mean minus OFA's mean (NaN when either is missing)."""
+        return self.cells["uhkd"].mean - self.cells["ofa"].mean
+
+
+@dataclass
+class Table:
+    dataset: str
+    metric: str
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+
+def _student_kind(name: str) -> str:
+    from uhkd.models import model_kind  # lazy: importing models pulls in timm
+
+    return model_kind(name)
+
+
+def build_table(trials: pd.DataFrame, dataset: str, *, metric: str = "best_top1", split: str | None = "final",
+                tag: str | None = "", sweep: str | None = None) -> Table:
+    """Aggregate finished trials of `dataset` into the comparison table (see the module docstring)."""
+    require_columns(trials, ["dataset", "teacher", "student", "method", "seed", "status", metric, "teacher_top1"],
+                    "the comparison table")
+    trials = select(trials, {"dataset": dataset, "split": split, "tag": tag, "sweep": sweep})
+    trials, status_note = ok_trials(trials)
+    trials, repeats = dedupe_runs(trials)
+    notes = [status_note]
+    if repeats:
+        notes.append(f"{repeats} repeated runs (same config and seed) dropped; the latest kept")
+    ignored = sorted(set(trials["method"]) - set(METHODS))
+    if ignored:
+        notes.append(f"methods without a column ignored: {', '.join(ignored)}")
+    distilled = trials[trials["method"].isin(METHODS[1:])]
+    if distilled.empty:
+        raise UserError(f"no distilled trials (methods {', '.join(METHODS[1:])}) among the finished "
+                        f"{dataset!r} trials; found methods: {', '.join(sorted(set(trials['method'])))}")
+    scratch = trials[trials["method"] == "scratch"]
+    rows = []
+    for (teacher, student), pair in distilled.groupby(["teacher", "student"], sort=False):
+        cells = {"scratch": Stat.of(scratch.loc[scratch["student"] == student, metric])}
+        cells.update({m: Stat.of(pair.loc[pair["method"] == m, metric]) for m in METHODS[1:]})
+        # The teacher is evaluated once per trial; average per seed first so methods do not weigh it.
+        teacher_top1 = Stat.of(pair.groupby("seed")["teacher_top1"].mean())
+        rows.append(Row(_student_kind(student), teacher, student, teacher_top1, cells))
+    order = list(FAMILIES)
+    rows.sort(key=lambda r: (order.index(r.family) if r.family in order else len(order), r.student, r.teacher))
+    label = "best-epoch" if metric == "best_top1" else "last-epoch"
+    notes.insert(0, f"{dataset}: {label} top-1 (%), mean ± sample std over seeds (n = seeds)"
+                 + (f", split {split}" if split else ""))
+    if "model.scale" in trials.columns and set(trials["model.scale"]) - {"full"}:
+        notes.append(f"model.scale: {', '.join(sorted(set(trials['model.scale'])))} (scaled-down models)")
+    return Table(dataset, metric, rows, notes)
+
+
+def _published_lookup(dataset: str) -> dict[tuple[str, str, str], tuple[float, str]]:
+    """(teacher timm name, student timm name, method) -> (top-1, confidence); teacher rows use method "teacher"."""
+    pub = published_results()
+    pub = pub[pub["dataset"] == dataset]
+    return {(t, s, m): (v, c) for t, s, m, v, c in
+            zip(pub["teacher_timm"], pub["student_timm"], pub["method"], pub["top1"], pub["confidence"])}
+
+
+def gain_footer(table: Table) -> str:
+    gains = [(r.gain, r) for r in table.rows if not math.isnan(r.gain)]
+    claim = _published_lookup(table.dataset).get(("", "", CLAIM))
+    claimed = (f"paper's claim (UHKD abstract): max {signed(claim[0])}" if claim
+               else f"no published claim for {table.dataset}")
+    if not gains:
+        return f"UHKD − OFA: no pair has both UHKD and OFA results; {claimed}"
+    names = display_names()
+    best_gain, best_row = max(gains, key=lambda g: g[0])
+    mean_gain = sum(g for g, _ in gains) / len(gains)
+    pair = f"{names.get(best_row.teacher, best_row.teacher)}→{names.get(best_row.student, best_row.student)}"
+    return (f"UHKD − OFA over {len(gains)} pairs: mean {signed(mean_gain)}, max {signed(best_gain)} ({pair}); "
+            f"{claimed}")
+
+
+def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
+    """Render as Markdown / LaTeX (formatted cells, best bold) or CSV (numeric columns)."""
+    pub = _published_lookup(table.dataset) if published else {}
+
+    def pub_of(row: Row, column: str) -> tuple[float, str] | None:
+        key = ((row.teacher, "", "teacher") if column == "teacher" else
+               ("", row.student, "scratch") if column == "scratch" else (row.teacher, row.student, column))
+        return pub.get(key)
+
+    columns = ["teacher", *METHODS]
+    if fmt == "csv":
+        records = []
+        for row in table.rows:
+            rec = {"family": row.family, "teacher": row.teacher, "student": row.student}
+            for col in columns:
+                stat = row.teacher_top1 if col == "teacher" else row.cells[col]
+                rec.update({f"{col}_mean": stat.mean, f"{col}_std": stat.std, f"{col}_n": stat.n})
+                if published:
+                    value = pub_of(row, col)
+                    rec[f"{col}_published"] = value[0] if value else math.nan
+                    rec[f"{col}_diff"] = stat.mean - value[0] if value else math.nan
+            rec.update({"best": ";".join(row.best), "uhkd_gain_over_ofa": row.gain})
+            records.append(rec)
+        return pd.DataFrame(records).to_csv(index=False, float_format="%.4f")
+
+    names = display_names()
+    header = ["Teacher → Student", "Teacher", *(HEADERS[m] for m in METHODS), "Δ UHKD−OFA"]
+    rows: list[list[str]] = []
+    bold = []
+    conflict = False
+    for family in dict.fromkeys(r.family for r in table.rows):
+        rows.append([f"*{FAMILIES.get(family, family + ' students')}*"] + [""] * (len(header) - 1))
+        for row in (r for r in table.rows if r.family == family):
+            cells = [f"{names.get(row.teacher, row.teacher)} → {names.get(row.student, row.student)}"]
+            for col in columns:
+                stat = row.teacher_top1 if col == "teacher" else row.cells[col]
+                text = stat.text()
+                if published:
+                    value = pub_of(row, col)
+                    if value is None:
+                        text += " / pub n/a"
+                    else:
+                        mark = "†" if value[1] == "conflict" else ""
+                        conflict |= bool(mark)
+                        diff = f" (Δ {signed(stat.mean - value[0])})" if stat.n else ""
+                        text += f" / pub {value[0]:.2f}{mark}{diff}"
+                cells.append(text)
+            bold += [(len(rows), 2 + METHODS.index(m)) for m in row.best]
+            cells.append(signed(row.gain))
+            rows.append(cells)
+    notes = [*table.notes, gain_footer(table), "bold: best method of the row"]
+    if published:
+        notes.append("pub = published top-1 (uhkd/reference/published_results.csv), Δ = ours − published, "
+                     "pub n/a = no published value" + ("; † = sources disagree" if conflict else ""))
+    return render(header, rows, fmt, notes=notes, bold=bold)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="analysis/tables.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help=RESULTS_HELP)
+    p.add_argument("--dataset", required=True, help="dataset column value: cifar100, imagenet1k, mnist5k, ...")
+    p.add_argument("--format", default="md", choices=("md", "latex", "csv"), help="output format (default md)")
+    p.add_argument("--out", default="", help="output file (default: print to stdout)")
+    p.add_argument("--last", action="store_true", help="use last-epoch top-1 (last_top1) instead of best_top1")
+    p.add_argument("--published", action="store_true",
+                   help="put the published numbers beside ours with the difference")
+    p.add_argument("--split", default="final", help="only trials of this data split (default final; '' = any)")
+    p.add_argument("--tag", default="", help="only trials with this tag (default '' = untagged, i.e. not ablation "
+                   "variants; '*' = any tag)")
+    p.add_argument("--sweep", default=None, help="only trials of this sweep (default: every sweep)")
+    return p
+
+
+def main(args: argparse.Namespace) -> list[Path]:
+    table = build_table(read_trials(args.results), args.dataset, metric="last_top1" if args.last else "best_top1",
+                        split=args.split or None, tag=None if args.tag == "*" else args.tag, sweep=args.sweep)
+    return write_text(format_table(table, args.format, published=args.published), args.out)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    return cli(main, parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())
