@@ -1,0 +1,112 @@
+"""FTM / FAM: shapes, no parameters or gradient on the teacher side, shift invariance, the fast SCA order, and
+that each switch changes what it names."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uhkd.errors import UserError
+from uhkd.frequency import BANDS, FAM, FTM, SRA, spectral_map
+
+torch.manual_seed(0)
+X = torch.randn(2, 5, 12, 10)
+
+
+@pytest.mark.parametrize("spectrum,width", [("amplitude", 5), ("log_amplitude", 5), ("complex", 10), ("none", 5)])
+@pytest.mark.parametrize("band", BANDS)
+def test_ftm_shape_no_parameters_no_gradient(spectrum, width, band):
+    ftm = FTM(k=3, spectrum=spectrum, band=band)
+    x = X.clone().requires_grad_(True)
+    out = ftm(x)
+    assert out.shape == (2, 9, width) and out.dtype == torch.float32
+    assert list(ftm.parameters()) == [] and not out.requires_grad
+    # SRT: every token is normalised over its channels
+    assert torch.allclose(out.mean(-1), torch.zeros(2, 9), atol=1e-5)
+
+
+def test_low_band_is_the_centred_lowest_frequencies():
+    """k = 3, low band: bins -1, 0, 1 of each axis = the 3×3 centre of the fftshifted orthonormal spectrum."""
+    spec = torch.fft.fftshift(torch.fft.fft2(X, norm="ortho"), dim=(-2, -1)).abs()
+    expected = spec[..., 6 - 1:6 + 2, 5 - 1:5 + 2].flatten(2).transpose(1, 2)
+    assert torch.allclose(FTM(3)(X), F.layer_norm(expected, (5,)), atol=1e-5)
+
+
+@pytest.mark.parametrize("spectrum", ["amplitude", "log_amplitude"])
+@pytest.mark.parametrize("band", BANDS)
+def test_amplitude_is_invariant_to_circular_shift(spectrum, band):
+    ftm = FTM(k=5, spectrum=spectrum, band=band)
+    shifted = torch.roll(X, shifts=(3, -4), dims=(2, 3))
+    assert torch.allclose(ftm(X), ftm(shifted), atol=1e-4)
+
+
+def test_complex_and_spatial_forms_see_the_shift():
+    shifted = torch.roll(X, shifts=(3, -4), dims=(2, 3))
+    for spectrum in ("complex", "none"):
+        ftm = FTM(k=5, spectrum=spectrum)
+        assert not torch.allclose(ftm(X), ftm(shifted), atol=1e-2)
+
+
+def test_ftm_is_float32_under_autocast():
+    x = X.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = FTM(k=3)(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, FTM(k=3)(x.float()), atol=1e-6)
+
+
+@pytest.mark.parametrize("spectrum", ["amplitude", "log_amplitude", "complex", "none"])
+@pytest.mark.parametrize("band", BANDS)
+def test_fast_sca_equals_projecting_the_full_map_first(spectrum, band):
+    """SCA projects the cropped complex block; the result equals projecting the whole map, then the DFT."""
+    fam = FAM(5, 4, k=3, spectrum=spectrum, band=band, sra=False)
+    fast = spectral_map(X, 3, spectrum, band, project=fam._project)
+    slow = spectral_map(fam.proj(X), 3, spectrum, band)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_fam_and_its_input_get_gradients():
+    fam = FAM(5, 4, k=3)
+    x = X.clone().requires_grad_(True)
+    target = FTM(k=3)(torch.randn(2, 4, 7, 7))
+    F.mse_loss(fam(x), target).backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fam.parameters())
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_fam_switches_change_only_what_they_name():
+    base = FAM(5, 4, k=3)
+    assert base.bn is None and isinstance(base.sra, SRA)
+    no_sra = FAM(5, 4, k=3, sra=False)
+    assert no_sra.sra is None and _count(base) - _count(no_sra) == _count(base.sra)
+    conv_bn = FAM(5, 4, k=3, sca="conv_bn")
+    assert isinstance(conv_bn.bn, torch.nn.BatchNorm2d) and _count(conv_bn) - _count(base) == _count(conv_bn.bn)
+    # without SRA the output is the normalised SCA result: the teacher's FTM applied to the projected map
+    assert torch.allclose(no_sra(X), FTM(k=3)(no_sra.proj(X)), atol=1e-5)
+    # conv_bn: the BN (in eval mode with fresh statistics, identity) is the only difference from the linear order
+    no_sra_bn = FAM(5, 4, k=3, sca="conv_bn", sra=False).eval()
+    no_sra_bn.proj.load_state_dict(no_sra.proj.state_dict())
+    assert torch.allclose(no_sra_bn(X), no_sra(X), atol=1e-4)
+    assert FAM(5, 4, k=3, spectrum="complex").sra.channel.in_features == 8
+
+
+def test_bands_differ():
+    outs = [FTM(k=3, band=band)(X) for band in BANDS]
+    assert all(not torch.allclose(a, b, atol=1e-3) for i, a in enumerate(outs) for b in outs[i + 1:])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(spectrum="phase"), "method.spectrum 'phase'; valid choices: amplitude, complex, log_amplitude, none"),
+    (dict(band="mid"), "method.band 'mid'; valid choices: full, high, low"),
+    (dict(k=0), "method.k must be >= 1"),
+])
+def test_bad_switches(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        FTM(**kwargs)
+
+
+def test_bad_sca():
+    with pytest.raises(UserError, match="method.sca 'conv'; valid choices: conv_bn, linear"):
+        FAM(5, 4, sca="conv")
