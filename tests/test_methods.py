@@ -1,0 +1,181 @@
+"""Every method on every heterogeneous family pair of SPEC §3 (scaled down), defaults, UHKD's ablation switches,
+bad input."""
+import dataclasses
+import functools
+import math
+
+import pytest
+import torch
+
+from uhkd.config import RunConfig, apply_overrides, build_config
+from uhkd.errors import UserError
+from uhkd.models import create_stage_model, load_teacher
+from uhkd.methods import build_method, resolve_method, teacher_use
+from uhkd.registry import METHODS
+
+PAIRS = [  # (student, teacher): every family combination of SPEC §3's CIFAR-100 and ImageNet-1K pairs
+    ("resnet18", "swin_tiny_patch4_window7_224"), ("resnet18", "vit_small_patch16_224"),
+    ("resnet18", "mixer_b16_224"), ("mobilenetv2_100", "swin_tiny_patch4_window7_224"),
+    ("mobilenetv2_100", "deit_tiny_patch16_224"), ("mobilenetv2_100", "mixer_b16_224"),
+    ("deit_tiny_patch16_224", "convnext_tiny"), ("deit_tiny_patch16_224", "mixer_b16_224"),
+    ("deit_tiny_patch16_224", "resnet50"), ("swin_pico_patch4_window7_224", "convnext_tiny"),
+    ("swin_pico_patch4_window7_224", "mixer_b16_224"), ("swin_nano_patch4_window7_224", "resnet50"),
+    ("resmlp_12_224", "convnext_tiny"), ("resmlp_12_224", "swin_tiny_patch4_window7_224"),
+    ("resmlp_12_224", "resnet50"),
+    ("resnet18", "resnet34"),  # the homogeneous check
+]
+X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+Y = torch.tensor([1, 7])
+
+
+@functools.cache
+def model(name, role):
+    """One model per (name, role) per test module; distillers freeze teachers, students keep learning."""
+    torch.manual_seed(0)
+    return create_stage_model(name, num_classes=10, img_size=32, scale="tiny")
+
+
+def config(method, student="resnet18", teacher="vit_small_patch16_224", **overrides):
+    return build_config(None, {"method.name": method, "model.student": student, "model.teacher": teacher,
+                               "model.scale": "tiny", "data.img_size": 32, "data.dataset": "cifar100",
+                               **overrides})
+
+
+def build(method, student="resnet18", teacher="vit_small_patch16_224", **overrides):
+    torch.manual_seed(0)
+    return build_method(config(method, student, teacher, **overrides), model(student, "student"),
+                        model(teacher, "teacher"))
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("student,teacher", PAIRS)
+def test_forward_backward_on_every_pair(student, teacher, method):
+    distiller = build(method, student, teacher).train()
+    distiller.zero_grad(set_to_none=True)
+    logits, terms = distiller(X, Y, epoch=0)
+    assert logits.shape == (2, 10) and tuple(terms) == type(distiller).terms
+    loss = sum(terms.values())
+    assert torch.isfinite(loss) and all(t.ndim == 0 for t in terms.values())
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())
+    extras = distiller.extra_parameters()
+    assert (len(extras) > 0) == (method in ("fitnet", "ofa", "uhkd"))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in extras)
+    if distiller.teacher is not None:
+        assert not distiller.teacher.training
+        assert all(p.grad is None for p in distiller.teacher.parameters())
+
+
+@pytest.mark.parametrize("method,dataset,student,expected", [
+    ("kd", "cifar100", "resnet18", dict(alpha=1.0, temperature=1.0, beta=None, gamma=None)),
+    ("dkd", "cifar100", "resnet18", dict(alpha=1.0, beta=2.0, temperature=1.0, warmup_epochs=20)),
+    ("dist", "cifar100", "resnet18", dict(beta=1.0, gamma=1.0, temperature=1.0, alpha=None)),
+    ("fitnet", "cifar100", "resnet18", dict(alpha=1.0, beta=1.0, temperature=1.0)),
+    ("uhkd", "cifar100", "resnet18", dict(alpha=1.0, beta=1.0, temperature=1.0, gamma=None)),
+    ("ofa", "cifar100", "resnet18", dict(gamma=1.0, branch_weight=0.1, temperature=1.0)),
+    ("ofa", "cifar100", "deit_tiny_patch16_224", dict(gamma=1.0, branch_weight=1.0)),
+    ("ofa", "imagenet1k", "resnet18", dict(gamma=1.5, branch_weight=1.0)),
+    ("ofa", "mnist5k", "mobilenetv2_100", dict(gamma=1.0, branch_weight=1.0)),
+    ("scratch", "cifar100", "resnet18", dict(alpha=None, temperature=None)),
+])
+def test_resolved_defaults(method, dataset, student, expected):
+    resolved = resolve_method(config(method, student, **{"data.dataset": dataset}))
+    assert {k: getattr(resolved, k) for k in expected} == expected
+
+
+def test_explicit_values_win_over_defaults():
+    resolved = resolve_method(config("ofa", **{"method.gamma": 2.0, "method.temperature": 4.0}))
+    assert (resolved.gamma, resolved.temperature, resolved.branch_weight) == (2.0, 4.0, 0.1)
+
+
+def test_dkd_warmup_ramps_linearly():
+    distiller = build("dkd").eval()
+    with torch.no_grad():
+        values = [distiller(X, Y, epoch=e)[1]["dkd"].item() for e in (0, 9, 19, 50)]
+    assert values[0] == pytest.approx(values[2] / 20) and values[1] == pytest.approx(values[2] / 2)
+    assert values[3] == pytest.approx(values[2])
+
+
+@pytest.mark.parametrize("method", ["dkd", "ofa", "uhkd"])
+def test_one_hot_soft_targets_equal_class_indices(method):
+    distiller = build(method).eval()
+    with torch.no_grad():
+        _, hard = distiller(X, Y)
+        _, soft = distiller(X, torch.nn.functional.one_hot(Y, 10).float())
+    assert all(torch.allclose(hard[k], soft[k], atol=1e-6) for k in hard)
+
+
+def test_extra_modules_are_not_part_of_the_student():
+    distiller = build("uhkd")
+    student_ids = {id(p) for p in distiller.student.parameters()}
+    assert not student_ids & {id(p) for p in distiller.extra_parameters()}
+    assert distiller.student_param_count() == sum(p.numel() for p in distiller.student.parameters())
+    assert distiller.extra_param_count() == sum(p.numel() for p in distiller.fam.parameters()) > 0
+    state = distiller.trainable_state_dict()
+    assert not any(k.startswith("teacher.") for k in state) and any(k.startswith("fam.") for k in state)
+    clone = build("uhkd")
+    clone.load_trainable_state_dict({k: torch.zeros_like(v) if k.startswith("fam.") else v for k, v in state.items()})
+    assert all(torch.count_nonzero(p) == 0 for p in clone.fam.parameters())
+
+
+def test_uhkd_frequency_block_size_per_stage():
+    """ResNet18 student maps 8, 4, 2, 1 against ViT teacher maps 8: k_eff = min(k, H_t, W_t, H_s, W_s)."""
+    assert build("uhkd").ks == [7, 4, 2, 1]
+    assert build("uhkd", **{"method.k": 3}).ks == [3, 3, 2, 1]
+
+
+SWITCHES = [  # (override, `check` of what it names, terms equal to the default run's; the other terms change)
+    ({"method.alpha": 0}, lambda d, t: t["kl"].item() == 0, ("ce", "feat")),
+    ({"method.beta": 0}, lambda d, t: t["feat"].item() == 0, ("ce", "kl")),
+    ({"method.stages": "4"}, lambda d, t: d.stages == (4,) and len(d.fam) == 1, ("ce", "kl")),
+    ({"method.sra": False}, lambda d, t: all(f.sra is None for f in d.fam), ("ce", "kl")),
+    ({"method.sca": "conv_bn"}, lambda d, t: all(f.bn is not None for f in d.fam), ("ce", "kl")),
+    ({"method.spectrum": "none"}, lambda d, t: all(f.spectrum == "none" for f in d.ftm), ("ce", "kl")),
+    ({"method.k": 3}, lambda d, t: d.ks == [3, 3, 2, 1], ("ce", "kl")),
+    ({"method.band": "high"}, lambda d, t: all(f.band == "high" for f in d.ftm), ("ce", "kl")),
+    ({"method.stage_weights": "1,0,0,0"}, lambda d, t: d.stage_weights == (1, 0, 0, 0), ("ce", "kl")),
+]
+
+
+@pytest.mark.parametrize("override,check,unchanged", SWITCHES, ids=[str(s[0]) for s in SWITCHES])
+def test_each_ablation_switch_changes_only_what_it_names(override, check, unchanged):
+    base, switched = build("uhkd").train(), build("uhkd", **override).train()
+    key = next(iter(override))
+    changed = {f.name for f in dataclasses.fields(base.cfg) if getattr(base.cfg, f.name) != getattr(switched.cfg, f.name)}
+    assert changed == {key.split(".")[1]}
+    with torch.no_grad():
+        _, terms_base = base(X, Y)
+        _, terms = switched(X, Y)
+    assert check(switched, terms)
+    assert all(torch.equal(terms[k], terms_base[k]) == (k in unchanged) for k in terms)
+
+
+def test_uhkd_without_kl_runs_on_a_pruned_teacher():
+    cfg = config("uhkd", **{"method.alpha": 0, "method.stages": "1,2"})
+    use = teacher_use(cfg)
+    assert use == (True, (1, 2), False)
+    teacher = load_teacher("vit_small_patch16_224", "", num_classes=10, img_size=32, scale="tiny",
+                           stages=use.stages, needs_logits=use.logits)
+    distiller = build_method(cfg, model("resnet18", "student"), teacher)
+    _, terms = distiller(X, Y)
+    assert terms["kl"].item() == 0 and torch.isfinite(terms["feat"]) and terms["feat"].item() > 0
+    assert teacher_use(config("kd")) == (True, (), True)
+    assert teacher_use(config("scratch")).needed is False
+
+
+@pytest.mark.parametrize("overrides,teacher,match", [
+    ({"method.name": "crd"}, True, "unknown method 'crd'; valid choices: dist, dkd, fitnet, kd, ofa, scratch, uhkd"),
+    ({"method.name": "kd"}, False, "method 'kd' needs a teacher"),
+    ({"method.alpha": -1.0}, True, "method.alpha must be a finite non-negative number, got -1.0"),
+    ({"method.beta": math.inf}, True, "method.beta must be a finite non-negative number, got inf"),
+    ({"method.gamma": math.nan}, True, "method.gamma must be a finite non-negative number, got nan"),
+    ({"method.stages": "1,5"}, True, "method.stages must be distinct stage indices from 1, 2, 3, 4, got '1,5'"),
+    ({"method.stage_weights": "1,-1,1,1"}, True, "method.stage_weights must be finite non-negative numbers"),
+    ({"method.spectrum": "phase"}, True, "method.spectrum 'phase'; valid choices: amplitude, complex, "),
+])
+def test_bad_method_input_is_one_line(overrides, teacher, match):
+    cfg = apply_overrides(RunConfig(), {"model.student": "resnet18", "model.scale": "tiny", "data.img_size": 32,
+                                        **overrides})
+    with pytest.raises(UserError, match=match) as err:
+        build_method(cfg, model("resnet18", "student"), model("vit_small_patch16_224", "teacher") if teacher else None)
+    assert "\n" not in str(err.value)
