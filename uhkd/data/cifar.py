@@ -59,7 +59,7 @@ def read_cifar100(root: str, train: bool = True) -> tuple[np.ndarray, np.ndarray
         if path.is_dir():
             raw = (path / part).read_bytes()
         else:
-            with tarfile.open(path, "r:*") as tar:
+            with tarfile.open(path, "r:gz") as tar:
                 member = next((m for m in tar.getmembers() if m.isfile() and Path(m.name).name == part), None)
                 if member is None:
                     raise UserError(f"CIFAR-100 archive {str(path)!r} has no {part!r} file; expected {EXPECTED}")
@@ -68,7 +68,8 @@ def read_cifar100(root: str, train: bool = True) -> tuple[np.ndarray, np.ndarray
     except UserError:
         raise
     except Exception as exc:  # any unreadable archive or pickle is a corrupted dataset, reported in one line
-        raise UserError(f"cannot read CIFAR-100 {part!r} from {str(path)!r} ({type(exc).__name__}: {exc}); "
+        reason = " ".join(str(exc).split())  # one line even for tarfile's multi-line messages
+        raise UserError(f"cannot read CIFAR-100 {part!r} from {str(path)!r} ({type(exc).__name__}: {reason}); "
                         f"expected the python pickle archive {EXPECTED}") from None
     return _decode(batch, f"{path}:{part}")
 

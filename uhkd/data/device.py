@@ -73,7 +73,7 @@ def _quantise(x: torch.Tensor) -> torch.Tensor:
 def _equalize(x: torch.Tensor) -> torch.Tensor:
     """PIL ImageOps.equalize per sample and channel, via 256-bin histograms."""
     n, c, h, w = x.shape
-    q = _quantise(x).view(n * c, h * w)
+    q = _quantise(x).reshape(n * c, h * w)
     hist = torch.zeros(n * c, 256, device=x.device).scatter_add_(1, q, torch.ones_like(q, dtype=torch.float))
     last = hist.gather(1, (hist > 0).float().cumsum(1).argmax(1, keepdim=True))  # count of the top used level
     step = ((h * w - last) / 256).floor()
@@ -124,7 +124,7 @@ def _geometric(x: torch.Tensor, op: str, level: torch.Tensor) -> torch.Tensor:
     return _affine(x, theta)
 
 
-def _apply(x: torch.Tensor, op: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def apply_op(x: torch.Tensor, op: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """One RandAugment op on a sub-batch; `level` = magnitude / 10 per sample, `sign` = random +-1 per sample."""
     if op in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
         return _geometric(x, op, level * sign)
@@ -173,5 +173,5 @@ def rand_augment(x: torch.Tensor) -> torch.Tensor:
         for k, op in enumerate(OPS):
             chosen = torch.nonzero(applied & (op_index == k)).flatten()
             if len(chosen):
-                x[chosen] = _apply(x[chosen], op, level[chosen], sign[chosen])
+                x[chosen] = apply_op(x[chosen], op, level[chosen], sign[chosen])
     return x.clamp_(0, 1)

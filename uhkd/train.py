@@ -1,0 +1,241 @@
+"""One distillation run: in-process (`run_in_process`), on a Ray Train `TorchTrainer` (`fit_ray_train`), or from the
+command line (`python -m uhkd.train`). The loop itself is `uhkd.trainer`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import RunConfig, build_config, config_hash, flatten, parse_set, unflatten
+from .errors import UserError
+from .registry import DATASETS, METHODS
+from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, append_metrics, train_loop
+
+DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
+RAY_TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # the controller polls workers every 2 s by default: slow starts
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # the patch prints every worker line twice on the driver
+}
+
+
+def run_name(cfg: RunConfig) -> str:
+    """`cfg.name`, else one derived from the method, models, dataset and the config hash (so rerunning the same
+    command resumes the same run)."""
+    if cfg.name:
+        return cfg.name
+    teacher = cfg.model.teacher or "none"
+    return f"{cfg.method.name}-{cfg.model.student}-{teacher}-{cfg.data.dataset}-{config_hash(cfg)}"
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need no model or data loading, run before any worker starts, so a wrong name or path fails
+    once with one line instead of in every worker and every retry."""
+    import uhkd.methods  # noqa: F401  (registers the methods)
+
+    METHODS.get(cfg.method.name)
+    DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
+    checkpoint = cfg.model.teacher_checkpoint
+    if checkpoint and not Path(checkpoint).is_file():
+        raise UserError(f"teacher checkpoint {checkpoint!r} not found")
+
+
+def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:
+    """Ray workers change their working directory: every path must be absolute."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    return dataclasses.replace(
+        cfg, output_dir=absolute(cfg.output_dir or output_dir),
+        data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
+        model=dataclasses.replace(cfg.model, teacher_checkpoint=absolute(cfg.model.teacher_checkpoint)))
+
+
+def run_in_process(cfg: RunConfig, report: Callable[[dict], None] | None = None, resume: bool = True) -> dict:
+    """Train in this process (no Ray). `report` gets each epoch's metrics; the checkpoint is
+    `<output_dir>/checkpoint.pt` (output_dir default `runs/<run name>`), resumed from when `resume`."""
+    cfg = _absolute(cfg, os.path.join("runs", run_name(cfg)))
+    preflight(cfg)
+    if cfg.gpus_per_worker > 0 and not torch.cuda.is_available():
+        raise UserError(f"gpus_per_worker={cfg.gpus_per_worker} but no CUDA device is available here")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.gpus_per_worker > 0 else "cpu")
+    return train_loop(cfg, LocalSession(cfg.output_dir, device, report, resume))
+
+
+class RayTrainSession(Session):
+    """Inside a TorchTrainer worker: DDP via `prepare_model`, checkpoints through `ray.train.report` (rank 0
+    writes it, every rank reports). Each worker writes its pid to `<output_dir>/rank<r>.pid`."""
+
+    def __init__(self, output_dir: str) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.output_dir = output_dir
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / f"rank{self.rank}.pid").write_text(str(os.getpid()))
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def load(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return torch.load(Path(folder) / CHECKPOINT, map_location="cpu", weights_only=True)
+
+    def report(self, metrics: dict, state: dict) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="uhkd-ckpt-") as folder:
+            checkpoint = None
+            if self.rank == 0:
+                torch.save(state, Path(folder) / CHECKPOINT)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if self.rank == 0:
+            append_metrics(self.output_dir, metrics)
+
+
+def _worker(config: dict) -> dict:
+    """The TorchTrainer's per-worker function. Bad input returns a `user_error` record instead of raising, so
+    Ray Train does not retry what cannot succeed; `fit_ray_train` raises it on the driver."""
+    cfg = unflatten(config["cfg"])
+    torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_worker)))
+    try:
+        return train_loop(cfg, RayTrainSession(cfg.output_dir))
+    except UserError as err:
+        return {"status": "failed", "failure_reason": str(err), "user_error": True}
+
+
+def fit_ray_train(cfg: RunConfig, *, storage_path: str, run_name: str, callbacks: Sequence[Any] = ()) -> dict:
+    """Run `cfg` on a TorchTrainer with `cfg.workers` workers and return the final metrics.
+
+    The Ray Train run is `<storage_path>/<run_name>` (also the output folder unless `cfg.output_dir` is set): a
+    fit with the same name resumes from its latest checkpoint, and a worker failure restarts the group from it up
+    to `cfg.max_failures` times. Connects to Ray (`ray.init()`) if this process has not.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if cfg.workers < 1:
+        raise UserError(f"fit_ray_train needs workers >= 1, got {cfg.workers} (use run_in_process for 0)")
+    storage_path = str(Path(storage_path).expanduser().resolve())
+    cfg = _absolute(cfg, os.path.join(storage_path, run_name))
+    preflight(cfg)
+    if not ray.is_initialized():
+        ray.init()
+    use_gpu = cfg.gpus_per_worker > 0
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.gpus_per_worker * cfg.workers:
+        raise UserError(f"{cfg.workers} worker(s) x gpus_per_worker={cfg.gpus_per_worker} needs more GPUs than "
+                        f"the Ray cluster has ({ray.cluster_resources().get('GPU', 0):g})")
+    for key, value in RAY_TRAIN_ENV.items():  # Ray Train passes these on to its controller and workers
+        os.environ.setdefault(key, value)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": flatten(cfg)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path, callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    metrics = result.return_value or result.metrics or {}
+    if metrics.pop("user_error", False):
+        raise UserError(metrics["failure_reason"])
+    return metrics
+
+
+def _connect_ray(cfg: RunConfig) -> None:
+    """RAY_ADDRESS if set (an existing cluster), else a fresh local one sized for the workers."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker))
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m uhkd.train", description="One distillation run (SPEC protocol).")
+    p.add_argument("--teacher", help="timm model name of the teacher")
+    p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); none = random init")
+    p.add_argument("--student", help="timm model name of the student")
+    p.add_argument("--method", help=f"one of {', '.join(sorted(METHODS.names()) or ['scratch', 'kd', '...'])}")
+    p.add_argument("--dataset", help="cifar100 | imagenet1k | mnist5k")
+    p.add_argument("--data-root", help="dataset folder")
+    p.add_argument("--workers", type=int, help="Ray Train workers; 0 = in this process without Ray")
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--preset", help="quick | cifar100 | imagenet (default: the dataset's own)")
+    p.add_argument("--split", help="tune (seeded 90/10 split of the training set) | final (train/test)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field by its dotted key, e.g. --set optim.lr=0.1 (repeatable)")
+    p.add_argument("--output", help="output folder (checkpoint, student.pt); default runs/<run name>")
+    p.add_argument("--download", action="store_true", help="download the dataset if missing (CIFAR-100)")
+    return p.parse_args(argv)
+
+
+FLAG_KEYS = {"teacher": "model.teacher", "teacher_checkpoint": "model.teacher_checkpoint",
+             "student": "model.student", "method": "method.name", "dataset": "data.dataset",
+             "data_root": "data.root", "workers": "workers", "gpus_per_worker": "gpus_per_worker",
+             "epochs": "optim.epochs", "split": "data.split", "output": "output_dir"}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
+                                 if getattr(args, flag) is not None}
+    if args.download:
+        overrides["data.download"] = True
+    overrides.update(parse_set(args.sets))
+    dataset = overrides.get("data.dataset", RunConfig().data.dataset)
+    return build_config(args.preset or DEFAULT_PRESET.get(str(dataset)), overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uhkd.methods  # noqa: F401  (registers the methods, for --help and name checks)
+
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        output = Path(cfg.output_dir or os.path.join("runs", run_name(cfg))).expanduser().resolve()
+        cfg = dataclasses.replace(cfg, output_dir=str(output))
+        if cfg.workers == 0:
+            metrics = run_in_process(cfg)
+        else:
+            _connect_ray(cfg)
+            metrics = fit_ray_train(cfg, storage_path=str(output.parent), run_name=output.name)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if metrics.get("status") == "failed":  # the reason was printed by the loop
+        return 1
+    print(f"done: top1 {metrics['top1']:.2f} (best {metrics['best_top1']:.2f} at epoch {metrics['best_epoch']}), "
+          f"teacher top1 {metrics['teacher_top1']:.2f}; student saved as {Path(cfg.output_dir) / STUDENT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The training loop of one run, the same function in-process and inside Ray Train workers.
+
+A `Session` says where the loop runs: its rank, world size and device, how a model is wrapped for data parallelism,
+where the last checkpoint comes from and where each epoch's metrics and checkpoint go. `LocalSession` keeps the
+checkpoint in the run's output folder; `RayTrainSession` uses `ray.train.report` / `ray.train.get_checkpoint`.
+
+Randomness is re-seeded at the start of every epoch from (seed, epoch, rank), so a run resumed from the checkpoint of
+epoch e draws the same crops, mixes and drop-path masks as an uninterrupted run, on every rank, without the checkpoint
+having to carry each rank's generator states.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TextIO
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import RunConfig, flatten
+from .data.loader import WorkerData
+from .errors import UserError
+from .methods import Distiller, build_method, teacher_use
+from .models import create_stage_model, load_teacher, save_model_checkpoint
+
+CHECKPOINT = "checkpoint.pt"
+STUDENT = "student.pt"
+METRICS_LOG = "metrics.jsonl"
+NAN = float("nan")
+# settings that may change between a run and its resumption (where things are, not what is trained)
+RESUMABLE_CHANGES = frozenset({"name", "output_dir", "data.root", "data.download", "data.loader_workers",
+                               "max_failures", "threads", "cpus_per_worker", "eval_teacher"})
+
+
+class Session:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def load(self) -> dict | None:
+        raise NotImplementedError
+
+    def report(self, metrics: dict, state: dict) -> None:
+        """Called by every rank once per epoch (and once for a failure); `state` matters on rank 0 only. Once
+        the checkpoint is stored, rank 0 appends the metrics to `<output_dir>/metrics.jsonl`."""
+        raise NotImplementedError
+
+
+def append_metrics(output_dir: str | Path, metrics: dict) -> None:
+    with open(Path(output_dir) / METRICS_LOG, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+class LocalSession(Session):
+    """In-process: checkpoint `<output_dir>/checkpoint.pt`, each epoch's metrics to the `report` callback."""
+
+    def __init__(self, output_dir: str, device: torch.device, report: Callable[[dict], None] | None = None,
+                 resume: bool = True) -> None:
+        self.path = Path(output_dir) / CHECKPOINT
+        self.device, self.callback, self.resume = device, report, resume
+
+    def load(self) -> dict | None:
+        return torch.load(self.path, map_location="cpu", weights_only=True) if self.resume and self.path.is_file() \
+            else None
+
+    def report(self, metrics: dict, state: dict) -> None:
+        save_atomic(state, self.path)
+        append_metrics(self.path.parent, metrics)
+        if self.callback is not None:
+            self.callback(dict(metrics))
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable parameters; biases and norm weights (1-d) get no weight decay."""
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    return torch.optim.AdamW(groups, lr=o.lr)
+
+
+def lr_factor(cfg: RunConfig, updates_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of `optim.lr` after `u` optimizer updates: linear warm-up, then cosine to `min_lr` or steps."""
+    o = cfg.optim
+    warm = o.warmup_epochs * updates_per_epoch
+    total = o.epochs * updates_per_epoch
+
+    def factor(u: int) -> float:
+        if u < warm:
+            return (u + 1) / warm
+        if o.schedule == "step":
+            return o.step_gamma ** ((u // updates_per_epoch) // o.step_epochs)
+        progress = min(1.0, (u - warm) / max(1, total - warm))
+        floor = o.min_lr / o.lr if o.lr > 0 else 0.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(forward_logits: Callable[[torch.Tensor], torch.Tensor], data: WorkerData, session: Session,
+             dtype: torch.dtype | None) -> tuple[float, float]:
+    """Top-1 and top-5 (%) over the whole evaluation set: each rank scores its shard, counts are summed."""
+    counts = torch.zeros(3, device=session.device, dtype=torch.float64)
+    for images, labels in data.eval_batches():
+        with torch.autocast(session.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = forward_logits(images)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        counts[0] += (top[:, 0] == labels).sum()
+        counts[1] += (top == labels[:, None]).any(dim=1).sum()
+        counts[2] += len(labels)
+    if session.world > 1:
+        dist.all_reduce(counts)
+    correct1, correct5, n = counts.tolist()
+    return 100 * correct1 / max(n, 1), 100 * correct5 / max(n, 1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def epoch_line(m: dict, epochs: int, terms: tuple[str, ...]) -> str:
+    parts = " ".join(f"{t} {m[f'loss_{t}']:.4f}" for t in terms)
+    return (f"epoch {m['epoch']}/{epochs} loss {m['loss']:.4f} ({parts}) top1 {m['top1']:.2f} top5 {m['top5']:.2f} "
+            f"best {m['best_top1']:.2f}@{m['best_epoch']} lr {m['lr']:.3g} {m['images_per_s']:.0f} img/s "
+            f"{m['epoch_time_s']:.1f}s")
+
+
+class Run:
+    """Everything one worker builds for a run; `fit()` trains it to the end (or to a failure)."""
+
+    def __init__(self, cfg: RunConfig, session: Session) -> None:
+        self.cfg, self.session = cfg, session
+        dev = session.device
+        seed_everything(cfg.seed, 0, session.rank)
+        self.data = WorkerData(cfg.data, cfg.seed, dev, session.rank, session.world, cfg.optim.max_steps_per_epoch)
+        info = self.data.info
+        m = cfg.model
+        student = create_stage_model(m.student, num_classes=info.num_classes, img_size=cfg.data.img_size,
+                                     scale=m.scale, isotropic_blocks=m.isotropic_blocks, mean=info.mean, std=info.std)
+        use = teacher_use(cfg)
+        teacher = None
+        if use.needed or (m.teacher and cfg.eval_teacher):
+            if not m.teacher:
+                raise UserError(f"method {cfg.method.name!r} needs a teacher: set --teacher (model.teacher)")
+            teacher = load_teacher(m.teacher, m.teacher_checkpoint, num_classes=info.num_classes,
+                                   img_size=cfg.data.img_size, scale=m.scale, isotropic_blocks=m.isotropic_blocks,
+                                   stages=use.stages, needs_logits=use.logits or cfg.eval_teacher)
+        self.teacher = teacher
+        self.distiller: Distiller = build_method(cfg, student, teacher if use.needed else None).to(dev)
+        if teacher is not None:
+            teacher.to(dev)
+        self.channels_last = dev.type == "cuda" and m.channels_last
+        if self.channels_last:
+            self.distiller.to(memory_format=torch.channels_last)
+        self.model = session.wrap(self.distiller)
+        self.dtype = amp_dtype(cfg.amp, dev)
+        o = cfg.optim
+        if self.data.steps_per_epoch < o.accumulate:
+            raise UserError(f"optim.accumulate={o.accumulate} exceeds the {self.data.steps_per_epoch} steps of "
+                            f"an epoch")
+        self.updates_per_epoch = self.data.steps_per_epoch // o.accumulate
+        self.optimizer = build_optimizer(cfg, self.distiller)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.updates_per_epoch))
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
+        self.ema = None
+        if o.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.distiller.student, decay=o.ema_decay)
+        self.terms = tuple(self.distiller.terms)
+        self.best = {"best_top1": NAN, "best_top5": NAN, "best_epoch": 0}
+        self.teacher_top1 = NAN
+        self.epoch = 0
+        self.output_dir = Path(cfg.output_dir) if cfg.output_dir else None
+
+    @property
+    def eval_student(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.distiller.student
+
+    def state(self, metrics: dict) -> dict:
+        return {"epoch": self.epoch, "metrics": metrics, "config": flatten(self.cfg), "model": self.distiller.trainable_state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "best": dict(self.best), "teacher_top1": self.teacher_top1}
+
+    def restore(self, state: dict) -> None:
+        changed = sorted(k for k, v in flatten(self.cfg).items()
+                         if k not in RESUMABLE_CHANGES and state["config"].get(k) != v)
+        if changed:
+            raise UserError(f"the checkpoint in {self.cfg.output_dir or 'this run'} belongs to a run with other "
+                            f"settings ({', '.join(changed)}); use another output folder/run name, or remove it")
+        self.epoch = state["epoch"]
+        self.best, self.teacher_top1 = dict(state["best"]), state["teacher_top1"]
+        if state.get("model") is None:  # a failure record: nothing to train from
+            return
+        self.distiller.load_trainable_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def base_metrics(self) -> dict:
+        return {"teacher_top1": self.teacher_top1, "student_params": self.distiller.student_param_count(),
+                "extra_params": self.distiller.extra_param_count(),
+                "effective_batch": self.cfg.data.batch_size * self.session.world * self.cfg.optim.accumulate}
+
+    def fit(self) -> dict:
+        metrics: dict = {}
+        state = self.session.load()
+        if state is not None:
+            self.restore(state)
+            metrics = state["metrics"]
+            if metrics["status"] == "failed":
+                self._log(f"run already failed: {metrics['failure_reason']}")
+                return metrics
+            self._log(f"resuming after epoch {self.epoch}" if self.epoch < self.cfg.optim.epochs
+                      else f"run already finished at epoch {self.epoch}")
+        elif self.teacher is not None and self.cfg.eval_teacher:
+            self.teacher_top1 = evaluate(self.teacher.forward_logits, self.data, self.session, self.dtype)[0]
+            self._log(f"teacher {self.cfg.model.teacher} top1 {self.teacher_top1:.2f} on the evaluation set")
+        if self.session.rank == 0 and self.output_dir:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        while self.epoch < self.cfg.optim.epochs:
+            metrics = self._train_epoch(self.epoch + 1)
+            if metrics["status"] == "failed":
+                self.session.report(metrics, {"epoch": self.epoch, "metrics": metrics,
+                                              "config": flatten(self.cfg),
+                                              "model": None, "best": dict(self.best),
+                                              "teacher_top1": self.teacher_top1})
+                self._log(f"run failed: {metrics['failure_reason']}", sys.stderr)
+                return metrics
+            self.epoch += 1
+            self._log(epoch_line(metrics, self.cfg.optim.epochs, self.terms))
+            self.session.report(metrics, self.state(metrics))
+        if self.session.rank == 0 and self.output_dir:
+            save_model_checkpoint(self.output_dir / STUDENT, self.eval_student, epoch=self.epoch,
+                                  top1=metrics["top1"], method=self.cfg.method.name, teacher=self.cfg.model.teacher,
+                                  dataset=self.cfg.data.dataset)
+        return metrics
+
+    def _log(self, line: str, file: TextIO = sys.stdout) -> None:
+        if self.session.rank == 0:
+            print(line, file=file, flush=True)
+
+    def _train_epoch(self, epoch: int) -> dict:
+        cfg, o, dev = self.cfg, self.cfg.optim, self.session.device
+        seed_everything(cfg.seed, epoch, self.session.rank)
+        self.distiller.train()
+        sums = torch.zeros(len(self.terms) + 1, device=dev, dtype=torch.float64)
+        steps = images_seen = 0
+        start = time.perf_counter()
+        for step, (images, target) in enumerate(self.data.train_batches(epoch)):
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            update = (step + 1) % o.accumulate == 0
+            sync = contextlib.nullcontext() if update or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype is not None):
+                    _, losses = self.model(images, target, epoch - 1)
+                values = torch.stack([losses[t].float() for t in self.terms])
+                reason = self._non_finite(values, epoch, step + 1)
+                if reason:
+                    return self._failure(epoch, reason, time.perf_counter() - start)
+                self.scaler.scale(values.sum() / o.accumulate).backward()
+            if update:
+                self._update()
+            sums += torch.cat([values.detach().sum().view(1), values.detach()]).double()
+            steps += 1
+            images_seen += len(images)
+        train_time = time.perf_counter() - start
+        with eval_mode(self.eval_student) as student:
+            top1, top5 = evaluate(student.forward_logits, self.data, self.session, self.dtype)
+        if not top1 <= self.best["best_top1"]:  # also true while best is NaN
+            self.best = {"best_top1": top1, "best_top5": top5, "best_epoch": epoch}
+        mean = (sums / max(steps, 1)).tolist()
+        return {"epoch": epoch, "top1": top1, "top5": top5, **self.best, "loss": mean[0],
+                **{f"loss_{t}": v for t, v in zip(self.terms, mean[1:])},
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_s": images_seen * self.session.world / max(train_time, 1e-9),
+                "epoch_time_s": time.perf_counter() - start, **self.base_metrics(),
+                "status": "ok" if epoch == o.epochs else "running", "failure_reason": ""}
+
+    def _update(self) -> None:
+        o = self.cfg.optim
+        if o.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], o.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.distiller.student, step=self.scheduler.last_epoch)
+
+    def _non_finite(self, values: torch.Tensor, epoch: int, step: int) -> str:
+        """A reason string when any rank's loss terms are NaN/inf (all ranks agree, so all stop together)."""
+        bad = (~torch.isfinite(values.detach())).float()
+        if self.session.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.any():
+            return ""
+        local = values.detach().tolist()
+        names = [f"loss_{t}={v}" for t, v, b in zip(self.terms, local, bad.tolist()) if b]
+        return f"non-finite loss at epoch {epoch} step {step}: {', '.join(names)}"
+
+    def _failure(self, epoch: int, reason: str, elapsed: float) -> dict:
+        return {"epoch": epoch, "top1": NAN, "top5": NAN, **self.best, "loss": NAN,
+                **{f"loss_{t}": NAN for t in self.terms}, "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_s": NAN, "epoch_time_s": elapsed, **self.base_metrics(), "status": "failed",
+                "failure_reason": reason}
+
+
+def train_loop(cfg: RunConfig, session: Session) -> dict:
+    """Build the run on this worker and train it; returns the last metrics (status ok or failed)."""
+    return Run(cfg, session).fit()
