@@ -38,8 +38,10 @@ def find_tables(results: str | Path, name: str) -> tuple[pafs.FileSystem, list[s
     fs, root = _filesystem(str(results))
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
-        paths = [root] if root.endswith(name) else [root.rsplit("/", 1)[0] + "/" + name]
-        paths = [p for p in paths if fs.get_file_info(p).type == pafs.FileType.File]
+        folder, base = root.rsplit("/", 1)
+        # A trials file may have any name; the epochs file is its sibling.
+        path = root if name == TRIALS and base != EPOCHS else f"{folder}/{name}"
+        paths = [path] if fs.get_file_info(path).type == pafs.FileType.File else []
     elif info.type == pafs.FileType.Directory:
         direct = f"{root.rstrip('/')}/{name}"
         if fs.get_file_info(direct).type == pafs.FileType.File:
@@ -201,7 +203,8 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]], fmt: str, notes
 
 def _latex_escape(text: str) -> str:
     for raw, escaped in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
-                         ("±", "$\\pm$"), ("→", "$\\to$"), ("—", "--"), ("Δ", "$\\Delta$")):
+                         ("±", "$\\pm$"), ("→", "$\\to$"), ("—", "--"), ("−", "$-$"), ("Δ", "$\\Delta$"),
+                         ("†", "\\dag{}")):
         text = text.replace(raw, escaped)
     return text
 

@@ -149,7 +149,8 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
     bold = []
     conflict = False
     for family in dict.fromkeys(r.family for r in table.rows):
-        rows.append([f"*{FAMILIES.get(family, family + ' students')}*"] + [""] * (len(header) - 1))
+        label = FAMILIES.get(family, f"{family} students")
+        rows.append([f"*{label}*" if fmt == "md" else label] + [""] * (len(header) - 1))
         for row in (r for r in table.rows if r.family == family):
             cells = [f"{names.get(row.teacher, row.teacher)} → {names.get(row.student, row.student)}"]
             for col in columns:
