@@ -1,0 +1,199 @@
+"""Tune callbacks on the sweep driver: the Parquet rows of each trial as it ends, and the release of the worker
+placement groups that early-stopped Ray Train trials leave behind."""
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+import uhkd
+
+from ..config import config_hash, flatten
+from ..trainer import STUDENT
+from .results import SweepTables
+from .trainable import run_config, trial_overrides
+
+EPOCH_KEYS = ("epoch", "top1", "top5", "loss", "lr", "images_per_s", "epoch_time_s")
+
+
+def git_commit() -> str:
+    """The toolkit's git commit (+"-dirty" with uncommitted changes), "" outside a git checkout."""
+    root = Path(uhkd.__file__).resolve().parent.parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode:
+            return ""
+        return head.stdout.strip() + ("-dirty" if git("diff", "--quiet", "HEAD").returncode else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:limit]
+
+
+def error_reason(trial: Any) -> str:
+    """The trial's exception as one line (the original exception inside Ray's wrappers where there is one)."""
+    try:
+        exc = trial.get_pickled_error()
+    except Exception:  # noqa: BLE001  (an unreadable error file must not stop the sweep)
+        exc = None
+    if exc is not None:
+        cause = getattr(exc, "cause", None) or exc
+        return one_line(f"{type(cause).__name__}: {cause}")
+    return one_line(trial.get_error() or "trial failed (no error recorded)")
+
+
+def _num(value: Any, kind: type = float) -> Any:
+    """A finite number as `kind`, else None (so integer columns get nulls, not NaN)."""
+    if value is None or isinstance(value, str):
+        return None
+    if kind is int:
+        return int(value) if math.isfinite(value) else None
+    return float(value)
+
+
+class ParquetResults(tune.Callback):
+    """Collects each trial's per-epoch results and writes its rows to the sweep's Parquet tables when it ends
+    (finished, failed or stopped). Its state (epoch rows of unfinished trials, their start times) is saved with the
+    Tune experiment, so a resumed sweep keeps the epochs reported before the interruption."""
+
+    def __init__(self, results: str, sweep: str, preset: str) -> None:
+        self.results, self.sweep, self.preset = results, sweep, preset
+        self.version, self.commit = uhkd.__version__, git_commit()
+        self._epochs: dict[str, dict[int, dict]] = {}
+        self._started: dict[str, datetime] = {}
+        self._active: dict[str, float] = {}  # seconds run in earlier sessions (before an interruption)
+        self._session: dict[str, float] = {}  # monotonic start of the current session
+        self._tables: SweepTables | None = None
+
+    def setup(self, **info: Any) -> None:
+        self._tables = SweepTables(self.results, self.sweep).load()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._started.setdefault(trial.trial_id, datetime.now(timezone.utc))
+        self._session[trial.trial_id] = time.monotonic()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "epoch" in result:
+            self._epochs.setdefault(trial.trial_id, {})[int(result["epoch"])] = dict(result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, error_reason(trial))
+
+    def _elapsed(self, trial_id: str) -> float:
+        start = self._session.get(trial_id)
+        return self._active.get(trial_id, 0.0) + (time.monotonic() - start if start is not None else 0.0)
+
+    def _finish(self, trial: Any, error: str) -> None:
+        assert self._tables is not None
+        reports = [self._epochs.get(trial.trial_id, {})[e] for e in sorted(self._epochs.get(trial.trial_id, {}))]
+        if not reports and trial.last_result.get("epoch") is not None:
+            reports = [trial.last_result]
+        row = self.trial_row(trial, reports, error)
+        self._tables.put(row, [self.epoch_row(r) for r in reports])
+        self._tables.write()
+        for table in (self._epochs, self._started, self._active, self._session):
+            table.pop(trial.trial_id, None)
+
+    def trial_row(self, trial: Any, reports: list[dict], error: str) -> dict:
+        cfg = run_config(trial.config, trial.trial_id)
+        _, tag = trial_overrides(trial.config)
+        done = [r for r in reports if r.get("status") != "failed"]
+        last = reports[-1] if reports else {}
+        if error:
+            status, reason = "failed", error
+        elif last.get("status") in ("ok", "failed"):
+            status, reason = last["status"], last.get("failure_reason", "")
+        else:  # ended without finishing or failing: stopped early by the scheduler
+            status, reason = "stopped", ""
+        student = Path(cfg.output_dir) / STUDENT
+        speeds = [r["images_per_s"] for r in done if isinstance(r.get("images_per_s"), (int, float))]
+        m = cfg.model
+        return {
+            **flatten(cfg), "trial_id": trial.trial_id, "preset": self.preset, "tag": tag,
+            "dataset": cfg.data.dataset, "teacher": m.teacher, "student": m.student, "method": cfg.method.name,
+            "pair": f"{m.teacher}:{m.student}", "split": cfg.data.split,
+            "epochs": cfg.optim.epochs, "epochs_run": max((int(r["epoch"]) for r in done), default=0),
+            "best_top1": _num(last.get("best_top1")), "best_top5": _num(last.get("best_top5")),
+            "best_epoch": _num(last.get("best_epoch"), int) or None,
+            "last_top1": _num(done[-1]["top1"]) if done else None,
+            "last_top5": _num(done[-1]["top5"]) if done else None,
+            "teacher_top1": _num(last.get("teacher_top1")), "student_params": _num(last.get("student_params"), int),
+            "extra_params": _num(last.get("extra_params"), int),
+            "images_per_s": sum(speeds) / len(speeds) if speeds else None,
+            "wall_time_s": self._elapsed(trial.trial_id), "effective_batch": _num(last.get("effective_batch"), int),
+            "status": status, "failure_reason": reason,
+            "student_checkpoint": str(student) if status != "failed" and student.is_file() else "",
+            "config_hash": config_hash(cfg), "toolkit_version": self.version, "git_commit": self.commit,
+            "started_at": self._started.get(trial.trial_id), "finished_at": datetime.now(timezone.utc),
+        }
+
+    @staticmethod
+    def epoch_row(report: dict) -> dict:
+        row = {k: report.get(k) for k in EPOCH_KEYS}
+        row.update({k: v for k, v in report.items() if k.startswith("loss_")})
+        row["epoch"] = int(row["epoch"])
+        return row
+
+    def get_state(self) -> dict:
+        return {"epochs": self._epochs, "started": self._started,
+                "active": {t: self._elapsed(t) for t in set(self._active) | set(self._session)}}
+
+    def set_state(self, state: dict) -> None:
+        self._epochs, self._started, self._active = state["epochs"], state["started"], state["active"]
+        self._session = {}
+
+
+class ReleaseStoppedTrainGroups(tune.Callback):
+    """Removes the worker placement groups of Ray Train runs whose controller is gone.
+
+    When Tune stops a Train-in-Tune trial early, the trial actor and its Train controller are killed; Ray Train's
+    own cleaner needs the State API (the dashboard) to notice, so without a dashboard the workers' resources stay
+    reserved and later trials wait forever. The GCS placement-group table records each group's creator actor and
+    whether it died, which is all we need: a live trial's controller is alive, so its group is never touched.
+    """
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        self.every_s = every_s
+        self._last = 0.0
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            release_orphaned_groups()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._last = 0.0  # look again at the next step (the controller's death is recorded shortly after)
+
+
+def release_orphaned_groups() -> int:
+    """Remove this job's placement groups whose creating actor has died; returns how many."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached or not pg.creator_actor_dead
+                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+        removed += 1
+    return removed

@@ -1,0 +1,112 @@
+"""The flags every sweep script shares, checked before anything starts."""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..config import parse_set
+from ..errors import UserError
+from .spec import load_preset, preset_names
+
+ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+@dataclass
+class SweepOptions:
+    """The shared flags; `None` = the preset's budget (or automatic)."""
+
+    preset: str = "quick"
+    cluster: str = "auto"
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    epochs: int | None = None
+    seeds: tuple[int, ...] | None = None
+    gpus_per_trial: float | None = None
+    workers_per_trial: int | None = None
+    cpus_per_worker: float | None = None
+    data_root: str = ""
+    teacher_dir: str = "teachers"
+    results: str = "results"
+    name: str = ""
+    resume: bool = False
+    seed: int = 0
+    sets: dict[str, str] = field(default_factory=dict)
+    pairs: tuple[str, ...] | None = None
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("expected at least one seed")
+    return seeds
+
+
+def _pairs(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def sweep_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("shared sweep flags")
+    g.add_argument("--cluster", default="auto", metavar="auto|local|ADDRESS",
+                   help="auto: attach to RAY_ADDRESS or the cluster `ray start --head` started here, else start an "
+                        "embedded local one; local: always embedded; HOST:PORT or ray://HOST:PORT: attach")
+    g.add_argument("--preset", default="quick", help=f"one of {', '.join(preset_names())} (default quick)")
+    g.add_argument("--num-samples", type=int, help="trials of a search sweep (default: the preset's)")
+    g.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
+    g.add_argument("--epochs", type=int, help="epochs per trial (default: the preset's)")
+    g.add_argument("--seeds", type=_seeds, help="run seeds, comma list (default: the preset's)")
+    g.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed (default: 1 when the "
+                                                        "cluster has GPUs, else 0; quick: 0)")
+    g.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial; 0 = the trial's own process")
+    g.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker, fractions allowed")
+    g.add_argument("--data-root", default="", help="dataset folder (cifar100 archive folder, ImageNet root)")
+    g.add_argument("--teacher-dir", default="teachers", help="teacher checkpoints, <timm name>.pth (default teachers)")
+    g.add_argument("--results", default="results", metavar="DIR_OR_URI",
+                   help="results root: a folder or a pyarrow filesystem URI such as s3://bucket/path")
+    g.add_argument("--name", default="", help="sweep name (default <sweep>-<preset>-<timestamp>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep --name (default: the latest of this sweep and preset)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the search (Optuna sampler)")
+    g.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config field for every trial by its dotted key, e.g. --set optim.lr=0.01 (repeatable)")
+    return p
+
+
+def pairs_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", type=_pairs, help="teacher:student pairs, comma list (default: the preset's)")
+
+
+def options(args: argparse.Namespace) -> SweepOptions:
+    """Validated shared options (one `UserError` line for the first bad value)."""
+    load_preset(args.preset)
+    cluster = args.cluster.strip()
+    if cluster not in ("auto", "local") and not ADDRESS.match(cluster):
+        raise UserError(f"--cluster must be auto, local, HOST:PORT or ray://HOST:PORT, got {cluster!r}")
+    for flag, value, low in (("--num-samples", args.num_samples, 1), ("--max-concurrent", args.max_concurrent, 1),
+                             ("--epochs", args.epochs, 1), ("--workers-per-trial", args.workers_per_trial, 0)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial < float("inf"):
+        raise UserError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    if args.cpus_per_worker is not None and not 0 < args.cpus_per_worker < float("inf"):
+        raise UserError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
+    if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=+\-]*", args.name):
+        raise UserError(f"--name may hold letters, digits and _.=+- only, got {args.name!r}")
+    return SweepOptions(
+        preset=args.preset, cluster=cluster, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+        epochs=args.epochs, seeds=args.seeds, gpus_per_trial=args.gpus_per_trial,
+        workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, data_root=args.data_root,
+        teacher_dir=args.teacher_dir, results=args.results, name=args.name, resume=args.resume, seed=args.seed,
+        sets=parse_set(args.sets), pairs=getattr(args, "pairs", None))
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, SweepOptions]:
+    args = parser.parse_args(argv)
+    return args, options(args)

@@ -1,0 +1,382 @@
+"""The shared sweep runner: checks a sweep before any trial starts, connects to Ray, assembles the Tuner (Optuna TPE
++ ASHA for search sweeps, a grid otherwise) over the function trainable, restores interrupted sweeps, and prints a
+compact summary. Every sweep script is `main(parser, build)` with its own `build(args, opts) -> Sweep`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable, Sequence
+
+from ..config import LEAF_TYPES, RunConfig, coerce
+from ..errors import UserError, choice_error
+from .cli import SweepOptions, parse
+from .results import SweepTables, join, open_location
+from .spec import Sweep, SweepPreset
+from .trainable import split_pair, teacher_path, train_trial, trial_overrides
+
+TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
+ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # failed trials are summarised in one line each instead of tracebacks
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's classic reporter: one status table with the best trial, no per-trial boxes
+}
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    folder: str  # where trials.parquet and epochs.parquet are
+    tables: SweepTables
+    planned: int
+    interrupted: bool
+
+
+def seeds(sweep_kind: str, preset: SweepPreset, opts: SweepOptions) -> tuple[int, ...]:
+    return tuple(opts.seeds or preset.budget(sweep_kind).get("seeds") or (0,))
+
+
+def pairs(sweep_kind: str, preset: SweepPreset, opts: SweepOptions) -> list[str]:
+    listed = list(opts.pairs or preset.section(sweep_kind).get("pairs") or [])
+    if not listed:
+        raise UserError(f"preset {preset.name!r} lists no pairs for {sweep_kind}; give --pairs teacher:student,...")
+    return listed
+
+
+def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
+    """(name, resuming): a new timestamped name, the given one, or for a bare --resume the latest of this kind."""
+    from ray import tune
+
+    def restorable(name: str) -> bool:
+        return tune.Tuner.can_restore(join(opts.results, name, "tune"))
+
+    prefix = f"{sweep.kind}-{sweep.preset.name}"
+    if opts.name:
+        if opts.resume and not restorable(opts.name):
+            raise UserError(f"nothing to resume: no sweep {opts.name!r} under {opts.results!r}")
+        if not opts.resume and restorable(opts.name):
+            raise UserError(f"sweep {opts.name!r} already exists under {opts.results!r}; add --resume to continue "
+                            f"it or choose another --name")
+        return opts.name, opts.resume
+    if opts.resume:
+        import pyarrow.fs as pafs
+
+        fs, root = open_location(opts.results)
+        found = [] if fs.get_file_info(root).type != pafs.FileType.Directory else sorted(
+            i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.base_name.startswith(prefix + "-"))
+        found = [n for n in found if restorable(n)]
+        if not found:
+            raise UserError(f"nothing to resume: no {prefix}-* sweep under {opts.results!r}")
+        return found[-1], True
+    return f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", False
+
+
+def train_storage(opts: SweepOptions, name: str) -> str:
+    """Local folder of the trials' Ray Train runs (checkpoints, exported students): beside the tables for a local
+    results folder, under ./runs/sweeps for a URI (the training loop writes its checkpoints to a local path)."""
+    if "://" in opts.results:
+        return os.path.abspath(os.path.join("runs", "sweeps", name))
+    return join(opts.results, name, "train")
+
+
+def run_overrides(sweep: Sweep, opts: SweepOptions) -> dict[str, Any]:
+    """Fixed overrides of every trial: preset < sweep section < flags and --set < what the sweep forces."""
+    budget = sweep.preset.budget(sweep.kind)
+    out = dict(sweep.preset.run(sweep.kind))
+    epochs = opts.epochs or budget.get("epochs")
+    if epochs:
+        out["optim.epochs"] = epochs
+    if opts.workers_per_trial is not None:
+        out["workers"] = opts.workers_per_trial
+    if opts.cpus_per_worker is not None:
+        out["cpus_per_worker"] = opts.cpus_per_worker
+    if opts.data_root:
+        out["data.root"] = os.path.abspath(os.path.expanduser(opts.data_root))
+    out.update(opts.sets)
+    for key, value in sweep.force.items():
+        if key in opts.sets and coerce(key, opts.sets[key]) != coerce(key, value):
+            raise UserError(f"{sweep.kind} runs with {key}={value}; --set {key}={opts.sets[key]} contradicts it")
+        out[key] = value
+    return out
+
+
+def trial_configs(sweep: Sweep, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One representative trial config per grid cell, or per pair of a search space (its other values sampled
+    later), to check before anything runs."""
+    if sweep.cells:
+        return [{**base, "_cells": sweep.cells, "cell": label} for label in sweep.cells]
+    for key in sweep.space:
+        if key not in LEAF_TYPES and key != "pair":
+            raise choice_error("search-space key", key, [*LEAF_TYPES, "pair"])
+    pair_domain = sweep.space.get("pair")
+    candidates = getattr(pair_domain, "categories", None) or ([pair_domain] if pair_domain else [None])
+    return [{**base, **({"pair": p} if p else {})} for p in candidates]
+
+
+def check_configs(configs: list[dict[str, Any]]) -> tuple[list[RunConfig], set[str]]:
+    """Build every representative run (names, values, dataset presence) and list the teachers they load."""
+    from ..config import build_config
+    from ..methods import teacher_use
+    from ..models import model_kind
+    from ..train import preflight
+
+    runs, teachers = [], set()
+    for config in configs:
+        overrides, _ = trial_overrides(config)
+        if "pair" in config:
+            split_pair(config["pair"])
+        cfg = build_config(config["_preset"], overrides)
+        if cfg.model.teacher:
+            model_kind(cfg.model.teacher)
+        preflight(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher_checkpoint="")))
+        if cfg.model.teacher and (teacher_use(cfg).needed or cfg.eval_teacher):
+            teachers.add(cfg.model.teacher)
+        runs.append(cfg)
+    return runs, teachers
+
+
+def trial_resources(workers: int, cpus_per_worker: float, gpus_per_trial: float) -> dict[str, float]:
+    if workers == 0:
+        return {"cpu": cpus_per_worker, **({"gpu": gpus_per_trial} if gpus_per_trial else {})}
+    return {"cpu": TRIAL_CPU}
+
+
+def fit_resources(cfg: RunConfig, gpus_per_trial: float, requested: int | None, preset_cap: int | None) -> int:
+    """Check that one trial fits the cluster (an infeasible request would wait forever) and return how many
+    trials run at once."""
+    import ray
+
+    total = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    workers = max(cfg.workers, 1)
+    gpus_per_worker = gpus_per_trial / workers
+    if gpus_per_trial > total.get("GPU", 0):
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {total.get('GPU', 0):g} GPUs")
+    if gpus_per_worker > 1 and not float(gpus_per_worker).is_integer():
+        raise UserError(f"{gpus_per_trial:g} GPUs over {workers} workers is {gpus_per_worker:g} per worker; above 1 a "
+                        f"worker needs whole GPUs")
+    cpu = workers * cfg.cpus_per_worker + (TRIAL_CPU if cfg.workers else 0)
+    if not any(n.get("CPU", 0) >= cfg.cpus_per_worker and n.get("GPU", 0) >= gpus_per_worker for n in nodes) \
+            or cpu > total.get("CPU", 0):
+        raise UserError(f"a trial needs {workers} worker(s) x {cfg.cpus_per_worker:g} CPUs"
+                        f"{f' + {gpus_per_worker:g} GPUs' if gpus_per_worker else ''}; the Ray cluster has "
+                        f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs "
+                        f"(lower --cpus-per-worker / --workers-per-trial)")
+    fits = math.floor(total["CPU"] / cpu + 1e-9)
+    if gpus_per_trial:
+        fits = min(fits, math.floor(total["GPU"] / gpus_per_trial + 1e-9))
+    return requested or max(1, min(fits, preset_cap or fits))
+
+
+def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, trainable: Any, planned: int,
+           max_concurrent: int, max_epochs: int) -> Any:
+    from ray import tune
+
+    from .callbacks import ParquetResults, ReleaseStoppedTrainGroups
+
+    budget = sweep.preset.budget(sweep.kind)
+    reporter = tune.CLIReporter(
+        metric_columns={"epoch": "epoch", "top1": "top1", "best_top1": "best top1", "images_per_s": "img/s"},
+        parameter_columns=["cell"] if sweep.cells else list(sweep.space), max_column_length=40,
+        max_report_frequency=30, metric="best_top1", mode="max", sort_by_metric=True)
+    run_config = tune.RunConfig(
+        name="tune", storage_path=join(opts.results, name), verbose=1, progress_reporter=reporter,
+        callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainGroups()],
+        failure_config=tune.FailureConfig(max_failures=0))  # worker crashes are retried inside Ray Train
+    if sweep.cells:
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent,
+                                      trial_dirname_creator=trial_dirname)
+    else:
+        tune_config = tune.TuneConfig(search_alg=_searcher(sweep, opts, max_concurrent), num_samples=planned,
+                                      scheduler=_scheduler(sweep, budget, max_epochs),
+                                      trial_dirname_creator=trial_dirname)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _searcher(sweep: Sweep, opts: SweepOptions, max_concurrent: int) -> Any:
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if sweep.objective == "pareto":
+        metric: Any = ["best_top1", sweep.pareto_metric]
+        mode: Any = ["max", "min" if sweep.pareto_metric == "student_params" else "max"]
+    else:
+        metric, mode = "best_top1", "max"
+    storage, study_name = None, None
+    if sweep.study:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(os.path.expanduser(sweep.study))}")
+        study_name = f"{sweep.kind}-{sweep.preset.name}-{sweep.objective}"
+    searcher = OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=opts.seed),
+                            storage=storage, study_name=study_name)
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+
+
+def _scheduler(sweep: Sweep, budget: dict, max_epochs: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if not sweep.asha:
+        return FIFOScheduler()
+    # max_t above the epoch count: ASHA stops a trial that reaches max_t, and a finishing trial must not be killed
+    return ASHAScheduler(time_attr="epoch", metric="top1", mode="max", max_t=max_epochs + 1,
+                         grace_period=int(budget.get("grace_period", 1)),
+                         reduction_factor=float(budget.get("reduction_factor", 2)))
+
+
+def trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def missing_teachers(teachers: set[str], teacher_dir: str) -> list[str]:
+    return sorted(t for t in teachers if not os.path.isfile(teacher_path(teacher_dir, t)))
+
+
+MANIFEST = "sweep.json"
+
+
+def write_manifest(opts: SweepOptions, name: str, manifest: dict) -> None:
+    fs, root = open_location(join(opts.results, name))
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{MANIFEST}") as f:
+        f.write(json.dumps(manifest, indent=1).encode())
+
+
+def read_manifest(opts: SweepOptions, name: str) -> dict:
+    fs, root = open_location(join(opts.results, name))
+    try:
+        with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
+            return json.loads(f.readall())
+    except (OSError, ValueError):
+        raise UserError(f"sweep {name!r} under {opts.results!r} has no readable {MANIFEST}; cannot resume it") from None
+
+
+def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) -> SweepOutcome:
+    """Check, then run (or resume) `sweep`; returns where its tables are and whether it was interrupted."""
+    from ray import tune
+
+    from .cluster import connect
+
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    name, resuming = sweep_name(sweep, opts)
+    if resuming:
+        manifest = read_manifest(opts, name)
+        if manifest["kind"] != sweep.kind:
+            raise UserError(f"sweep {name!r} is a {manifest['kind']} sweep; resume it with sweeps/{manifest['kind']}.py")
+        out(connect(opts.cluster))
+        out(f"sweep {name}: resuming with its stored trials and settings")
+        trainable = tune.with_resources(train_trial, manifest["resources"])
+        tuner = tune.Tuner.restore(join(opts.results, name, "tune"), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        return _fit(tuner, opts, name, manifest["planned"], out)
+
+    teacher_dir = os.path.abspath(os.path.expanduser(opts.teacher_dir))
+    base = {"_preset": sweep.preset.run_preset, "_run": run_overrides(sweep, opts),
+            "_train_storage": train_storage(opts, name), "_teacher_dir": teacher_dir}
+    budget = sweep.preset.budget(sweep.kind)
+    if sweep.cells:
+        planned = len(sweep.cells)
+    else:
+        run_seeds = seeds(sweep.kind, sweep.preset, opts)
+        if len(run_seeds) > 1:
+            raise UserError(f"{sweep.kind} runs every sampled config once (one seed, got {len(run_seeds)}); "
+                            f"reproduce_tables runs configs over several seeds")
+        base["_run"]["seed"] = run_seeds[0]
+        planned = opts.num_samples or int(budget.get("num_samples", 1))
+    runs, teachers = check_configs(trial_configs(sweep, base))
+    missing = missing_teachers(teachers, teacher_dir)
+    if missing and not sweep.preset.section("teachers").get("auto"):
+        raise UserError(f"missing teacher checkpoint(s) in {teacher_dir}: {', '.join(f'{t}.pth' for t in missing)}; "
+                        f"write them with python sweeps/teachers.py --preset {sweep.preset.name} (or point "
+                        f"--teacher-dir at them)")
+    out(connect(opts.cluster))
+    gpus = opts.gpus_per_trial
+    if gpus is None:
+        import ray
+
+        auto = budget.get("gpus_per_trial", "auto")
+        gpus = float(ray.cluster_resources().get("GPU", 0) >= 1) if auto == "auto" else float(auto)
+    cfg = runs[0]
+    base["_run"]["gpus_per_worker"] = gpus / max(cfg.workers, 1)
+    max_concurrent = fit_resources(cfg, gpus, opts.max_concurrent, budget.get("max_concurrent"))
+    if missing:
+        from .teachers import train_teachers
+
+        train_teachers(sweep.preset, missing, opts, out)
+    resources = trial_resources(cfg.workers, cfg.cpus_per_worker, gpus)
+    write_manifest(opts, name, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": planned,
+                                "resources": resources})
+    space = {**base, **sweep.space} if not sweep.cells else {
+        **base, "_cells": sweep.cells, "cell": tune.grid_search(list(sweep.cells))}
+    out(f"sweep {name}: {planned} trial(s), {max_concurrent} at once, "
+        f"{cfg.workers or 'no'} Ray Train worker(s) per trial; results in {join(opts.results, name)}")
+    tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), planned, max_concurrent,
+                   max(r.optim.epochs for r in runs))
+    return _fit(tuner, opts, name, planned, out)
+
+
+def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, out: Callable[[str], None]) -> SweepOutcome:
+    started = time.monotonic()
+    grid = tuner.fit()
+    tables = SweepTables(opts.results, name).load()
+    unfinished = len(grid) - grid.num_errors - grid.num_terminated
+    outcome = SweepOutcome(name, tables.folder, tables, planned, interrupted=unfinished > 0 or len(grid) < planned)
+    summarize(outcome, time.monotonic() - started, out)
+    return outcome
+
+
+def summarize(outcome: SweepOutcome, seconds: float, out: Callable[[str], None]) -> None:
+    rows = [r for r in outcome.tables.trials.values()]
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stopped", "failed")}
+    out(f"sweep {outcome.name}: {len(rows)}/{outcome.planned} trials recorded "
+        f"({', '.join(f'{n} {s}' for s, n in counts.items())}) in {seconds / 60:.1f} min")
+    scored = [r for r in rows if r["status"] != "failed" and r.get("best_top1") == r.get("best_top1")
+              and r.get("best_top1") is not None]
+    if scored:
+        best = max(scored, key=lambda r: r["best_top1"])
+        tag = f" [{best['tag']}]" if best["tag"] else ""
+        out(f"best: top-1 {best['best_top1']:.2f} at epoch {best['best_epoch']}: trial {best['trial_id']} "
+            f"{best['pair']} {best['method']}{tag}")
+    for r in rows:
+        if r["status"] == "failed":
+            out(f"failed: trial {r['trial_id']} {r['pair']} {r['method']}: {r['failure_reason']}")
+    out(f"tables: {outcome.folder}/trials.parquet, {outcome.folder}/epochs.parquet")
+
+
+def main(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, SweepOptions], Sweep],
+         argv: Sequence[str] | None = None,
+         after: Callable[[SweepOutcome, SweepOptions], None] | None = None) -> int:
+    """Parse, build and run a sweep (then `after` on a finished one): 0 when it finished, 2 on bad input (one
+    line), 130 when interrupted."""
+    import ray
+
+    started_ray = not ray.is_initialized()
+    try:
+        args, opts = parse(parser, argv)
+        outcome = run(build(args, opts), opts)
+        if after is not None and not outcome.interrupted:
+            after(outcome, opts)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+    if outcome.interrupted:
+        print(f"interrupted: continue with {os.path.basename(sys.argv[0]) or 'the same command'} --resume --name "
+              f"{outcome.name} --results {opts.results}", file=sys.stderr)
+        return 130
+    return 0

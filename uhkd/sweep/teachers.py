@@ -1,0 +1,73 @@
+"""Teacher checkpoints `<teacher dir>/<timm name>.pth`, the files every other sweep loads by name.
+
+A teacher trains like a student of method `scratch` (starting from local ImageNet weights where the preset
+fine-tunes, SPEC §3); its exported student becomes the teacher checkpoint. Presets that do not fine-tune (ImageNet)
+convert the local weight files directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import UserError
+from .cli import SweepOptions
+from .spec import Sweep, SweepPreset
+from .trainable import teacher_path
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+TAG = "teacher"
+
+
+def pretrained_file(pretrained_dir: str, model: str) -> str:
+    """The local ImageNet weight file of `model` in `pretrained_dir` (`<timm name><suffix>`)."""
+    for suffix in WEIGHT_SUFFIXES:
+        path = Path(pretrained_dir).expanduser() / f"{model}{suffix}"
+        if path.is_file():
+            return str(path.resolve())
+    raise UserError(f"no ImageNet weight file for {model} in {pretrained_dir!r} (expected {model}"
+                    f"{'|'.join(WEIGHT_SUFFIXES)})")
+
+
+def teachers_sweep(preset: SweepPreset, models: Sequence[str], seed: int, pretrained_dir: str = "") -> Sweep:
+    """One trial per teacher: trained as a `scratch` student on the final split (all training images)."""
+    cells = {}
+    for model in models:
+        cell = {"model.student": model, "model.teacher": "", "seed": seed, "tag": TAG}
+        if pretrained_dir:
+            cell["model.pretrained_file"] = pretrained_file(pretrained_dir, model)
+        cells[model] = cell
+    return Sweep("teachers", preset, cells=cells, force={"method.name": "scratch", "data.split": "final"})
+
+
+def install(rows: Sequence[dict], teacher_dir: str, out: Callable[[str], None] = print) -> None:
+    """Copy each finished teacher trial's exported student to `<teacher dir>/<model>.pth` (atomically)."""
+    failed = [r for r in rows if r["status"] != "ok" or not r["student_checkpoint"]]
+    for row in rows:
+        if row in failed:
+            continue
+        target = teacher_path(teacher_dir, row["student"])
+        os.makedirs(teacher_dir, exist_ok=True)
+        shutil.copyfile(row["student_checkpoint"], target + ".tmp")
+        os.replace(target + ".tmp", target)
+        out(f"teacher {row['student']}: top-1 {row['best_top1']:.2f} -> {target}")
+    if failed:
+        reasons = "; ".join(f"{r['student']}: {r['failure_reason'] or r['status']}" for r in failed)
+        raise UserError(f"teacher training failed ({reasons})")
+
+
+def train_teachers(preset: SweepPreset, models: Sequence[str], opts: SweepOptions,
+                   out: Callable[[str], None] = print) -> None:
+    """Train the missing teachers of `preset` on the cluster this process is connected to (before a sweep)."""
+    from .runner import run, seeds
+
+    teacher_dir = os.path.abspath(os.path.expanduser(opts.teacher_dir))
+    out(f"teachers: training the missing {', '.join(models)} into {teacher_dir} first")
+    topts = dataclasses.replace(opts, name="", resume=False, num_samples=None, epochs=None, seeds=None, sets={},
+                                pairs=None)
+    outcome = run(teachers_sweep(preset, models, seeds("teachers", preset, topts)[0]), topts, out)
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+    install([r for r in outcome.tables.trials.values() if r["student"] in models], teacher_dir, out)
