@@ -25,6 +25,7 @@ class ModelConfig:
     student: str = "resnet18"
     teacher: str = "vit_small_patch16_224"  # "" = no teacher (method `scratch`)
     teacher_checkpoint: str = ""  # local file; "" = random init (tests / quick preset only)
+    pretrained_file: str = ""  # local ImageNet weight file the student starts from (teacher fine-tuning, SPEC §3)
     scale: str = "full"  # full | tiny (scaled-down widths and depths for tests and the quick preset)
     isotropic_blocks: str = "uhkd"  # stage ends of 12-block isotropic models: uhkd = 3,6,9,12; ofa = 2,4,10,12
     channels_last: bool = True  # GPU only
