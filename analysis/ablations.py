@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, display_names, ok_trials, read_trials, render,
-                             require_columns, select, signed, save_figure, write_text)
+from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, ok_trials, pair_label, read_trials, render,
+                             require_columns, save_figure, select, signed, write_text)
 from uhkd.errors import UserError
 
 SWITCHES = ("method.spectrum", "method.sra", "method.sca", "method.stages", "method.alpha", "method.beta",
@@ -29,12 +29,6 @@ CURVE_PARAMS = ("method.beta", "method.alpha", "method.k", "method.band")
 SYMBOLS = {"method.beta": "β", "method.alpha": "α", "method.k": "k", "method.band": "band"}
 CATEGORY_ORDER = {"method.band": ("low", "high", "full")}
 FULL = "full"
-
-
-def _pair_label(pair: str) -> str:
-    names = display_names()
-    teacher, _, student = pair.partition(":")
-    return f"{names.get(teacher, teacher)}→{names.get(student, student)}"
 
 
 def component_table(trials: pd.DataFrame, metric: str = "best_top1") -> pd.DataFrame:
@@ -61,7 +55,7 @@ def format_component_table(table: pd.DataFrame, fmt: str = "md") -> str:
     if fmt == "csv":
         return table.to_csv(index=False, float_format="%.4f")
     pairs = list(dict.fromkeys(table["pair"]))
-    header = ["Variant", *(_pair_label(p) for p in pairs)]
+    header = ["Variant", *(pair_label(p) for p in pairs)]
     rows = []
     for tag, group in table.groupby("tag", sort=False):
         by_pair = group.set_index("pair")
@@ -125,7 +119,7 @@ def plot_curves(data: pd.DataFrame, metric: str = "best_top1") -> Figure:
         panel = data[data["param"] == param]
         for pair, line in panel.groupby("pair", sort=False):
             x, mean, std = line["x"].to_numpy(), line["mean"].to_numpy(), np.nan_to_num(line["std"].to_numpy())
-            (drawn,) = ax.plot(x, mean, marker="o", label=_pair_label(pair))
+            (drawn,) = ax.plot(x, mean, marker="o", label=pair_label(pair))
             ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=drawn.get_color())
         if param in CATEGORY_ORDER:
             ax.set_xticks(panel["x"].unique(), panel.drop_duplicates("x")["value"].astype(str))

@@ -101,18 +101,20 @@ def select(df: pd.DataFrame, filters: Mapping[str, object], what: str = "trials"
     return df
 
 
-def ok_trials(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """Finished trials only (`status == "ok"`), and a note saying how many others were excluded."""
+def ok_trials(df: pd.DataFrame, keep: Sequence[str] = ("ok",)) -> tuple[pd.DataFrame, str]:
+    """Trials whose `status` is in `keep` (default: finished ones), and a note saying how many others were
+    excluded."""
     require_columns(df, ["status"], "keeping finished trials")
-    ok = df[df["status"] == "ok"]
-    if ok.empty:
+    kept = df[df["status"].isin(keep)]
+    statuses = "/".join(keep)
+    if kept.empty:
         counts = ", ".join(f"{k}: {v}" for k, v in df["status"].value_counts().sort_index().items())
-        raise UserError(f"no trial with status 'ok' among {len(df)} trials ({counts})")
-    excluded = df.loc[df["status"] != "ok", "status"].value_counts().sort_index()
-    note = f"{len(ok)} trials with status ok; " + (
+        raise UserError(f"no trial with status {statuses} among {len(df)} trials ({counts})")
+    excluded = df.loc[~df["status"].isin(keep), "status"].value_counts().sort_index()
+    note = f"{len(kept)} trials with status {statuses}; " + (
         f"{int(excluded.sum())} excluded ({', '.join(f'{k}: {v}' for k, v in excluded.items())})"
         if len(excluded) else "none excluded")
-    return ok, note
+    return kept, note
 
 
 def dedupe_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -173,6 +175,13 @@ def display_names() -> dict[str, str]:
     for timm_col, short_col in (("teacher_timm", "teacher"), ("student_timm", "student")):
         names.update({t: s for t, s in zip(pub[timm_col], pub[short_col]) if t and s})
     return names
+
+
+def pair_label(pair: str) -> str:
+    """"swin_tiny_patch4_window7_224:resnet18" -> "Swin-T→ResNet18"."""
+    names = display_names()
+    teacher, _, student = pair.partition(":")
+    return f"{names.get(teacher, teacher)}→{names.get(student, student)}"
 
 
 def render(header: Sequence[str], rows: Sequence[Sequence[str]], fmt: str, notes: Sequence[str] = (),

@@ -1,14 +1,13 @@
 """Sweep report: the best configuration per pair, Optuna hyperparameter importances and a parallel-coordinates plot.
 
-Hyperparameters are the run-config columns (flat dotted keys) that vary among the finished trials; teacher and
-student appear as `pair`, seeds are averaged (a configuration's score is its mean over seeds). Importances come from
-an Optuna study rebuilt from the trial rows of each pair (one completed Optuna trial per row), or from the sweep's
-own study with --study sqlite:///path.db.
+One section per sweep. Hyperparameters are the run-config columns (flat dotted keys) that vary among a sweep's
+finished trials; teacher and student appear as `pair`, seeds are averaged (a configuration's score is its mean over
+seeds). Importances come from an Optuna study rebuilt from the trial rows of each pair (one completed Optuna trial
+per row); --study sqlite:///path.db adds the importances of the sweep's own persisted study.
 """
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -20,14 +19,14 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, ok_trials, read_trials, render,
+from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, ok_trials, pair_label, read_trials, render,
                              require_columns, save_figure, select, write_text)
 from uhkd.config import LEAF_TYPES
 from uhkd.errors import UserError
 
 # Run identity and location, not hyperparameters; teacher and student are reported together as `pair`.
-NOT_SEARCHED = {"seed", "name", "output_dir", "data.root", "model.teacher_checkpoint", "model.teacher",
-                "model.student"}
+NOT_SEARCHED = {"seed", "name", "output_dir", "data.root", "model.teacher_checkpoint", "model.pretrained_file",
+                "model.teacher", "model.student"}
 EVALUATORS = {
     "fanova": lambda: optuna.importance.FanovaImportanceEvaluator(seed=0),
     "ped-anova": optuna.importance.PedAnovaImportanceEvaluator,
@@ -42,18 +41,20 @@ def varying_params(trials: pd.DataFrame) -> list[str]:
 
 
 def best_configs(trials: pd.DataFrame, params: Sequence[str], metric: str) -> pd.DataFrame:
-    """Per pair, the configuration with the highest mean `metric` over its seeds."""
+    """Per pair, the configuration with the highest mean `metric` over its seeds (the first one on ties)."""
     config = [p for p in params if p != "pair"]
-    keyed = trials.assign(**{p: trials[p].astype(str) for p in config})
     records = []
-    for pair, group in keyed.groupby("pair", sort=True):
+    for pair, group in trials.groupby("pair", sort=True):
         scored = [(Stat.of(g[metric]), key, g) for key, g in
                   (group.groupby(config, sort=False, dropna=False) if config else [((), group)])]
         stat, key, rows = max(scored, key=lambda s: s[0].mean)
-        key = key if isinstance(key, tuple) else (key,)
         records.append({"pair": pair, "mean": stat.mean, "std": stat.std, "n": stat.n, **dict(zip(config, key)),
                         "trials": ",".join(rows["trial_id"].astype(str))})
     return pd.DataFrame(records)
+
+
+def _text(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _distribution(values: pd.Series) -> optuna.distributions.BaseDistribution:
@@ -88,6 +89,8 @@ def parallel_coordinates(trials: pd.DataFrame, params: Sequence[str], metric: st
     Returns the figure and the plotted positions (one row per trial, in line order)."""
     axes_names = [*params, metric]
     trials = trials.sort_values(metric, kind="stable")
+    if "pair" in params:
+        trials = trials.assign(pair=trials["pair"].map(pair_label))
     scaled, ticks = {}, {}
     for name in axes_names:
         values = trials[name]
@@ -120,39 +123,33 @@ def parallel_coordinates(trials: pd.DataFrame, params: Sequence[str], metric: st
     return fig, data
 
 
-def report(trials: pd.DataFrame, metric: str, evaluator: str, study: optuna.Study | None,
-           notes: Sequence[str]) -> tuple[str, pd.DataFrame, list[str]]:
-    """The Markdown report, the importance table (one row per pair or study) and the varying parameters."""
-    require_columns(trials, ["pair", "trial_id", metric], "the sweep report")
+def _importance_table(records: list[dict]) -> str:
+    cols = list(dict.fromkeys(c for r in records for c in r if c != "scope"))
+    return render(["Scope", *cols], [[r["scope"], *(f"{r[c]:.3f}" if c in r else "—" for c in cols)]
+                                     for r in records], "md")
+
+
+def sweep_section(trials: pd.DataFrame, metric: str, evaluator: str) -> tuple[list[str], list[dict], list[str]]:
+    """Markdown lines of one sweep (best configuration per pair, per-pair importances), the importance records
+    (scope = pair) and the sweep's varying parameters ([] when nothing varies)."""
     params = varying_params(trials)
     if not params:
-        raise UserError("no hyperparameter varies among the finished trials; nothing to report beyond the table "
-                        "of analysis/tables.py")
+        return ["No hyperparameter varies among these trials.", ""], [], []
     best = best_configs(trials, params, metric)
     config = [p for p in params if p != "pair"]
-    header = ["Pair", metric, *config, "trials"]
-    rows = [[r["pair"], Stat(r["mean"], r["std"], int(r["n"])).text(), *(str(r[p]) for p in config), r["trials"]]
+    rows = [[r["pair"], Stat(r["mean"], r["std"], int(r["n"])).text(), *(_text(r[p]) for p in config), r["trials"]]
             for _, r in best.iterrows()]
-    text = ["# Sweep report", "", *(f"- {n}" for n in notes), "", "## Best configuration per pair", "",
-            render(header, rows, "md")]
+    lines = ["### Best configuration per pair", "", render(["Pair", metric, *config, "trials"], rows, "md"),
+             "### Hyperparameter importances", ""]
     records = []
-    if study is not None:
-        records.append({"scope": f"study {study.study_name}", **importances(study, evaluator)})
-    else:
-        for pair, group in trials.groupby("pair", sort=True):
-            own = [p for p in params if p != "pair" and group[p].astype(str).nunique() > 1]
-            if own and len(group) >= 2:
-                records.append({"scope": pair, **importances(rebuilt_study(group, own, metric), evaluator)})
-    imp = pd.DataFrame(records)
-    text += ["## Hyperparameter importances", "",
-             f"Optuna {evaluator} importances of {metric} (normalised to sum 1 per row)", ""]
-    if imp.empty:
-        text.append("No pair has two or more trials with a varying hyperparameter.")
-    else:
-        cols = [c for c in imp.columns if c != "scope"]
-        text.append(render(["Scope", *cols], [[r["scope"], *("—" if math.isnan(r[c]) else f"{r[c]:.3f}"
-                                                               for c in cols)] for _, r in imp.iterrows()], "md"))
-    return "\n".join(text), imp, params
+    for pair, group in trials.groupby("pair", sort=True):
+        own = [p for p in config if group[p].astype(str).nunique() > 1]
+        if own and len(group) >= 2:
+            records.append({"scope": pair, **importances(rebuilt_study(group, own, metric), evaluator)})
+    lines += ([f"Optuna {evaluator} importances of {metric} per pair (normalised to sum 1 per row)", "",
+               _importance_table(records)] if records else
+              ["No pair has two or more trials with a varying hyperparameter.", ""])
+    return lines, records, params
 
 
 def _load_study(storage: str, name: str | None) -> optuna.Study:
@@ -175,13 +172,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="only trials of this dataset")
     p.add_argument("--method", default=None, help="only trials of this method")
     p.add_argument("--last", action="store_true", help="score configurations by last-epoch top-1")
+    p.add_argument("--include-stopped", action="store_true", help="also count trials the scheduler stopped early, "
+                   "with the best top-1 they reached (biased toward the configurations it kept)")
     p.add_argument("--evaluator", default="fanova", choices=sorted(EVALUATORS), help="Optuna importance evaluator "
                    "(default fanova, seeded)")
-    p.add_argument("--study", default=None, metavar="URL", help="Optuna storage (sqlite:///path.db) whose study "
-                   "gives the importances instead of the rebuilt per-pair studies")
+    p.add_argument("--study", default=None, metavar="URL", help="Optuna storage (sqlite:///path.db) whose study's "
+                   "importances are added to the report")
     p.add_argument("--study-name", default=None, help="study in --study (needed when it holds several)")
     p.add_argument("--out-dir", default="analysis_out", help="folder for sweep_report.md, importances.csv and "
-                   "parallel_coordinates.png/pdf (default analysis_out)")
+                   "parallel_coordinates[_<sweep>].png/pdf (default analysis_out)")
     return p
 
 
@@ -190,15 +189,32 @@ def main(args: argparse.Namespace) -> list[Path]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = select(read_trials(args.results), {"sweep": args.sweep, "dataset": args.dataset,
                                                 "method": args.method})
-    trials, note = ok_trials(trials)
+    require_columns(trials, ["sweep", "pair", "trial_id", metric], "the sweep report")
+    trials, note = ok_trials(trials, ("ok", "stopped") if args.include_stopped else ("ok",))
     trials, _ = dedupe_runs(trials)
-    study = _load_study(args.study, args.study_name) if args.study else None
-    text, imp, params = report(trials, metric, args.evaluator, study, [note])
     out = Path(args.out_dir)
-    outputs = write_text(text + "\n", str(out / "sweep_report.md"))
-    imp.to_csv(out / "importances.csv", index=False, float_format="%.4f")
-    fig, _ = parallel_coordinates(trials, params, metric)
-    return [*outputs, out / "importances.csv", *save_figure(fig, out / "parallel_coordinates")]
+    text, records, figures = ["# Sweep report", "", f"- {note}", ""], [], []
+    sweeps = sorted(trials["sweep"].unique())
+    for sweep in sweeps:
+        group = trials[trials["sweep"] == sweep]
+        lines, imp, params = sweep_section(group, metric, args.evaluator)
+        text += [f"## Sweep {sweep} ({len(group)} trials)", "", *lines]
+        records += [{"sweep": sweep, **r} for r in imp]
+        if params:
+            stem = "parallel_coordinates" if len(sweeps) == 1 else f"parallel_coordinates_{sweep}"
+            figures += save_figure(parallel_coordinates(group, params, metric)[0], out / stem)
+    if args.study:
+        study = _load_study(args.study, args.study_name)
+        imp = {"scope": f"study {study.study_name}", **importances(study, args.evaluator)}
+        records.append(imp)
+        text += [f"## Optuna study {study.study_name}", "",
+                 f"Optuna {args.evaluator} importances of the study's objective", "", _importance_table([imp])]
+    if not figures and not args.study:
+        raise UserError(f"no hyperparameter varies within any sweep ({', '.join(sweeps)}); nothing to report "
+                        "beyond the table of analysis/tables.py")
+    outputs = write_text("\n".join(text), str(out / "sweep_report.md"))
+    pd.DataFrame(records).to_csv(out / "importances.csv", index=False, float_format="%.4f")
+    return [*outputs, out / "importances.csv", *figures]
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, display_names, ok_trials, published_results,
-                             read_trials, render, require_columns, select, signed, write_text)
+from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, display_names, ok_trials, pair_label,
+                             published_results, read_trials, render, require_columns, select, signed, write_text)
 from uhkd.errors import UserError
 
 METHODS = ("scratch", "kd", "dkd", "dist", "fitnet", "ofa", "uhkd")
@@ -110,10 +110,9 @@ def gain_footer(table: Table) -> str:
                else f"no published claim for {table.dataset}")
     if not gains:
         return f"UHKD − OFA: no pair has both UHKD and OFA results; {claimed}"
-    names = display_names()
     best_gain, best_row = max(gains, key=lambda g: g[0])
     mean_gain = sum(g for g, _ in gains) / len(gains)
-    pair = f"{names.get(best_row.teacher, best_row.teacher)}→{names.get(best_row.student, best_row.student)}"
+    pair = pair_label(f"{best_row.teacher}:{best_row.student}")
     return (f"UHKD − OFA over {len(gains)} pairs: mean {signed(mean_gain)}, max {signed(best_gain)} ({pair}); "
             f"{claimed}")
 

@@ -269,8 +269,8 @@ def test_sweep_report(tmp_path, capsys):
     best = md_row(md, f"{SWIN}:{R18}")
     assert best[:4] == [f"{SWIN}:{R18}", "75.05 ± 0.07 (n=2)", "0.01", "0.5"]  # beta ties: first kept
     imp = pd.read_csv(out / "importances.csv").set_index("scope")
-    assert imp.loc[f"{SWIN}:{R18}", "optim.lr"] > 0.9
-    assert imp.loc[f"{SWIN}:{R18}"].sum() == pytest.approx(1.0)
+    assert imp.loc[f"{SWIN}:{R18}", "sweep"] == "main" and imp.loc[f"{SWIN}:{R18}", "optim.lr"] > 0.9
+    assert imp.loc[f"{SWIN}:{R18}", ["optim.lr", "method.beta"]].sum() == pytest.approx(1.0)
     assert (out / "parallel_coordinates.png").read_bytes().startswith(PNG_MAGIC)
     assert (out / "parallel_coordinates.pdf").read_bytes().startswith(PDF_MAGIC)
 
@@ -299,6 +299,21 @@ def test_sweep_report_from_optuna_storage(tmp_path, capsys):
     out = tmp_path / "out"
     assert sweep_report.run([str(results), "--study", storage, "--out-dir", str(out)]) == 0
     imp = pd.read_csv(out / "importances.csv").set_index("scope")
-    assert list(imp.index) == ["study hpo"] and imp.loc["study hpo", "x"] > 0.9
+    assert list(imp.index) == [f"{SWIN}:{R18}", "study hpo"] and imp.loc["study hpo", "x"] > 0.9
+    assert "## Optuna study hpo" in (out / "sweep_report.md").read_text()
     assert sweep_report.run([str(results), "--study", storage, "--study-name", "zz", "--out-dir", str(out)]) == 2
     assert "unknown study 'zz'" in capsys.readouterr().err
+
+
+def test_sweep_report_one_section_per_sweep_and_stopped_trials(tmp_path):
+    write_results(tmp_path / "hpo", report_rows())
+    other = [trial(SWIN, R18, "kd", 0, 50.0 + t, sweep="other", **{"method.temperature": t}) for t in (1.0, 4.0)]
+    write_results(tmp_path / "other", other)
+    out = tmp_path / "out"
+    assert sweep_report.run([str(tmp_path), "--include-stopped", "--out-dir", str(out)]) == 0
+    md = (out / "sweep_report.md").read_text()
+    assert "21 trials with status ok/stopped; none excluded" in md
+    assert "## Sweep main (19 trials)" in md and "## Sweep other (2 trials)" in md
+    assert md_row(md, f"{SWIN}:{R18}")[:3] == [f"{SWIN}:{R18}", "99.00 (n=1)", "0.5"]  # the stopped trial
+    for sweep in ("main", "other"):
+        assert (out / f"parallel_coordinates_{sweep}.png").read_bytes().startswith(PNG_MAGIC)
