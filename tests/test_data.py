@@ -250,3 +250,15 @@ def test_worker_data_needs_a_full_batch():
     cfg = DataConfig(dataset="mnist5k", batch_size=64, limit_train=100, loader_workers=0)
     with pytest.raises(UserError, match="no full batch of data.batch_size=64 per worker on 2 worker"):
         WorkerData(cfg, 0, torch.device("cpu"), 0, 2)
+
+
+def test_per_image_rand_augment_survives_the_top_magnitude():
+    """timm clips magnitudes at 10, where its PosterizeIncreasing asks Pillow for 0 bits (a ValueError); our
+    transform caps them below 10."""
+    transform = image_transform(RECIPES["vit"], 32, train=True)
+    rand_augment_step = transform.transforms[2]
+    for op in rand_augment_step.ops:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 12, 0.0
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    for _ in range(20):
+        assert transform(image).shape == (3, 32, 32)

@@ -220,11 +220,15 @@ class Run:
     def eval_student(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.distiller.student
 
-    def state(self, metrics: dict) -> dict:
-        return {"epoch": self.epoch, "metrics": metrics, "config": flatten(self.cfg), "model": self.distiller.trainable_state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                "best": dict(self.best), "teacher_top1": self.teacher_top1}
+    def state(self, metrics: dict, trainable: bool = True) -> dict:
+        """The checkpoint; without `trainable` only the record of how the run ended (a failure)."""
+        state = {"epoch": self.epoch, "metrics": metrics, "config": flatten(self.cfg), "best": dict(self.best),
+                 "teacher_top1": self.teacher_top1, "model": None}
+        if trainable:
+            state.update(model=self.distiller.trainable_state_dict(), optimizer=self.optimizer.state_dict(),
+                         scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                         ema=self.ema.state_dict() if self.ema else None)
+        return state
 
     def restore(self, state: dict) -> None:
         changed = sorted(k for k, v in flatten(self.cfg).items()
@@ -234,7 +238,7 @@ class Run:
                             f"settings ({', '.join(changed)}); use another output folder/run name, or remove it")
         self.epoch = state["epoch"]
         self.best, self.teacher_top1 = dict(state["best"]), state["teacher_top1"]
-        if state.get("model") is None:  # a failure record: nothing to train from
+        if state["model"] is None:  # a failure record: nothing to train from
             return
         self.distiller.load_trainable_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -267,10 +271,7 @@ class Run:
         while self.epoch < self.cfg.optim.epochs:
             metrics = self._train_epoch(self.epoch + 1)
             if metrics["status"] == "failed":
-                self.session.report(metrics, {"epoch": self.epoch, "metrics": metrics,
-                                              "config": flatten(self.cfg),
-                                              "model": None, "best": dict(self.best),
-                                              "teacher_top1": self.teacher_top1})
+                self.session.report(metrics, self.state(metrics, trainable=False))
                 self._log(f"run failed: {metrics['failure_reason']}", sys.stderr)
                 return metrics
             self.epoch += 1

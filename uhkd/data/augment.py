@@ -19,6 +19,9 @@ from ..errors import choice_error
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm's config string: magnitude 9 +- 0.5, 2 ops, the "increasing" set
+# magnitudes are clipped to [0, 10) rather than [0, 10]: at 10 timm's PosterizeIncreasing keeps 0 bits, which
+# Pillow >= 10 rejects (ValueError mid-epoch)
+RA_MAGNITUDE_MAX = 9.99
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 CUTMIX_SWITCH_PROB = 0.5
@@ -59,8 +62,8 @@ def image_transform(recipe: Recipe, img_size: int, train: bool, crop_pct: float 
     if recipe.rand_augment:
         from timm.data.auto_augment import rand_augment_transform
 
-        steps.append(rand_augment_transform(RAND_AUGMENT, {"translate_const": int(img_size * 0.45),
-                                                           "img_mean": (128, 128, 128)}))
+        steps.append(rand_augment_transform(RAND_AUGMENT, {"img_mean": (128, 128, 128),
+                                                           "magnitude_max": RA_MAGNITUDE_MAX}))
     return T.Compose([*steps, T.ToTensor()])
 
 
@@ -118,7 +121,7 @@ def _beta(concentration: float, n: int, device: torch.device) -> torch.Tensor:
     if concentration <= 0:
         return torch.ones(n, device=device)
     c = torch.tensor(float(concentration), device=device)
-    return torch.distributions.Beta(c, c).sample((n,))
+    return torch.distributions.Beta(c, c, validate_args=False).sample((n,))
 
 
 def mix_and_erase(images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, num_classes: int

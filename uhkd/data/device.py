@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .augment import CROP_RATIO, CROP_SCALE, Recipe
+from .augment import CROP_RATIO, CROP_SCALE, RA_MAGNITUDE_MAX, Recipe
 
 RA_LAYERS = 2
 RA_PROB = 0.5
@@ -162,16 +162,18 @@ OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "S
 
 def rand_augment(x: torch.Tensor) -> torch.Tensor:
     """Per sample: RA_LAYERS ops drawn uniformly (with replacement), each applied with probability RA_PROB at
-    magnitude N(9, 0.5) clipped to [0, 10]."""
+    magnitude N(9, 0.5) clipped to [0, RA_MAGNITUDE_MAX]. The op counts are read once per layer, so selecting
+    each op's samples needs no further host sync (`nonzero_static`)."""
     n, dev = x.shape[0], x.device
     x = x.clone()
     for _ in range(RA_LAYERS):
         op_index = torch.randint(len(OPS), (n,), device=dev)
-        applied = torch.rand(n, device=dev) < RA_PROB
-        level = (torch.randn(n, device=dev) * RA_MAGNITUDE_STD + RA_MAGNITUDE).clamp(0, RA_LEVELS) / RA_LEVELS
+        op_index = torch.where(torch.rand(n, device=dev) < RA_PROB, op_index, len(OPS))  # len(OPS): not applied
+        level = (torch.randn(n, device=dev) * RA_MAGNITUDE_STD + RA_MAGNITUDE).clamp(0, RA_MAGNITUDE_MAX) / RA_LEVELS
         sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
-        for k, op in enumerate(OPS):
-            chosen = torch.nonzero(applied & (op_index == k)).flatten()
-            if len(chosen):
-                x[chosen] = apply_op(x[chosen], op, level[chosen], sign[chosen])
+        counts = torch.bincount(op_index, minlength=len(OPS)).tolist()
+        for k, (op, count) in enumerate(zip(OPS, counts)):
+            if count:
+                idx = torch.nonzero_static(op_index == k, size=count).flatten()
+                x.index_copy_(0, idx, apply_op(x[idx], op, level[idx], sign[idx]))
     return x.clamp_(0, 1)
