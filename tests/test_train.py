@@ -165,3 +165,15 @@ def test_teacher_checkpoint_with_other_class_count_is_refused(tmp_path, capsys):
     code = main(["--preset", "quick", "--workers", "0", "--teacher-checkpoint", str(tmp_path / "t.pt"),
                  "--output", str(tmp_path / "o")])
     assert code == 2 and "class count 100, but this run needs 10" in capsys.readouterr().err
+
+
+def test_student_from_pretrained_weights_keeps_their_normalisation(tmp_path):
+    imagenet = create_stage_model("resnet18", num_classes=1000, img_size=32, scale="tiny")
+    torch.save(imagenet.net.state_dict(), tmp_path / "resnet18_in1k.pth")
+    cfg = quick(tmp_path, **{"method.name": "scratch", "model.pretrained_file": str(tmp_path / "resnet18_in1k.pth"),
+                             "optim.epochs": 1, "optim.max_steps_per_epoch": 1, "eval_teacher": False})
+    assert run_in_process(cfg)["status"] == "ok"
+    student = torch.load(Path(cfg.output_dir) / STUDENT, weights_only=True)
+    assert student["mean"] == pytest.approx([0.485, 0.456, 0.406])  # timm's ImageNet statistics, not MNIST's
+    start, trained = imagenet.net.conv1.weight, student["state_dict"]["conv1.weight"]
+    assert torch.nn.functional.cosine_similarity(start.flatten(), trained.flatten(), dim=0) > 0.9

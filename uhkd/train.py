@@ -41,9 +41,10 @@ def preflight(cfg: RunConfig) -> None:
 
     METHODS.get(cfg.method.name)
     DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
-    checkpoint = cfg.model.teacher_checkpoint
-    if checkpoint and not Path(checkpoint).is_file():
-        raise UserError(f"teacher checkpoint {checkpoint!r} not found")
+    for what, path in (("teacher checkpoint", cfg.model.teacher_checkpoint),
+                       ("pretrained weight file", cfg.model.pretrained_file)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{what} {path!r} not found")
 
 
 def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:
@@ -54,7 +55,8 @@ def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:
     return dataclasses.replace(
         cfg, output_dir=absolute(cfg.output_dir or output_dir),
         data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
-        model=dataclasses.replace(cfg.model, teacher_checkpoint=absolute(cfg.model.teacher_checkpoint)))
+        model=dataclasses.replace(cfg.model, teacher_checkpoint=absolute(cfg.model.teacher_checkpoint),
+                                  pretrained_file=absolute(cfg.model.pretrained_file)))
 
 
 def run_in_process(cfg: RunConfig, report: Callable[[dict], None] | None = None, resume: bool = True) -> dict:

@@ -178,8 +178,11 @@ class Run:
         self.data = WorkerData(cfg.data, cfg.seed, dev, session.rank, session.world, cfg.optim.max_steps_per_epoch)
         info = self.data.info
         m = cfg.model
+        # from scratch: the dataset's statistics; from pretrained weights: the normalisation they were trained with
+        stats = {} if m.pretrained_file else {"mean": info.mean, "std": info.std}
         student = create_stage_model(m.student, num_classes=info.num_classes, img_size=cfg.data.img_size,
-                                     scale=m.scale, isotropic_blocks=m.isotropic_blocks, mean=info.mean, std=info.std)
+                                     scale=m.scale, isotropic_blocks=m.isotropic_blocks,
+                                     pretrained_file=m.pretrained_file, **stats)
         use = teacher_use(cfg)
         teacher = None
         if use.needed or (m.teacher and cfg.eval_teacher):
