@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from analysis.common import cli, save_figure
 from uhkd.data import get_dataset, load_split, with_transform
 from uhkd.data.augment import get_recipe, image_transform
-from uhkd.frequency import BANDS, SPECTRA, spectral_map
+from uhkd.frequency import BANDS, SPECTRA, spectral_tokens
 from uhkd.models import StageModel, create_stage_model, load_teacher
 from uhkd.errors import UserError
 
@@ -79,8 +79,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def spectral_similarity(teacher: torch.Tensor, aligned: torch.Tensor, k: int, spectrum: str,
                         band: str) -> dict[str, torch.Tensor]:
     """Per image: cosine and Pearson between the SRR representations (k×k band × channels, flattened)."""
-    t = spectral_map(teacher, k, spectrum, band).flatten(1)
-    s = spectral_map(aligned, k, spectrum, band).flatten(1)
+    t = spectral_tokens(teacher, k, spectrum, band).flatten(1)
+    s = spectral_tokens(aligned, k, spectrum, band).flatten(1)
     return {"cosine": _cosine(t, s),
             "pearson": _cosine(t - t.mean(1, keepdim=True), s - s.mean(1, keepdim=True))}
 

@@ -169,7 +169,9 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
             cells.append(signed(row.gain))
             rows.append(cells)
     notes = [*table.notes, gain_footer(table), "bold: best method of the row"]
-    if published:
+    if published and not pub:
+        notes.append(f"no published numbers for {table.dataset} in uhkd/reference/published_results.csv")
+    elif published:
         notes.append("pub = published top-1 (uhkd/reference/published_results.csv), Δ = ours − published, "
                      "pub n/a = no published value" + ("; † = sources disagree" if conflict else ""))
     return render(header, rows, fmt, notes=notes, bold=bold)
