@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uhkd.config import build_config
+from uhkd.config import RunConfig, build_config
 from uhkd.errors import UserError
 from uhkd.models import create_stage_model
 from uhkd.train import fit_ray_train, main, run_in_process
@@ -27,7 +27,15 @@ METRIC_KEYS = {"epoch", "top1", "top5", "best_top1", "best_top5", "best_epoch", 
 SMALL = {"data.batch_size": 32, "optim.max_steps_per_epoch": 3, "data.limit_eval": 64, "optim.epochs": 2}
 
 
-def quick(tmp_path: Path, **overrides) -> "RunConfig":  # noqa: F821
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """run_in_process sets this process's torch threads; later tests get the count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def quick(tmp_path: Path, **overrides) -> RunConfig:
     return build_config("quick", {**SMALL, "output_dir": str(tmp_path / "run"), **overrides})
 
 

@@ -59,15 +59,21 @@ def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:
                                   pretrained_file=absolute(cfg.model.pretrained_file)))
 
 
+def set_threads(cfg: RunConfig) -> None:
+    """torch threads = `threads`, else cpus_per_worker rounded up. More threads than the cores a run really gets
+    is ruinous for torch on CPU (measured here: 12 img/s with 2 threads on 2 busy cores, 440 with 1)."""
+    torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_worker)))
+
+
 def run_in_process(cfg: RunConfig, report: Callable[[dict], None] | None = None, resume: bool = True) -> dict:
     """Train in this process (no Ray). `report` gets each epoch's metrics; the checkpoint is
-    `<output_dir>/checkpoint.pt` (output_dir default `runs/<run name>`), resumed from when `resume`."""
+    `<output_dir>/checkpoint.pt` (output_dir default `runs/<run name>`), resumed from when `resume`. Sets this
+    process's torch threads (`set_threads`)."""
     cfg = _absolute(cfg, os.path.join("runs", run_name(cfg)))
     preflight(cfg)
     if cfg.gpus_per_worker > 0 and not torch.cuda.is_available():
         raise UserError(f"gpus_per_worker={cfg.gpus_per_worker} but no CUDA device is available here")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg)
     device = torch.device("cuda" if cfg.gpus_per_worker > 0 else "cpu")
     return train_loop(cfg, LocalSession(cfg.output_dir, device, report, resume))
 
@@ -118,7 +124,7 @@ def _worker(config: dict) -> dict:
     """The TorchTrainer's per-worker function. Bad input returns a `user_error` record instead of raising, so
     Ray Train does not retry what cannot succeed; `fit_ray_train` raises it on the driver."""
     cfg = unflatten(config["cfg"])
-    torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_worker)))
+    set_threads(cfg)
     try:
         return train_loop(cfg, RayTrainSession(cfg.output_dir))
     except UserError as err:
