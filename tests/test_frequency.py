@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from uhkd.errors import UserError
-from uhkd.frequency import BANDS, FAM, FTM, SRA, spectral_map
+from uhkd.frequency import BANDS, FAM, FTM, SRA, dft_tokens, mirror_bins, spectral_tokens, token_norm
 
 torch.manual_seed(0)
 X = torch.randn(2, 5, 12, 10)
@@ -28,6 +28,32 @@ def test_low_band_is_the_centred_lowest_frequencies():
     spec = torch.fft.fftshift(torch.fft.fft2(X, norm="ortho"), dim=(-2, -1)).abs()
     expected = spec[..., 6 - 1:6 + 2, 5 - 1:5 + 2].flatten(2).transpose(1, 2)
     assert torch.allclose(FTM(3)(X), F.layer_norm(expected, (5,)), atol=1e-5)
+
+
+@pytest.mark.parametrize("h,w,k", [(12, 10, 3), (7, 7, 7), (9, 8, 4), (1, 1, 1)])
+@pytest.mark.parametrize("band", ["low", "high"])
+def test_dft_tokens_equal_fft2_then_crop(h, w, k, band):
+    x = torch.randn(2, 3, h, w)
+    spec = torch.fft.fft2(x, norm="ortho")
+    centre = (0, 0) if band == "low" else (h // 2, w // 2)
+    rows = [(centre[0] + i - k // 2) % h for i in range(k)]
+    cols = [(centre[1] + j - k // 2) % w for j in range(k)]
+    expected = torch.view_as_real(spec[:, :, rows][:, :, :, cols].flatten(2)).permute(0, 2, 3, 1)
+    assert torch.allclose(dft_tokens(x, k, band), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("h,w,k", [(12, 10, 3), (7, 7, 7), (8, 8, 4), (9, 5, 5)])
+@pytest.mark.parametrize("band", ["low", "high"])
+def test_conjugate_bins_share_their_amplitude(h, w, k, band):
+    """`mirror_bins`: computing one token per conjugate pair and expanding gives every token of the block."""
+    x = torch.randn(2, 3, h, w)
+    full = spectral_tokens(x, k, "amplitude", band)
+    pairs = mirror_bins(h, w, k, band)
+    if (h, w, k, band) == (7, 7, 7, "low"):
+        assert len(pairs[0]) == 25  # 49 bins: DC and 24 conjugate pairs
+    if pairs is not None:
+        reps, expand = pairs
+        assert torch.allclose(spectral_tokens(x, k, "amplitude", band, tokens=reps)[:, list(expand)], full, atol=1e-5)
 
 
 @pytest.mark.parametrize("spectrum", ["amplitude", "log_amplitude"])
@@ -58,9 +84,18 @@ def test_ftm_is_float32_under_autocast():
 def test_fast_sca_equals_projecting_the_full_map_first(spectrum, band):
     """SCA projects the cropped complex block; the result equals projecting the whole map, then the DFT."""
     fam = FAM(5, 4, k=3, spectrum=spectrum, band=band, sra=False)
-    fast = spectral_map(X, 3, spectrum, band, project=fam._project)
-    slow = spectral_map(fam.proj(X), 3, spectrum, band)
+    fast = spectral_tokens(X, 3, spectrum, band, project=fam.project)
+    slow = spectral_tokens(fam.proj(X), 3, spectrum, band)
     assert torch.allclose(fast, slow, atol=1e-5)
+
+
+@pytest.mark.parametrize("spectrum", ["amplitude", "complex"])
+@pytest.mark.parametrize("band", ["low", "high"])
+def test_fam_equals_its_definition_on_every_token(spectrum, band):
+    """FAM = token_norm(token mixing(channel Linear(SRR(projection)))), whether or not it shares conjugate bins."""
+    fam = FAM(5, 4, k=3, spectrum=spectrum, band=band)
+    z = spectral_tokens(X, 3, spectrum, band, project=fam.project)
+    assert torch.allclose(fam(X), token_norm(fam.sra.mix(fam.sra.channel(z))), atol=1e-5)
 
 
 def test_fam_and_its_input_get_gradients():
@@ -84,7 +119,7 @@ def test_fam_switches_change_only_what_they_name():
     conv_bn = FAM(5, 4, k=3, sca="conv_bn")
     assert isinstance(conv_bn.bn, torch.nn.BatchNorm2d) and _count(conv_bn) - _count(base) == _count(conv_bn.bn)
     # without SRA the output is the normalised SCA result: the teacher's FTM applied to the projected map
-    assert torch.allclose(no_sra(X), FTM(k=3)(no_sra.proj(X)), atol=1e-5)
+    assert torch.allclose(no_sra(X), FTM(k=3)(no_sra.proj(X)), atol=1e-4)
     # conv_bn: the BN (in eval mode with fresh statistics, identity) is the only difference from the linear order
     no_sra_bn = FAM(5, 4, k=3, sca="conv_bn", sra=False).eval()
     no_sra_bn.proj.load_state_dict(no_sra.proj.state_dict())

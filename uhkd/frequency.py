@@ -13,6 +13,7 @@ Frequency bands (`band`), in DFT index space (bin n = n cycles per map side):
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -26,47 +27,93 @@ BANDS = ("low", "high", "full")
 SCAS = ("linear", "conv_bn")
 
 
-def _band_bins(n: int, k: int, band: str, device: torch.device) -> Tensor:
+def _band_bins(n: int, k: int, band: str) -> Tensor:
+    """DFT bin indices (mod n) of the k bins of `band` along an axis of length n, in fftshift order."""
     centre = 0 if band == "low" else n // 2
-    return (torch.arange(k, device=device) - k // 2 + centre) % n
+    return (torch.arange(k) - k // 2 + centre) % n
 
 
-def frequency_block(x: Tensor, k: int, band: str) -> Tensor:
-    """The complex bins of `band` of the orthonormal 2-D DFT of NCHW map `x`: B×C×k×k, or the whole fftshifted
-    B×C×H×W spectrum for `band="full"`."""
-    spec = torch.fft.fft2(x.float(), norm="ortho")
-    if band == "full":
-        return torch.fft.fftshift(spec, dim=(-2, -1))
-    h, w = spec.shape[-2:]
-    rows = _band_bins(h, k, band, spec.device)
-    cols = _band_bins(w, k, band, spec.device)
-    return spec.index_select(-2, rows).index_select(-1, cols)
+@functools.lru_cache(maxsize=64)
+def _dft_matrix(h: int, w: int, k: int, band: str, tokens: tuple[int, ...] | None,
+                device: torch.device) -> Tensor:
+    """Real (h·w) × 2T matrix M: for a map x, `x.flatten(-2) @ M` holds (real, imaginary) of T bins of its
+    orthonormal 2-D DFT, interleaved. The bins are the k×k block of `band`, row-major, or its `tokens`."""
+    rows = _band_bins(h, k, band).repeat_interleave(k)
+    cols = _band_bins(w, k, band).repeat(k)
+    if tokens is not None:
+        rows, cols = rows[list(tokens)], cols[list(tokens)]
+    y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    angle = -2 * torch.pi * (torch.outer(y.flatten(), rows) / h + torch.outer(x.flatten(), cols) / w).double()
+    matrix = torch.stack([angle.cos(), angle.sin()], dim=-1).flatten(1) / (h * w) ** 0.5
+    return matrix.to(device=device, dtype=torch.float32)
 
 
-def spectrum_form(spec: Tensor, spectrum: str) -> Tensor:
-    """Real channels of a complex spectrum: |X|, log1p|X|, or real ‖ imag stacked on channels (2C)."""
-    if spectrum == "amplitude":
-        return spec.abs()
-    if spectrum == "log_amplitude":
-        return torch.log1p(spec.abs())
-    return torch.cat([spec.real, spec.imag], dim=1)
+def dft_tokens(x: Tensor, k: int, band: str, tokens: tuple[int, ...] | None = None) -> Tensor:
+    """The k×k block of `band` (or its `tokens`) of the orthonormal 2-D DFT of NCHW map `x`, as float32
+    B×T×2×C: tokens (bins, row-major) × (real, imaginary) × channels.
+
+    One matrix product with the DFT restricted to those bins: the same numbers as `fft2` followed by the crop,
+    without transforming (and back-propagating through) the bins that are thrown away.
+    """
+    h, w = x.shape[-2:]
+    matrix = _dft_matrix(h, w, k, band, tokens, x.device)
+    return (x.float().flatten(2) @ matrix).unflatten(-1, (-1, 2)).permute(0, 2, 3, 1)
 
 
-def spectral_map(x: Tensor, k: int, spectrum: str, band: str,
-                 project: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """SRR: NCHW map -> float32 B×C'×k×k. `project` is a channel map applied where it is cheapest and still
-    equal to projecting `x` first: to the cropped complex block (it commutes with the DFT, cropping and pooling)."""
-    project = project or (lambda t: t)
-    with torch.autocast(x.device.type, enabled=False):
-        if spectrum == "none":
-            return project(F.adaptive_avg_pool2d(x.float(), k))
-        z = spectrum_form(project(frequency_block(x, k, band)), spectrum)
-        return F.adaptive_avg_pool2d(z, k) if band == "full" else z
+@functools.lru_cache(maxsize=None)
+def mirror_bins(h: int, w: int, k: int, band: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The DFT of a real map is Hermitian: bins (f, g) and (−f, −g) are conjugate and share one amplitude. For the
+    k×k block of `band` on an h×w map: `reps` (the tokens to compute) and `expand` (token t = reps-result
+    `expand[t]`), or None when every token is distinct."""
+    bins = [(r, c) for r in _band_bins(h, k, band).tolist() for c in _band_bins(w, k, band).tolist()]
+    first: dict[tuple[int, int], int] = {}
+    reps: list[int] = []
+    expand: list[int] = []
+    for i, (r, c) in enumerate(bins):
+        twin = first.get((r, c), first.get((-r % h, -c % w)))
+        if twin is None:
+            first[(r, c)] = i
+            expand.append(len(reps))
+            reps.append(i)
+        else:
+            expand.append(expand[twin])
+    return None if len(reps) == len(bins) else (tuple(reps), tuple(expand))
+
+
+def spectrum_form(z: Tensor, spectrum: str) -> Tensor:
+    """Real channels of a spectrum held as (..., 2, C) = (real, imaginary) × channels: |X|, log1p|X|, or
+    real ‖ imag stacked on channels (..., 2C)."""
+    if spectrum == "complex":
+        return z.flatten(-2)
+    re, im = z.unbind(-2)
+    # the tiny floor keeps the gradient finite at |X| = 0 (changes |X| by < 1e-6); vector_norm is 100x slower here
+    amplitude = torch.sqrt(re * re + im * im + 1e-12)
+    return torch.log1p(amplitude) if spectrum == "log_amplitude" else amplitude
 
 
 def to_sequence(z: Tensor) -> Tensor:
-    """SRT, first half: B×C×k×k -> B×k²×C (tokens = frequency bins)."""
+    """B×C×k×k -> B×k²×C (tokens = bins or positions)."""
     return z.flatten(2).transpose(1, 2)
+
+
+def spectral_tokens(x: Tensor, k: int, spectrum: str, band: str,
+                    project: Callable[[Tensor], Tensor] | None = None,
+                    tokens: tuple[int, ...] | None = None) -> Tensor:
+    """SRR + the flattening of SRT: NCHW map -> float32 B×k²×C' (B×len(tokens)×C' with `tokens`, a subset of
+    a low/high block's tokens, see `mirror_bins`).
+
+    `project` is a channel map (on the last axis) applied where it is cheapest and still equal to projecting `x`
+    first: to the cropped complex block, as it commutes with the DFT, cropping and pooling.
+    """
+    project = project or (lambda t: t)
+    with torch.autocast(x.device.type, enabled=False):
+        if spectrum == "none":
+            return project(to_sequence(F.adaptive_avg_pool2d(x.float(), k)))
+        if band != "full":
+            return spectrum_form(project(dft_tokens(x, k, band, tokens)), spectrum)
+        spec = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="ortho"), dim=(-2, -1))
+        z = spectrum_form(project(torch.view_as_real(spec).permute(0, 2, 3, 4, 1)), spectrum)  # B×H×W×C'
+        return to_sequence(F.adaptive_avg_pool2d(z.permute(0, 3, 1, 2), k))
 
 
 def token_norm(z: Tensor) -> Tensor:
@@ -94,26 +141,25 @@ class FTM(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        return token_norm(to_sequence(spectral_map(x, self.k, self.spectrum, self.band)))
+        return token_norm(spectral_tokens(x, self.k, self.spectrum, self.band))
 
     def extra_repr(self) -> str:
         return f"k={self.k}, spectrum={self.spectrum}, band={self.band}"
 
 
 class SRA(nn.Module):
-    """Sequence Representation Alignment: a residual token-mixing MLP over the k² frequency tokens (pre-LayerNorm)
-    and a channel Linear."""
+    """Sequence Representation Alignment: a channel Linear, then a residual token-mixing MLP (pre-LayerNorm,
+    hidden width k²) over the k² frequency tokens. FAM runs the two halves apart so that the channel Linear sees
+    each distinct token once."""
 
     def __init__(self, num_tokens: int, width: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.token_mlp = nn.Sequential(nn.Linear(num_tokens, 2 * num_tokens), nn.GELU(),
-                                       nn.Linear(2 * num_tokens, num_tokens))
         self.channel = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.token_mlp = nn.Sequential(nn.Linear(num_tokens, num_tokens), nn.GELU(), nn.Linear(num_tokens, num_tokens))
 
-    def forward(self, z: Tensor) -> Tensor:
-        z = z + self.token_mlp(self.norm(z).transpose(1, 2)).transpose(1, 2)
-        return self.channel(z)
+    def mix(self, z: Tensor) -> Tensor:
+        return z + self.token_mlp(self.norm(z).transpose(1, 2)).transpose(1, 2)
 
 
 class FAM(nn.Module):
@@ -122,7 +168,8 @@ class FAM(nn.Module):
 
     `sca="linear"` projects the cropped complex spectrum (same weights on real and imaginary parts): equal to
     projecting the full map, at k²/HW of the cost. `sca="conv_bn"` applies 1×1 conv + BatchNorm to the full map
-    before the DFT (the slower ablation; the only order where BN makes sense).
+    before the DFT (the slower ablation; the only order where BN makes sense). With an amplitude spectrum of a
+    low/high block, SCA and SRA's channel Linear run once per conjugate pair of bins (`mirror_bins`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, k: int = 7, spectrum: str = "amplitude",
@@ -137,18 +184,23 @@ class FAM(nn.Module):
         width = 2 * out_channels if spectrum == "complex" else out_channels
         self.sra = SRA(k * k, width) if sra else None
 
-    def _project(self, z: Tensor) -> Tensor:
-        if not z.is_complex():
-            return self.proj(z)
-        both = self.proj(torch.cat([z.real, z.imag]))  # one conv over real and imaginary parts stacked on batch
-        return torch.complex(*both.chunk(2))
+    def project(self, z: Tensor) -> Tensor:
+        """The SCA projection on channels-last input (the 1×1 conv's weights as a Linear)."""
+        return F.linear(z, self.proj.weight.flatten(1))
 
     def forward(self, x: Tensor) -> Tensor:
+        mirrored = None
+        if self.spectrum in ("amplitude", "log_amplitude") and self.band != "full":
+            mirrored = mirror_bins(x.shape[-2], x.shape[-1], self.k, self.band)
         if self.bn is not None:
-            z = spectral_map(self.bn(self.proj(x)), self.k, self.spectrum, self.band)
+            x, project = self.bn(self.proj(x)), None
         else:
-            z = spectral_map(x, self.k, self.spectrum, self.band, project=self._project)
-        z = to_sequence(z)
+            project = self.project
+        z = spectral_tokens(x, self.k, self.spectrum, self.band, project, mirrored and mirrored[0])
         if self.sra is not None:
-            z = self.sra(z)
+            z = self.sra.channel(z)
+        if mirrored is not None:
+            z = z[:, torch.as_tensor(mirrored[1], device=z.device)]
+        if self.sra is not None:
+            z = self.sra.mix(z)
         return token_norm(z)
