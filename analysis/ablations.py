@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, ok_trials, pair_label, read_trials, render,
-                             require_columns, save_figure, select, signed, write_text)
+from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, line_colors, ok_trials, pair_label, read_trials,
+                             render, require_columns, save_figure, select, signed, write_text)
 from uhkd.errors import UserError
 
 SWITCHES = ("method.spectrum", "method.sra", "method.sca", "method.stages", "method.alpha", "method.beta",
@@ -115,18 +115,20 @@ def plot_curves(data: pd.DataFrame, metric: str = "best_top1") -> Figure:
     params = list(dict.fromkeys(data["param"]))
     fig = Figure(figsize=(4 * len(params), 3.2), layout="constrained")
     axes = fig.subplots(1, len(params), squeeze=False)[0]
+    colors = line_colors(data["pair"])
     for ax, param in zip(axes, params):
         panel = data[data["param"] == param]
         for pair, line in panel.groupby("pair", sort=False):
             x, mean, std = line["x"].to_numpy(), line["mean"].to_numpy(), np.nan_to_num(line["std"].to_numpy())
-            (drawn,) = ax.plot(x, mean, marker="o", label=pair_label(pair))
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=drawn.get_color())
+            ax.plot(x, mean, marker="o", label=pair_label(pair), color=colors[pair])
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=colors[pair])
         if param in CATEGORY_ORDER:
             ax.set_xticks(panel["x"].unique(), panel.drop_duplicates("x")["value"].astype(str))
         ax.set_xlabel(SYMBOLS[param])
         ax.set_ylabel("best-epoch top-1 (%)" if metric == "best_top1" else "last-epoch top-1 (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize="small")
     return fig
 
 

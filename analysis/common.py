@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from uhkd.errors import UserError
@@ -178,10 +179,11 @@ def display_names() -> dict[str, str]:
 
 
 def pair_label(pair: str) -> str:
-    """"swin_tiny_patch4_window7_224:resnet18" -> "Swin-T→ResNet18"."""
+    """"swin_tiny_patch4_window7_224:resnet18" -> "Swin-T→ResNet18"; ":resnet18" (no teacher) -> "ResNet18"."""
     names = display_names()
     teacher, _, student = pair.partition(":")
-    return f"{names.get(teacher, teacher)}→{names.get(student, student)}"
+    student = names.get(student, student)
+    return f"{names.get(teacher, teacher)}→{student}" if teacher else student
 
 
 def render(header: Sequence[str], rows: Sequence[Sequence[str]], fmt: str, notes: Sequence[str] = (),
@@ -216,6 +218,13 @@ def _latex_escape(text: str) -> str:
                          ("†", "\\dag{}")):
         text = text.replace(raw, escaped)
     return text
+
+
+def line_colors(labels: Iterable[str]) -> dict[str, tuple]:
+    """One colour per label, the same in every panel of a figure."""
+    labels = list(dict.fromkeys(labels))
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
 def save_figure(fig: Figure, stem: Path) -> list[Path]:

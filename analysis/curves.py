@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.common import RESULTS_HELP, cli, read_epochs, read_trials, require_columns, save_figure, select
+from analysis.common import (RESULTS_HELP, cli, line_colors, pair_label, read_epochs, read_trials, require_columns,
+                             save_figure, select)
 from uhkd.errors import UserError
 
 KEYS = ["sweep", "trial_id"]
@@ -39,7 +40,10 @@ def curve_data(trials: pd.DataFrame, epochs: pd.DataFrame, group_by: Sequence[st
         raise UserError("no epoch rows for the selected trials (epochs.parquet and trials.parquet share no trial_id)")
     metrics = ["top1"] + [c for c in ("loss", *sorted(c for c in joined.columns if c.startswith("loss_")))
                           if c in joined.columns and joined[c].notna().any()]
-    joined["group"] = joined[list(group_by)].astype(str).agg(" ".join, axis=1)
+    labels = joined[list(group_by)].astype(str)
+    if "pair" in labels:
+        labels["pair"] = labels["pair"].map(pair_label)
+    joined["group"] = labels.agg(" ".join, axis=1)
     long = joined.melt(id_vars=["group", "epoch"], value_vars=metrics, var_name="metric").dropna(subset=["value"])
     stats = long.groupby(["metric", "group", "epoch"], sort=False)["value"].agg(["mean", "std", "count"])
     stats = stats.rename(columns={"count": "n"}).reset_index()
@@ -54,17 +58,19 @@ def plot_curves(data: pd.DataFrame) -> Figure:
     rows = math.ceil(len(metrics) / cols)
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colors = line_colors(data["group"])
     for ax, metric in zip(axes, metrics):
         for group, line in data[data["metric"] == metric].groupby("group", sort=False):
             x, mean, std = line["epoch"].to_numpy(), line["mean"].to_numpy(), np.nan_to_num(line["std"].to_numpy())
-            (drawn,) = ax.plot(x, mean, label=group)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=drawn.get_color())
+            ax.plot(x, mean, label=group, color=colors[group])
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=colors[group])
         ax.set_title("validation top-1 (%)" if metric == "top1" else metric)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize="small")
     return fig
 
 

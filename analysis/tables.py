@@ -34,8 +34,8 @@ class Row:
 
     @property
     def best(self) -> list[str]:
-        """The method(s) with the highest mean in this row."""
-        means = {m: s.mean for m, s in self.cells.items() if s.n}
+        """The method(s) with the highest mean in this row, compared at the 2 decimals shown."""
+        means = {m: round(s.mean, 2) for m, s in self.cells.items() if s.n}
         top = max(means.values(), default=math.nan)
         return [m for m, v in means.items() if v == top]
 

@@ -234,10 +234,10 @@ def test_curves_grouped_and_per_trial(tmp_path, capsys):
     assert (out / "curves.pdf").read_bytes().startswith(PDF_MAGIC)
     csv = pd.read_csv(out / "curves.csv")
     assert list(dict.fromkeys(csv["metric"])) == ["top1", "loss", "loss_ce", "loss_feature", "loss_kl"]
-    top1 = csv[(csv["metric"] == "top1") & (csv["group"] == f"{SWIN}:{R18} uhkd")]
+    top1 = csv[(csv["metric"] == "top1") & (csv["group"] == "Swin-T→ResNet18 uhkd")]
     assert top1["mean"].tolist() == [11.0, 21.0, 31.0] and top1["n"].tolist() == [2, 2, 2]
     assert top1["std"].tolist() == pytest.approx([math.sqrt(2)] * 3)
-    assert set(csv.loc[csv["metric"] == "loss_feature", "group"]) == {f"{SWIN}:{R18} uhkd"}
+    assert set(csv.loc[csv["metric"] == "loss_feature", "group"]) == {"Swin-T→ResNet18 uhkd"}
 
     data = curves.curve_data(common.read_trials(results), common.read_epochs(results), ["trial_id"],
                              [trials[1]["trial_id"]])
