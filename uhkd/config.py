@@ -42,7 +42,7 @@ class DataConfig:
     augment: str = "cnn"  # cnn | vit | none  (SPEC §3 recipes)
     device_data: bool = True  # in-memory datasets: uint8 tensor on the training device, batched augmentation
     loader_workers: int = 4
-    limit_train: int = 0  # 0 = all images; >0 keeps the first N (tests, smoke runs)
+    limit_train: int = 0  # 0 = all images; >0 keeps a seeded random N (tests, smoke runs)
     limit_eval: int = 0
     download: bool = False
 
