@@ -3,6 +3,7 @@ placement groups that early-stopped Ray Train trials leave behind."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -14,10 +15,10 @@ from ray import tune
 
 import uhkd
 
-from ..config import config_hash, flatten
+from ..config import RunConfig, config_hash, flatten
 from ..trainer import STUDENT
 from .results import SweepTables
-from .trainable import run_config, trial_overrides
+from .trainable import logged_metrics, run_config, trial_overrides
 
 EPOCH_KEYS = ("epoch", "top1", "top5", "loss", "lr", "images_per_s", "epoch_time_s")
 
@@ -44,15 +45,19 @@ def one_line(text: str, limit: int = 500) -> str:
 
 
 def error_reason(trial: Any) -> str:
-    """The trial's exception as one line (the original exception inside Ray's wrappers where there is one)."""
-    try:
-        exc = trial.get_pickled_error()
-    except Exception:  # noqa: BLE001  (an unreadable error file must not stop the sweep)
-        exc = None
-    if exc is not None:
+    """The trial's exception as one line (the original exception inside Ray's wrappers where there is one). Read
+    from the driver's copy of the error files: the storage copy is written later."""
+    from ray import cloudpickle
+
+    pickled, text = trial.pickled_error_file, trial.error_file
+    if pickled and os.path.isfile(pickled):
+        with open(pickled, "rb") as f:
+            exc = cloudpickle.load(f)
         cause = getattr(exc, "cause", None) or exc
         return one_line(f"{type(cause).__name__}: {cause}")
-    return one_line(trial.get_error() or "trial failed (no error recorded)")
+    if text and os.path.isfile(text):  # "Failure # n (occurred at ...)" then the error text
+        return one_line("\n".join(Path(text).read_text().splitlines()[1:]))
+    return "trial failed (no error recorded)"
 
 
 def _num(value: Any, kind: type = float) -> Any:
@@ -101,17 +106,21 @@ class ParquetResults(tune.Callback):
 
     def _finish(self, trial: Any, error: str) -> None:
         assert self._tables is not None
-        reports = [self._epochs.get(trial.trial_id, {})[e] for e in sorted(self._epochs.get(trial.trial_id, {}))]
-        if not reports and trial.last_result.get("epoch") is not None:
-            reports = [trial.last_result]
-        row = self.trial_row(trial, reports, error)
+        cfg = run_config(trial.config, trial.trial_id)
+        # Epochs the run checkpointed but Tune never received (an interruption between the two) are in the run's
+        # own log, where the driver can read it.
+        by_epoch = {int(m["epoch"]): m for m in logged_metrics(cfg.output_dir)}
+        by_epoch.update(self._epochs.get(trial.trial_id, {}))
+        if not by_epoch and trial.last_result.get("epoch") is not None:
+            by_epoch = {int(trial.last_result["epoch"]): trial.last_result}
+        reports = [by_epoch[e] for e in sorted(by_epoch)]
+        row = self.trial_row(trial, cfg, reports, error)
         self._tables.put(row, [self.epoch_row(r) for r in reports])
         self._tables.write()
         for table in (self._epochs, self._started, self._active, self._session):
             table.pop(trial.trial_id, None)
 
-    def trial_row(self, trial: Any, reports: list[dict], error: str) -> dict:
-        cfg = run_config(trial.config, trial.trial_id)
+    def trial_row(self, trial: Any, cfg: RunConfig, reports: list[dict], error: str) -> dict:
         _, tag = trial_overrides(trial.config)
         done = [r for r in reports if r.get("status") != "failed"]
         last = reports[-1] if reports else {}

@@ -57,15 +57,16 @@ def _start_local() -> None:
 
 def connect(cluster: str) -> str:
     """Connect this process to Ray as `cluster` says; returns the one line that says what happened."""
+    explicit = cluster not in ("auto", "local")
+    if explicit and not answers(cluster):
+        raise UserError(f"no Ray cluster answers at {cluster}; start one there with `ray start --head` or use "
+                        f"--cluster local")
     if ray.is_initialized():
         return f"ray: using this process's Ray instance ({_describe()})"
     if cluster == "local":
         _start_local()
         return f"ray: started an embedded local cluster ({_describe()})"
-    if cluster != "auto":
-        if not answers(cluster):
-            raise UserError(f"no Ray cluster answers at {cluster}; start one there with `ray start --head` or use "
-                            f"--cluster local")
+    if explicit:
         _init(cluster)
         return f"ray: attached to the cluster at {cluster} ({_describe()})"
     env = os.environ.get("RAY_ADDRESS", "")

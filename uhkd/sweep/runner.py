@@ -39,6 +39,7 @@ class SweepOutcome:
     tables: SweepTables
     planned: int
     interrupted: bool
+    grid: Any  # Tune's ResultGrid
 
 
 def seeds(sweep_kind: str, preset: SweepPreset, opts: SweepOptions) -> tuple[int, ...]:
@@ -178,7 +179,7 @@ def fit_resources(cfg: RunConfig, gpus_per_trial: float, requested: int | None, 
 
 
 def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, trainable: Any, planned: int,
-           max_concurrent: int, max_epochs: int) -> Any:
+           max_concurrent: int, max_epochs: int, in_process: bool) -> Any:
     from ray import tune
 
     from .callbacks import ParquetResults, ReleaseStoppedTrainGroups
@@ -192,13 +193,13 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
         name="tune", storage_path=join(opts.results, name), verbose=1, progress_reporter=reporter,
         callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainGroups()],
         failure_config=tune.FailureConfig(max_failures=0))  # worker crashes are retried inside Ray Train
+    # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
+    common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process)
     if sweep.cells:
-        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent,
-                                      trial_dirname_creator=trial_dirname)
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, **common)
     else:
         tune_config = tune.TuneConfig(search_alg=_searcher(sweep, opts, max_concurrent), num_samples=planned,
-                                      scheduler=_scheduler(sweep, budget, max_epochs),
-                                      trial_dirname_creator=trial_dirname)
+                                      scheduler=_scheduler(sweep, budget, max_epochs), **common)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
@@ -321,7 +322,7 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
     out(f"sweep {name}: {planned} trial(s), {max_concurrent} at once, "
         f"{cfg.workers or 'no'} Ray Train worker(s) per trial; results in {join(opts.results, name)}")
     tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), planned, max_concurrent,
-                   max(r.optim.epochs for r in runs))
+                   max(r.optim.epochs for r in runs), in_process=cfg.workers == 0)
     return _fit(tuner, opts, name, planned, out)
 
 
@@ -329,8 +330,9 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, out: Callable[
     started = time.monotonic()
     grid = tuner.fit()
     tables = SweepTables(opts.results, name).load()
-    unfinished = len(grid) - grid.num_errors - grid.num_terminated
-    outcome = SweepOutcome(name, tables.folder, tables, planned, interrupted=unfinished > 0 or len(grid) < planned)
+    # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
+    outcome = SweepOutcome(name, tables.folder, tables, planned, interrupted=len(tables.trials) < planned,
+                           grid=grid)
     summarize(outcome, time.monotonic() - started, out)
     return outcome
 

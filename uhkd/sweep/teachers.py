@@ -19,6 +19,7 @@ from .trainable import teacher_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 TAG = "teacher"
+CARRIED = frozenset({"model.scale", "model.isotropic_blocks", "optim.max_steps_per_epoch", "amp", "threads"})
 
 
 def pretrained_file(pretrained_dir: str, model: str) -> str:
@@ -65,7 +66,9 @@ def train_teachers(preset: SweepPreset, models: Sequence[str], opts: SweepOption
 
     teacher_dir = os.path.abspath(os.path.expanduser(opts.teacher_dir))
     out(f"teachers: training the missing {', '.join(models)} into {teacher_dir} first")
-    topts = dataclasses.replace(opts, name="", resume=False, num_samples=None, epochs=None, seeds=None, sets={},
+    # the students' data, model scale and step limits carry over (the checkpoint must match them); not their recipe
+    sets = {k: v for k, v in opts.sets.items() if k in CARRIED or (k.startswith("data.") and k != "data.split")}
+    topts = dataclasses.replace(opts, name="", resume=False, num_samples=None, epochs=None, seeds=None, sets=sets,
                                 pairs=None)
     outcome = run(teachers_sweep(preset, models, seeds("teachers", preset, topts)[0]), topts, out)
     if outcome.interrupted:

@@ -10,12 +10,15 @@ trial and on the driver (for the Parquet row) alike.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import LEAF_TYPES, RunConfig, build_config
 from ..errors import UserError
+from ..trainer import METRICS_LOG
 
 
 def split_pair(pair: str) -> tuple[str, str]:
@@ -55,6 +58,12 @@ def run_config(config: Mapping[str, Any], trial_id: str) -> RunConfig:
                                output_dir=os.path.join(config["_train_storage"], trial_id))
 
 
+def logged_metrics(output_dir: str) -> list[dict]:
+    """The metrics lines the run appended to `<output_dir>/metrics.jsonl` once each epoch was checkpointed."""
+    path = Path(output_dir) / METRICS_LOG
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def train_trial(config: dict) -> None:
     """Tune function trainable. Each epoch's metrics become one Tune result (so ASHA can stop the trial)."""
     from ray import tune
@@ -62,6 +71,12 @@ def train_trial(config: dict) -> None:
     from ..train import fit_ray_train, run_in_process
 
     cfg = run_config(config, tune.get_context().get_trial_id())
+    ended = (logged_metrics(cfg.output_dir) or [{}])[-1]
+    if ended.get("status") in ("ok", "failed"):
+        # A resumed trial whose run ended just before the interruption: the run returns without reporting again,
+        # so hand Tune its final metrics here (else the trial would look stopped early).
+        tune.report(ended)
+        return
     if cfg.workers == 0:
         import torch
 

@@ -1,0 +1,318 @@
+"""Sweeps on real Ray (2 CPUs): a quick hetero_pairs sweep end to end (teachers trained first, Parquet tables with
+the documented schema matching Tune's results), attaching to a `ray start` cluster, interrupt + --resume, a NaN trial
+and a crashing trial recorded as failed while the others finish, and bad input failing before any trial."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from uhkd.models import create_stage_model, save_model_checkpoint
+from uhkd.sweep.cli import SweepOptions
+from uhkd.sweep.results import EPOCHS, TRIALS, epochs_schema, loss_terms, trials_schema
+from uhkd.sweep.runner import run
+from uhkd.sweep.spec import Sweep, load_preset
+
+ROOT = Path(__file__).resolve().parent.parent
+PAIR = "convnext_tiny:resnet18"  # the two fastest tiny models
+SMALL = ["--set", "data.limit_train=192", "--set", "data.limit_eval=64", "--set", "data.batch_size=32"]
+SMALL_SETS = {"data.limit_train": "192", "data.limit_eval": "64", "data.batch_size": "32"}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> str:
+    """Random-init tiny teacher checkpoints for the test pairs (teacher quality does not matter here)."""
+    folder = tmp_path_factory.mktemp("teachers")
+    model = create_stage_model("convnext_tiny", num_classes=10, img_size=32, scale="tiny")
+    save_model_checkpoint(folder / "convnext_tiny.pth", model)
+    return str(folder)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _short_tmp() -> str:
+    """A short private RAY_TMPDIR (Ray's unix socket paths must stay under 108 characters)."""
+    return tempfile.mkdtemp(prefix="rt", dir="/tmp")
+
+
+def _env(ray_tmp: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+
+
+def _script(name: str) -> list[str]:
+    return [sys.executable, str(ROOT / "sweeps" / f"{name}.py")]
+
+
+def test_schema_is_the_documented_contract():
+    trials, epochs = trials_schema(), epochs_schema()
+    assert trials.metadata[b"uhkd.schema_version"] == b"1"
+    assert trials.names[:12] == ["schema_version", "sweep", "trial_id", "preset", "tag", "dataset", "teacher",
+                                 "student", "method", "pair", "seed", "split"]
+    assert trials.names[-21:] == [
+        "epochs", "epochs_run", "best_top1", "best_top5", "best_epoch", "last_top1", "last_top5", "teacher_top1",
+        "student_params", "extra_params", "images_per_s", "wall_time_s", "effective_batch", "status",
+        "failure_reason", "student_checkpoint", "config_hash", "toolkit_version", "git_commit", "started_at",
+        "finished_at"]
+    types = dict(zip(trials.names, trials.types))
+    assert types["schema_version"] == pa.int32() and types["seed"] == pa.int64()
+    assert types["method.alpha"] == pa.float64() and types["method.k"] == pa.int64()
+    assert types["method.sra"] == pa.bool_() and types["method.stages"] == pa.string()
+    assert types["best_epoch"] == pa.int64() and types["finished_at"] == pa.timestamp("us", tz="UTC")
+    assert loss_terms() == ["ce", "dist", "dkd", "feat", "kl", "ofa", "ofa_branches"]
+    assert epochs.names == ["schema_version", "sweep", "trial_id", "epoch", "top1", "top5", "loss", "loss_ce",
+                            "loss_dist", "loss_dkd", "loss_feat", "loss_kl", "loss_ofa", "loss_ofa_branches", "lr",
+                            "images_per_s", "epoch_time_s"]
+
+
+def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
+    """hetero_pairs on the embedded cluster, teachers missing: they are trained first; every trial is a Ray Train
+    run, and the Parquet rows match what Tune itself recorded."""
+    from sweeps import hetero_pairs
+
+    results, teachers = tmp_path / "results", tmp_path / "teachers"
+    argv = ["--results", str(results), "--teacher-dir", str(teachers), "--pairs", PAIR, "--num-samples", "2",
+            "--epochs", "2", "--name", "hp", "--seed", "3", *SMALL, "--set", "optim.max_steps_per_epoch=6"]
+    assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 0
+    out = capsys.readouterr().out
+    assert "ray: using this process's Ray instance" in out and "teachers: training the missing convnext_tiny" in out
+
+    assert (teachers / "convnext_tiny.pth").is_file()
+    teacher_rows = pd.read_parquet(next(results.glob("teachers-quick-*")) / TRIALS)
+    assert teacher_rows[["student", "teacher", "method", "tag", "split", "status"]].values.tolist() == [
+        ["convnext_tiny", "", "scratch", "teacher", "final", "ok"]]
+
+    folder = results / "hp"
+    assert pq.read_schema(folder / TRIALS).equals(trials_schema(), check_metadata=True)
+    assert pq.read_schema(folder / EPOCHS).equals(epochs_schema(), check_metadata=True)
+    trials, epochs = pd.read_parquet(folder / TRIALS), pd.read_parquet(folder / EPOCHS)
+    assert len(trials) == 2 and trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"ok", "stopped"} and (trials["status"] == "ok").any()
+    assert (trials["split"] == "tune").all() and (trials["method"] == "uhkd").all() and (trials["pair"] == PAIR).all()
+    assert (trials["workers"] == 1).all() and (trials["sweep"] == "hp").all() and (trials["preset"] == "quick").all()
+    assert trials["method.beta"].between(0.05, 20).all() and trials["method.temperature"].isin([1, 2, 4]).all()
+    assert (trials["method.w_ce"] == 1.0).all()  # resolved config columns, not only the searched ones
+    assert trials["model.teacher_checkpoint"].eq(str(teachers / "convnext_tiny.pth")).all()
+
+    from ray.tune import ExperimentAnalysis
+
+    tune_results = ExperimentAnalysis(str(folder / "tune")).trial_dataframes  # Tune's own result.json per trial
+    assert set(tune_results) == set(trials["trial_id"])
+    for row in trials.itertuples():
+        tune_history = tune_results[row.trial_id].sort_values("epoch")
+        mine = epochs[epochs["trial_id"] == row.trial_id].sort_values("epoch")
+        assert mine["epoch"].tolist() == tune_history["epoch"].tolist() == list(range(1, row.epochs_run + 1))
+        assert mine["top1"].tolist() == pytest.approx(tune_history["top1"].tolist())
+        assert mine["loss_feat"].tolist() == pytest.approx(tune_history["loss_feat"].tolist())
+        assert mine["loss_dkd"].isna().all()  # a column of another method: null
+        last = tune_history.iloc[-1]
+        assert row.best_top1 == pytest.approx(last["best_top1"]) and row.last_top1 == pytest.approx(last["top1"])
+        assert row.student_params == last["student_params"] and row.extra_params == last["extra_params"] > 0
+        assert row.epochs == 2 and (row.status == "ok") == (row.epochs_run == 2)
+        assert 0 <= row.teacher_top1 <= 100 and row.wall_time_s > 0 and row.finished_at > row.started_at
+        if row.status == "ok":
+            assert Path(row.student_checkpoint).is_file()
+
+
+def test_grid_sweep_records_nan_and_crashing_trials_as_failed(tmp_path, ray_local, teacher_dir):
+    """One trial diverges (NaN loss), one raises (unreadable teacher file); both are recorded with their reason
+    and the third finishes. Plain Tune trainables here (--workers-per-trial 0)."""
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    cells = {"good": {"pair": PAIR, "method.name": "kd"},
+             "nan": {"pair": PAIR, "method.name": "kd", "optim.optimizer": "sgd", "optim.lr": 1e12},
+             "crash": {"pair": PAIR, "method.name": "kd", "model.teacher_checkpoint": str(broken)}}
+    opts = SweepOptions(results=str(tmp_path / "res"), teacher_dir=teacher_dir, workers_per_trial=0, epochs=2,
+                        name="grid", sets={**SMALL_SETS, "optim.max_steps_per_epoch": "4"})
+    lines: list[str] = []
+    outcome = run(Sweep("grid", load_preset("quick"), cells=cells, force={"data.split": "final"}), opts,
+                  out=lines.append)
+    assert not outcome.interrupted
+    trials = pd.read_parquet(Path(outcome.folder) / TRIALS)
+    by_lr = trials.set_index("optim.lr")
+    assert len(trials) == 3
+    good = trials[(trials["optim.lr"] < 1) & (trials["model.teacher_checkpoint"] != str(broken))].iloc[0]
+    assert (good["status"], good["epochs_run"], good["failure_reason"]) == ("ok", 2, "")
+    nan = by_lr.loc[1e12]
+    assert nan["status"] == "failed" and nan["failure_reason"].startswith("non-finite loss at epoch 1")
+    assert nan["epochs_run"] == 0 and nan["student_checkpoint"] == ""
+    crash = trials[trials["model.teacher_checkpoint"] == str(broken)].iloc[0]
+    assert crash["status"] == "failed" and crash["failure_reason"].startswith("UserError: checkpoint file")
+    assert "not readable" in crash["failure_reason"]
+    assert any(line.startswith("failed: trial") and "non-finite loss" in line for line in lines)
+    assert "3/3 trials recorded (1 ok, 0 stopped, 2 failed)" in "\n".join(lines)
+
+
+def test_interrupt_then_resume_records_every_trial_once(tmp_path, teacher_dir):
+    """SIGINT to a sweep once its first trial is in trials.parquet, then --resume: each trial appears exactly once,
+    finished trials are not rerun, and unfinished runs continue from their checkpoints (in-process trials here;
+    the end-to-end test runs Ray Train trials)."""
+    ray_tmp = _short_tmp()
+    results = tmp_path / "results"
+    argv = [*_script("hetero_pairs"), "--cluster", "local", "--results", str(results), "--teacher-dir", teacher_dir,
+            "--pairs", PAIR, "--num-samples", "3", "--epochs", "4", "--max-concurrent", "1", "--workers-per-trial",
+            "0", "--name", "sw", *SMALL, "--set", "optim.max_steps_per_epoch=6"]
+    try:
+        first = subprocess.Popen(argv, env=_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        table = results / "sw" / TRIALS
+        deadline = time.monotonic() + 240
+        while not table.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        first.send_signal(signal.SIGINT)
+        log, _ = first.communicate(timeout=120)
+        assert first.returncode == 130, log[-3000:]
+        assert "--resume --name sw" in log
+        before = pd.read_parquet(table)
+        assert 1 <= len(before) < 3
+
+        second = subprocess.run([*_script("hetero_pairs"), "--cluster", "local", "--results", str(results),
+                                 "--resume", "--name", "sw"], env=_env(ray_tmp), capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        assert "sweep sw: resuming" in second.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    after = pd.read_parquet(table)
+    epochs = pd.read_parquet(results / "sw" / EPOCHS)
+    assert len(after) == 3 and after["trial_id"].is_unique
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    for row in before.itertuples():  # recorded before the interruption: not run again
+        again = after.set_index("trial_id").loc[row.trial_id]
+        assert again["finished_at"] == row.finished_at and again["best_top1"] == row.best_top1
+    for trial_id in after["trial_id"]:
+        logged = [json.loads(line)["epoch"] for line in
+                  (results / "sw" / "train" / trial_id / "metrics.jsonl").read_text().splitlines()]
+        assert logged == sorted(set(logged)) and logged[0] == 1  # never restarted from scratch
+        assert epochs[epochs["trial_id"] == trial_id]["epoch"].tolist() == logged
+
+
+def test_cluster_auto_attaches_to_a_ray_start_cluster(tmp_path, teacher_dir):
+    ray_tmp, port = _short_tmp(), _free_port()
+    env = _env(ray_tmp)
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + 60
+        while not address_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        done = subprocess.run([*_script("hetero_pairs"), "--cluster", "auto", "--results", str(tmp_path / "r"),
+                               "--teacher-dir", teacher_dir, "--pairs", PAIR, "--num-samples", "1", "--epochs", "1",
+                               "--workers-per-trial", "0", "--name", "attached", *SMALL,
+                               "--set", "optim.max_steps_per_epoch=3"],
+                              env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ray: attached to the cluster started with `ray start` at " in done.stdout
+    assert f":{port} (1 node, 2 CPUs)" in done.stdout
+    assert pd.read_parquet(tmp_path / "r" / "attached" / TRIALS)["status"].tolist() == ["ok"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pairs", "convnext_tiny:resnet999"], "unknown or unsupported model 'resnet999'"),
+    (["--pairs", "resnet18"], "a pair is 'teacher:student'"),
+    (["--cluster", "no address"], "--cluster must be auto, local, HOST:PORT or ray://HOST:PORT"),
+    (["--preset", "huge"], "unknown sweep preset 'huge'; valid choices: cifar100, imagenet, quick"),
+    (["--set", "data.split=final"], "hetero_pairs runs with data.split=tune; --set data.split=final contradicts"),
+    (["--seeds", "0,1"], "hetero_pairs runs every sampled config once (one seed, got 2)"),
+    (["--resume"], "nothing to resume: no hetero_pairs-quick-* sweep"),
+    (["--preset", "cifar100", "--set", "data.dataset=mnist5k"], "missing teacher checkpoint(s) in"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+])
+def test_bad_input_fails_before_any_trial_with_one_line(tmp_path, capsys, args, message):
+    from sweeps import hetero_pairs
+
+    argv = ["--results", str(tmp_path / "r"), "--teacher-dir", str(tmp_path / "t"), "--cluster", "local", *args]
+    assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()  # nothing started
+
+
+def test_impossible_resources_and_unreachable_cluster_fail_before_any_trial(tmp_path, capsys, ray_local,
+                                                                            teacher_dir):
+    from sweeps import hetero_pairs
+
+    base = ["--results", str(tmp_path / "r"), "--teacher-dir", teacher_dir, "--pairs", PAIR]
+    assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, [*base, "--gpus-per-trial", "1"]) == 2
+    assert "--gpus-per-trial 1 but the Ray cluster has 0 GPUs" in capsys.readouterr().err
+    assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build,
+                             [*base, "--workers-per-trial", "2", "--cpus-per-worker", "1.5"]) == 2
+    assert "a trial needs 2 worker(s) x 1.5 CPUs" in capsys.readouterr().err
+    assert not list((tmp_path / "r").glob("*/trials.parquet"))
+
+
+def test_unreachable_address_is_one_line(tmp_path, capsys, teacher_dir):
+    from sweeps import hetero_pairs
+
+    port = _free_port()
+    argv = ["--results", str(tmp_path / "r"), "--teacher-dir", teacher_dir, "--pairs", PAIR,
+            "--cluster", f"127.0.0.1:{port}"]
+    assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 2
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_reproduce_tables_grid_takes_each_pairs_best_uhkd_weights(tmp_path, capsys):
+    from sweeps import reproduce_tables
+
+    hp = tmp_path / "results" / "hetero_pairs-quick-20260101-000000"
+    hp.mkdir(parents=True)
+    rows = [("swin_tiny_patch4_window7_224:resnet18", "ok", 50.0, 0.5, 2.0),
+            ("swin_tiny_patch4_window7_224:resnet18", "ok", 60.0, 0.7, 3.0),
+            ("swin_tiny_patch4_window7_224:resnet18", "stopped", 70.0, 0.9, 9.0),
+            ("convnext_tiny:resmlp_12_224", "ok", 80.0, 1.5, 0.1)]
+    pd.DataFrame([{"trial_id": str(i), "pair": p, "status": s, "method": "uhkd", "best_top1": b, "method.alpha": a,
+                   "method.beta": be, "method.temperature": 2.0, "method.spectrum": "complex"}
+                  for i, (p, s, b, a, be) in enumerate(rows)]).to_parquet(hp / TRIALS)
+    args = reproduce_tables.parser().parse_args(["--results", str(tmp_path / "results"),
+                                                 "--uhkd-set", "method.k=2"])
+    from uhkd.sweep.cli import options
+
+    sweep = reproduce_tables.build(args, options(args))
+    assert len(sweep.cells) == 2 * 2 + 2 * 2 * 3  # scratch once per student and seed; kd, ofa, uhkd per pair
+    assert sweep.cells["scratch resnet18 s1"] == {"pair": ":resnet18", "method.name": "scratch", "seed": 1}
+    assert sweep.cells["uhkd swin_tiny_patch4_window7_224:resnet18 s0"] == {
+        "pair": "swin_tiny_patch4_window7_224:resnet18", "method.name": "uhkd", "seed": 0, "method.alpha": 0.7,
+        "method.beta": 3.0, "method.temperature": 2.0, "method.spectrum": "complex", "method.k": "2"}
+    # a pair hetero_pairs never tried takes the best UHKD trial overall
+    assert sweep.cells["uhkd convnext_tiny:deit_tiny_patch16_224 s0"]["method.alpha"] == 1.5
+    assert sweep.force == {"data.split": "final"}
+    assert "uhkd weights for convnext_tiny:deit_tiny_patch16_224" in capsys.readouterr().out
+
+
+def test_ablation_variants_are_tagged_and_skip_points_equal_to_full():
+    from sweeps import ablations
+
+    args = ablations.parser().parse_args([])
+    from uhkd.sweep.cli import options
+
+    sweep = ablations.build(args, options(args))
+    tags = [cell["tag"] for cell in sweep.cells.values()]
+    assert tags == ["full", "w/o FTM", "w/o SRA", "sca=conv_bn", "single level", "w/o KL", "beta=0", "beta=0.2",
+                    "beta=5", "k=1", "k=2", "band=high", "band=full"]
+    cell = sweep.cells["w/o FTM | swin_tiny_patch4_window7_224:resnet18 s0"]
+    assert cell == {"pair": "swin_tiny_patch4_window7_224:resnet18", "seed": 0, "tag": "w/o FTM",
+                    "method.spectrum": "none"}
+    only = ablations.build(ablations.parser().parse_args(["--only", "k"]), options(args))
+    assert [c["tag"] for c in only.cells.values()] == ["full", "k=1", "k=2"]  # k=3 is the quick preset's full UHKD
