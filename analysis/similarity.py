@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from analysis.common import cli, save_figure
+from analysis.common import cli, pair_label, save_figure
 from uhkd.data import get_dataset, load_split, with_transform
 from uhkd.data.augment import get_recipe, image_transform
 from uhkd.frequency import BANDS, SPECTRA, spectral_tokens
@@ -204,7 +204,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "similarity.csv", index=False, float_format="%.6f")
-    bars = save_figure(plot_similarity(table, f"{args.teacher} → {args.student}"), out / "similarity_bars")
+    bars = save_figure(plot_similarity(table, pair_label(f"{args.teacher}:{args.student}")), out / "similarity_bars")
     stage = args.map_stage - 1
     panels = map_panels(images[:args.images], teacher_maps[stage], {k: v[stage] for k, v in aligned.items()},
                         args.map_images)
