@@ -118,6 +118,17 @@ def test_extra_modules_are_not_part_of_the_student():
     assert all(torch.count_nonzero(p) == 0 for p in clone.fam.parameters())
 
 
+@pytest.mark.parametrize("method,override,term", [
+    ("fitnet", {"method.beta": 0}, "feat"), ("uhkd", {"method.beta": 0}, "feat"),
+    ("ofa", {"method.branch_weight": 0}, "ofa_branches"),
+])
+def test_zero_weight_builds_no_extra_modules(method, override, term):
+    """A module whose loss is switched off would sit unused (and stop DistributedDataParallel)."""
+    distiller = build(method, **override)
+    assert distiller.extra_param_count() == 0 and distiller.stages == ()
+    assert distiller(X, Y)[1][term].item() == 0
+
+
 def test_uhkd_frequency_block_size_per_stage():
     """ResNet18 student maps 8, 4, 2, 1 against ViT teacher maps 8: k_eff = min(k, H_t, W_t, H_s, W_s)."""
     assert build("uhkd").ks == [7, 4, 2, 1]
@@ -126,7 +137,7 @@ def test_uhkd_frequency_block_size_per_stage():
 
 SWITCHES = [  # (override, `check` of what it names, terms equal to the default run's; the other terms change)
     ({"method.alpha": 0}, lambda d, t: t["kl"].item() == 0, ("ce", "feat")),
-    ({"method.beta": 0}, lambda d, t: t["feat"].item() == 0, ("ce", "kl")),
+    ({"method.beta": 0}, lambda d, t: t["feat"].item() == 0 and len(d.fam) == 0, ("ce", "kl")),
     ({"method.stages": "4"}, lambda d, t: d.stages == (4,) and len(d.fam) == 1, ("ce", "kl")),
     ({"method.sra": False}, lambda d, t: all(f.sra is None for f in d.fam), ("ce", "kl")),
     ({"method.sca": "conv_bn"}, lambda d, t: all(f.bn is not None for f in d.fam), ("ce", "kl")),
@@ -160,6 +171,7 @@ def test_uhkd_without_kl_runs_on_a_pruned_teacher():
     _, terms = distiller(X, Y)
     assert terms["kl"].item() == 0 and torch.isfinite(terms["feat"]) and terms["feat"].item() > 0
     assert teacher_use(config("kd")) == (True, (), True)
+    assert teacher_use(config("fitnet", **{"method.beta": 0})) == (True, (), True)
     assert teacher_use(config("scratch")).needed is False
 
 

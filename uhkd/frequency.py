@@ -80,6 +80,11 @@ def mirror_bins(h: int, w: int, k: int, band: str) -> tuple[tuple[int, ...], tup
     return None if len(reps) == len(bins) else (tuple(reps), tuple(expand))
 
 
+@functools.lru_cache(maxsize=64)
+def _index(values: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(values, device=device)
+
+
 def spectrum_form(z: Tensor, spectrum: str) -> Tensor:
     """Real channels of a spectrum held as (..., 2, C) = (real, imaginary) × channels: |X|, log1p|X|, or
     real ‖ imag stacked on channels (..., 2C)."""
@@ -200,7 +205,7 @@ class FAM(nn.Module):
         if self.sra is not None:
             z = self.sra.channel(z)
         if mirrored is not None:
-            z = z[:, torch.as_tensor(mirrored[1], device=z.device)]
+            z = z[:, _index(mirrored[1], z.device)]
         if self.sra is not None:
             z = self.sra.mix(z)
         return token_norm(z)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from ..config import MethodConfig, RunConfig, parse_stages, validate
+from ..config import MethodConfig, RunConfig, validate
 from ..models import StageModel
 from ..registry import METHODS
 from . import fitnet, logit, ofa, uhkd  # noqa: F401  (register the methods)
@@ -34,8 +34,7 @@ def teacher_use(cfg: RunConfig) -> TeacherUse:
     logits with teacher evaluation) so unused layers are pruned."""
     method = resolve_method(cfg)
     cls = METHODS.get(method.name)
-    stages = parse_stages(method.stages) if cls.uses_teacher_features else ()
-    return TeacherUse(cls.needs_teacher, stages, cls.needs_teacher and cls.uses_teacher_logits(method))
+    return TeacherUse(cls.needs_teacher, cls.teacher_stages(method), cls.uses_teacher_logits(method))
 
 
 def build_method(cfg: RunConfig, student: StageModel, teacher: StageModel | None) -> Distiller:

@@ -29,7 +29,6 @@ class Distiller(nn.Module):
 
     terms: tuple[str, ...] = ("ce",)
     needs_teacher = True
-    uses_teacher_features = False
 
     def __init__(self, cfg: MethodConfig, student: StageModel, teacher: StageModel | None) -> None:
         super().__init__()
@@ -38,13 +37,25 @@ class Distiller(nn.Module):
         self.cfg = cfg
         self.student = student
         self.teacher = teacher.freeze() if self.needs_teacher else None
-        self.stages = parse_stages(cfg.stages)
-        self.stage_weights = parse_stage_weights(cfg.stage_weights, len(self.stages))
+        weights = parse_stage_weights(cfg.stage_weights, len(parse_stages(cfg.stages)))
+        self.stages = self.matched_stages(cfg)  # the student stages that get extra modules
+        self.stage_weights = weights if self.stages else ()
 
     @classmethod
     def defaults(cls, cfg: RunConfig) -> dict[str, Any]:
         """Values for the `None` fields of `cfg.method` that this method uses (SPEC §2)."""
         return {}
+
+    @classmethod
+    def matched_stages(cls, cfg: MethodConfig) -> tuple[int, ...]:
+        """Student stages with an extra module; none when its loss weight is 0 (an unused module would also
+        break DistributedDataParallel)."""
+        return ()
+
+    @classmethod
+    def teacher_stages(cls, cfg: MethodConfig) -> tuple[int, ...]:
+        """Teacher stage maps the method reads."""
+        return ()
 
     @classmethod
     def uses_teacher_logits(cls, cfg: MethodConfig) -> bool:
@@ -97,11 +108,18 @@ class FeatureKD(Distiller):
     per matched stage in `__init__` and define `stage_loss`."""
 
     terms = ("ce", "kl", "feat")
-    uses_teacher_features = True
 
     @classmethod
     def defaults(cls, cfg: RunConfig) -> dict[str, Any]:
         return dict(alpha=1.0, beta=1.0, temperature=1.0)
+
+    @classmethod
+    def matched_stages(cls, cfg: MethodConfig) -> tuple[int, ...]:
+        return parse_stages(cfg.stages) if cfg.beta > 0 else ()
+
+    @classmethod
+    def teacher_stages(cls, cfg: MethodConfig) -> tuple[int, ...]:
+        return cls.matched_stages(cfg)
 
     @classmethod
     def uses_teacher_logits(cls, cfg: MethodConfig) -> bool:
@@ -117,6 +135,6 @@ class FeatureKD(Distiller):
         logits_t, feats_t = self.teacher_forward(images)
         zero = logits.new_zeros((), dtype=torch.float32)
         kl = c.alpha * kd_loss(logits.float(), logits_t, c.temperature) if c.alpha > 0 else zero
-        feat = c.beta * sum(w * self.stage_loss(level, feats_s[s - 1], feats_t[s - 1])
-                            for level, (s, w) in enumerate(zip(self.stages, self.stage_weights))) if c.beta > 0 else zero
+        feat = c.beta * sum((w * self.stage_loss(level, feats_s[s - 1], feats_t[s - 1])
+                             for level, (s, w) in enumerate(zip(self.stages, self.stage_weights))), zero)
         return logits, {"ce": self.ce(logits, target), "kl": kl, "feat": feat}

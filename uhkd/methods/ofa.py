@@ -7,7 +7,7 @@ from typing import Any
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..config import MethodConfig, RunConfig
+from ..config import MethodConfig, RunConfig, parse_stages
 from ..losses import ofa_loss
 from ..models import StageModel, model_kind
 from ..registry import METHODS
@@ -65,6 +65,10 @@ class OFA(Distiller):
         return dict(gamma=1.5 if cfg.data.dataset == "imagenet1k" else 1.0, temperature=1.0,
                     branch_weight=0.1 if cnn_on_cifar else 1.0)
 
+    @classmethod
+    def matched_stages(cls, cfg: MethodConfig) -> tuple[int, ...]:
+        return parse_stages(cfg.stages) if cfg.branch_weight > 0 else ()
+
     def __init__(self, cfg: MethodConfig, student: StageModel, teacher: StageModel | None) -> None:
         super().__init__(cfg, student, teacher)
         width = max(student.num_features, teacher.num_features)
@@ -80,6 +84,6 @@ class OFA(Distiller):
         logits_t = self.teacher_logits(images)
         labels = hard_labels(target)
         head = ofa_loss(logits.float(), logits_t, labels, c.gamma, c.temperature)
-        branches = sum(ofa_loss(branch(feats[s - 1]).float(), logits_t, labels, c.gamma, c.temperature)
-                       for s, branch in zip(self.stages, self.branches))
+        branches = sum((ofa_loss(branch(feats[s - 1]).float(), logits_t, labels, c.gamma, c.temperature)
+                        for s, branch in zip(self.stages, self.branches)), head.new_zeros(()))
         return logits, {"ce": self.ce(logits, target), "ofa": head, "ofa_branches": c.branch_weight * branches}
