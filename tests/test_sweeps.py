@@ -19,10 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from uhkd.errors import UserError
 from uhkd.models import create_stage_model, save_model_checkpoint
 from uhkd.sweep.cli import SweepOptions
 from uhkd.sweep.results import EPOCHS, TRIALS, epochs_schema, loss_terms, trials_schema
-from uhkd.sweep.runner import run
+from uhkd.sweep.runner import concurrency, run
 from uhkd.sweep.spec import Sweep, load_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -316,3 +317,21 @@ def test_ablation_variants_are_tagged_and_skip_points_equal_to_full():
                     "method.spectrum": "none"}
     only = ablations.build(ablations.parser().parse_args(["--only", "k"]), options(args))
     assert [c["tag"] for c in only.cells.values()] == ["full", "k=1", "k=2"]  # k=3 is the quick preset's full UHKD
+
+
+def test_concurrency_from_cluster_resources():
+    node = {"CPU": 16.0, "GPU": 1.0}
+    assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25) == 4  # 4 trials share a GPU
+    assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25, cap=3) == 3
+    assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0) == 7  # 7 x (2 + 0.01) <= 16
+    assert concurrency(node, [node], workers=0, cpus_per_worker=4, gpus_per_trial=0.5) == 2
+    two = {"CPU": 2.0}
+    assert concurrency(two, [two], workers=1, cpus_per_worker=0.95, gpus_per_trial=0) == 2  # the quick preset
+    with pytest.raises(UserError, match="--gpus-per-trial 2 but the Ray cluster has 1 GPUs"):
+        concurrency(node, [node], workers=1, cpus_per_worker=1, gpus_per_trial=2)
+    big = {"CPU": 64.0, "GPU": 8.0}
+    with pytest.raises(UserError, match="1.5 per worker; above 1 a worker needs whole GPUs"):
+        concurrency(big, [big], workers=2, cpus_per_worker=1, gpus_per_trial=3)
+    small = {"CPU": 4.0, "GPU": 1.0}  # 8 GPUs in total, but no node holds 2 for one worker
+    with pytest.raises(UserError, match=r"a trial needs 1 worker\(s\) x 1 CPUs \+ 2 GPUs"):
+        concurrency({"CPU": 32.0, "GPU": 8.0}, [small] * 8, workers=1, cpus_per_worker=1, gpus_per_trial=2)

@@ -151,31 +151,26 @@ def trial_resources(workers: int, cpus_per_worker: float, gpus_per_trial: float)
     return {"cpu": TRIAL_CPU}
 
 
-def fit_resources(cfg: RunConfig, gpus_per_trial: float, requested: int | None, preset_cap: int | None) -> int:
-    """Check that one trial fits the cluster (an infeasible request would wait forever) and return how many
-    trials run at once."""
-    import ray
-
-    total = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    workers = max(cfg.workers, 1)
-    gpus_per_worker = gpus_per_trial / workers
+def concurrency(total: dict[str, float], nodes: list[dict[str, float]], workers: int, cpus_per_worker: float,
+                gpus_per_trial: float, requested: int | None = None, cap: int | None = None) -> int:
+    """How many trials run at once on a cluster with `total` resources and these `nodes`, after checking that
+    one trial fits at all (an infeasible request would wait forever). `workers=0`: in-process trials."""
+    per_worker = {"CPU": cpus_per_worker, "GPU": gpus_per_trial / max(workers, 1)}
     if gpus_per_trial > total.get("GPU", 0):
         raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {total.get('GPU', 0):g} GPUs")
-    if gpus_per_worker > 1 and not float(gpus_per_worker).is_integer():
-        raise UserError(f"{gpus_per_trial:g} GPUs over {workers} workers is {gpus_per_worker:g} per worker; above 1 a "
-                        f"worker needs whole GPUs")
-    cpu = workers * cfg.cpus_per_worker + (TRIAL_CPU if cfg.workers else 0)
-    if not any(n.get("CPU", 0) >= cfg.cpus_per_worker and n.get("GPU", 0) >= gpus_per_worker for n in nodes) \
-            or cpu > total.get("CPU", 0):
-        raise UserError(f"a trial needs {workers} worker(s) x {cfg.cpus_per_worker:g} CPUs"
-                        f"{f' + {gpus_per_worker:g} GPUs' if gpus_per_worker else ''}; the Ray cluster has "
-                        f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs "
-                        f"(lower --cpus-per-worker / --workers-per-trial)")
+    if per_worker["GPU"] > 1 and not per_worker["GPU"].is_integer():
+        raise UserError(f"{gpus_per_trial:g} GPUs over {workers} workers is {per_worker['GPU']:g} per worker; above 1 "
+                        f"a worker needs whole GPUs")
+    cpu = max(workers, 1) * cpus_per_worker + (TRIAL_CPU if workers else 0)
+    if cpu > total.get("CPU", 0) or not any(all(n.get(k, 0) >= v for k, v in per_worker.items()) for n in nodes):
+        gpu_text = f" + {per_worker['GPU']:g} GPUs" if per_worker["GPU"] else ""
+        raise UserError(f"a trial needs {max(workers, 1)} worker(s) x {cpus_per_worker:g} CPUs{gpu_text}; the Ray "
+                        f"cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs (lower "
+                        f"--cpus-per-worker / --workers-per-trial)")
     fits = math.floor(total["CPU"] / cpu + 1e-9)
     if gpus_per_trial:
         fits = min(fits, math.floor(total["GPU"] / gpus_per_trial + 1e-9))
-    return requested or max(1, min(fits, preset_cap or fits))
+    return requested or max(1, min(fits, cap or fits))
 
 
 def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, trainable: Any, planned: int,
@@ -261,8 +256,42 @@ def read_manifest(opts: SweepOptions, name: str) -> dict:
         raise UserError(f"sweep {name!r} under {opts.results!r} has no readable {MANIFEST}; cannot resume it") from None
 
 
+@dataclass
+class Plan:
+    """A new sweep, checked without a cluster: the trial config shared by every trial, how many trials, one
+    representative run per cell or pair, and the teacher checkpoints still missing."""
+
+    base: dict[str, Any]
+    planned: int
+    runs: list[RunConfig]
+    missing: list[str]
+
+
+def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
+    teacher_dir = os.path.abspath(os.path.expanduser(opts.teacher_dir))
+    base = {"_preset": sweep.preset.run_preset, "_run": run_overrides(sweep, opts),
+            "_train_storage": train_storage(opts, name), "_teacher_dir": teacher_dir}
+    if sweep.cells:
+        planned = len(sweep.cells)
+    else:
+        run_seeds = seeds(sweep.kind, sweep.preset, opts)
+        if len(run_seeds) > 1:
+            raise UserError(f"{sweep.kind} runs every sampled config once (one seed, got {len(run_seeds)}); "
+                            f"reproduce_tables runs configs over several seeds")
+        base["_run"]["seed"] = run_seeds[0]
+        planned = opts.num_samples or int(sweep.preset.budget(sweep.kind).get("num_samples", 1))
+    runs, teachers = check_configs(trial_configs(sweep, base))
+    missing = missing_teachers(teachers, teacher_dir)
+    if missing and not sweep.preset.section("teachers").get("auto"):
+        raise UserError(f"missing teacher checkpoint(s) in {teacher_dir}: {', '.join(f'{t}.pth' for t in missing)}; "
+                        f"write them with python sweeps/teachers.py --preset {sweep.preset.name} (or point "
+                        f"--teacher-dir at them)")
+    return Plan(base, planned, runs, missing)
+
+
 def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) -> SweepOutcome:
     """Check, then run (or resume) `sweep`; returns where its tables are and whether it was interrupted."""
+    import ray
     from ray import tune
 
     from .cluster import connect
@@ -281,49 +310,32 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
                                    resume_errored=False, restart_errored=False)
         return _fit(tuner, opts, name, manifest["planned"], out)
 
-    teacher_dir = os.path.abspath(os.path.expanduser(opts.teacher_dir))
-    base = {"_preset": sweep.preset.run_preset, "_run": run_overrides(sweep, opts),
-            "_train_storage": train_storage(opts, name), "_teacher_dir": teacher_dir}
-    budget = sweep.preset.budget(sweep.kind)
-    if sweep.cells:
-        planned = len(sweep.cells)
-    else:
-        run_seeds = seeds(sweep.kind, sweep.preset, opts)
-        if len(run_seeds) > 1:
-            raise UserError(f"{sweep.kind} runs every sampled config once (one seed, got {len(run_seeds)}); "
-                            f"reproduce_tables runs configs over several seeds")
-        base["_run"]["seed"] = run_seeds[0]
-        planned = opts.num_samples or int(budget.get("num_samples", 1))
-    runs, teachers = check_configs(trial_configs(sweep, base))
-    missing = missing_teachers(teachers, teacher_dir)
-    if missing and not sweep.preset.section("teachers").get("auto"):
-        raise UserError(f"missing teacher checkpoint(s) in {teacher_dir}: {', '.join(f'{t}.pth' for t in missing)}; "
-                        f"write them with python sweeps/teachers.py --preset {sweep.preset.name} (or point "
-                        f"--teacher-dir at them)")
+    p = plan(sweep, opts, name)
     out(connect(opts.cluster))
+    budget = sweep.preset.budget(sweep.kind)
     gpus = opts.gpus_per_trial
     if gpus is None:
-        import ray
-
         auto = budget.get("gpus_per_trial", "auto")
         gpus = float(ray.cluster_resources().get("GPU", 0) >= 1) if auto == "auto" else float(auto)
-    cfg = runs[0]
-    base["_run"]["gpus_per_worker"] = gpus / max(cfg.workers, 1)
-    max_concurrent = fit_resources(cfg, gpus, opts.max_concurrent, budget.get("max_concurrent"))
-    if missing:
+    cfg = p.runs[0]
+    p.base["_run"]["gpus_per_worker"] = gpus / max(cfg.workers, 1)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    max_concurrent = concurrency(ray.cluster_resources(), nodes, cfg.workers, cfg.cpus_per_worker, gpus,
+                                 opts.max_concurrent, budget.get("max_concurrent"))
+    if p.missing:
         from .teachers import train_teachers
 
-        train_teachers(sweep.preset, missing, opts, out)
+        train_teachers(sweep.preset, p.missing, opts, out)
     resources = trial_resources(cfg.workers, cfg.cpus_per_worker, gpus)
-    write_manifest(opts, name, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": planned,
+    write_manifest(opts, name, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": p.planned,
                                 "resources": resources})
-    space = {**base, **sweep.space} if not sweep.cells else {
-        **base, "_cells": sweep.cells, "cell": tune.grid_search(list(sweep.cells))}
-    out(f"sweep {name}: {planned} trial(s), {max_concurrent} at once, "
+    space = {**p.base, **sweep.space} if not sweep.cells else {
+        **p.base, "_cells": sweep.cells, "cell": tune.grid_search(list(sweep.cells))}
+    out(f"sweep {name}: {p.planned} trial(s), {max_concurrent} at once, "
         f"{cfg.workers or 'no'} Ray Train worker(s) per trial; results in {join(opts.results, name)}")
-    tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), planned, max_concurrent,
-                   max(r.optim.epochs for r in runs), in_process=cfg.workers == 0)
-    return _fit(tuner, opts, name, planned, out)
+    tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), p.planned, max_concurrent,
+                   max(r.optim.epochs for r in p.runs), in_process=cfg.workers == 0)
+    return _fit(tuner, opts, name, p.planned, out)
 
 
 def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, out: Callable[[str], None]) -> SweepOutcome:
@@ -338,12 +350,11 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, out: Callable[
 
 
 def summarize(outcome: SweepOutcome, seconds: float, out: Callable[[str], None]) -> None:
-    rows = [r for r in outcome.tables.trials.values()]
+    rows = list(outcome.tables.trials.values())
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stopped", "failed")}
     out(f"sweep {outcome.name}: {len(rows)}/{outcome.planned} trials recorded "
         f"({', '.join(f'{n} {s}' for s, n in counts.items())}) in {seconds / 60:.1f} min")
-    scored = [r for r in rows if r["status"] != "failed" and r.get("best_top1") == r.get("best_top1")
-              and r.get("best_top1") is not None]
+    scored = [r for r in rows if r["status"] != "failed" and math.isfinite(r.get("best_top1") or math.nan)]
     if scored:
         best = max(scored, key=lambda r: r["best_top1"])
         tag = f" [{best['tag']}]" if best["tag"] else ""
@@ -378,7 +389,7 @@ def main(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, S
         if started_ray and ray.is_initialized():
             ray.shutdown()
     if outcome.interrupted:
-        print(f"interrupted: continue with {os.path.basename(sys.argv[0]) or 'the same command'} --resume --name "
-              f"{outcome.name} --results {opts.results}", file=sys.stderr)
+        print(f"interrupted: continue with python {parser.prog} --resume --name {outcome.name} --results "
+              f"{opts.results}", file=sys.stderr)
         return 130
     return 0
