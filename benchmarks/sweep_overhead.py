@@ -3,7 +3,9 @@ training, and how many epochs ASHA saves against running the same sampled trials
 
 Runs the quick hetero_pairs sweep three times on one embedded cluster, with the same seeded Optuna suggestions:
 Ray Train trials with ASHA, Ray Train trials without ASHA, and in-process trials (no Ray Train) with ASHA. A trial's
-start-up is its wall time minus the time of its epochs (training + evaluation, as the run measures them). Teachers
+start-up is its wall time (from Tune starting its actor to its end) minus the time of its epochs (training +
+evaluation, as the run measures them); the sweep's overhead also counts actor creation and scheduling gaps: the
+trial slots it held (wall time x trials at once) minus the epochs' time. Teachers
 are trained first (outside the timings) when --teacher-dir lacks them.
 
     python benchmarks/sweep_overhead.py [--num-samples 4] [--epochs 3]
@@ -30,10 +32,12 @@ def measure(label: str, sweep, opts, log) -> dict:  # noqa: ANN001  (Sweep, Swee
     wall = time.perf_counter() - start
     trials = pd.DataFrame(list(outcome.tables.trials.values()))
     epochs = pd.DataFrame(list(outcome.tables.epochs.values()))
-    trial_s, epoch_s = trials["wall_time_s"].sum(), epochs["epoch_time_s"].sum()
-    return {"sweep": label, "trials": len(trials), "wall s": wall, "trial s (sum)": trial_s,
-            "epochs s (sum)": epoch_s, "start-up s / trial": (trial_s - epoch_s) / len(trials),
-            "start-up share": (trial_s - epoch_s) / trial_s, "epochs run": int(trials["epochs_run"].sum()),
+    trial_s, epoch_s, n = trials["wall_time_s"].sum(), epochs["epoch_time_s"].sum(), len(trials)
+    slot_s = wall * outcome.concurrent  # trial slots the sweep held, idle or busy
+    return {"sweep": label, "trials": n, "at once": outcome.concurrent, "wall s": wall, "trial s": trial_s,
+            "epochs s": epoch_s, "start-up s/trial": (trial_s - epoch_s) / n,
+            "start-up share": (trial_s - epoch_s) / trial_s, "overhead s/trial": (slot_s - epoch_s) / n,
+            "overhead share": (slot_s - epoch_s) / slot_s, "epochs run": int(trials["epochs_run"].sum()),
             "stopped": int((trials["status"] == "stopped").sum()), "best top1": trials["best_top1"].max()}
 
 
@@ -75,17 +79,18 @@ def main() -> None:
                 measure("in-process, ASHA", sweep,
                         dataclasses.replace(opts, name="inproc-asha", workers_per_trial=0), log)]
     table = pd.DataFrame(rows).set_index("sweep")
-    with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
-        print(table)
+    with pd.option_context("display.width", 250, "display.max_columns", None, "display.float_format",
+                           "{:.2f}".format):
+        print(table.T)
     first = rows[0]
     print(f"\nquick hetero_pairs, {args.num_samples} trials x {args.epochs} epochs, {os.cpu_count()} CPUs "
           f"(results in {results})")
     print(f"Ray start-up (embedded cluster): {ray_start:.1f} s = "
           f"{ray_start / (ray_start + first['wall s']):.0%} of the sweep's wall time")
-    print(f"per-trial start-up, Ray Train trials: {first['start-up s / trial']:.1f} s = "
-          f"{first['start-up share']:.0%} of trial time (training + evaluation: {1 - first['start-up share']:.0%})")
-    print(f"per-trial start-up, in-process trials: {rows[2]['start-up s / trial']:.1f} s = "
-          f"{rows[2]['start-up share']:.0%} of trial time")
+    for row in (rows[0], rows[2]):
+        print(f"{row['sweep']}: start-up {row['start-up s/trial']:.1f} s per trial = {row['start-up share']:.0%} of "
+              f"trial time; all overhead {row['overhead s/trial']:.1f} s per trial = {row['overhead share']:.0%} of "
+              f"the trial slots' time (training + evaluation: {1 - row['overhead share']:.0%})")
     print(f"epochs with ASHA / to completion: {rows[0]['epochs run']} / {rows[1]['epochs run']} = "
           f"{rows[0]['epochs run'] / rows[1]['epochs run']:.2f}; best top-1 {rows[0]['best top1']:.2f} vs "
           f"{rows[1]['best top1']:.2f}")

@@ -38,6 +38,7 @@ class SweepOutcome:
     folder: str  # where trials.parquet and epochs.parquet are
     tables: SweepTables
     planned: int
+    concurrent: int  # trials at once
     interrupted: bool
     grid: Any  # Tune's ResultGrid
 
@@ -308,7 +309,7 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
         trainable = tune.with_resources(train_trial, manifest["resources"])
         tuner = tune.Tuner.restore(join(opts.results, name, "tune"), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        return _fit(tuner, opts, name, manifest["planned"], out)
+        return _fit(tuner, opts, name, manifest["planned"], manifest["concurrent"], out)
 
     p = plan(sweep, opts, name)
     out(connect(opts.cluster))
@@ -328,23 +329,24 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
         train_teachers(sweep.preset, p.missing, opts, out)
     resources = trial_resources(cfg.workers, cfg.cpus_per_worker, gpus)
     write_manifest(opts, name, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": p.planned,
-                                "resources": resources})
+                                "concurrent": max_concurrent, "resources": resources})
     space = {**p.base, **sweep.space} if not sweep.cells else {
         **p.base, "_cells": sweep.cells, "cell": tune.grid_search(list(sweep.cells))}
     out(f"sweep {name}: {p.planned} trial(s), {max_concurrent} at once, "
         f"{cfg.workers or 'no'} Ray Train worker(s) per trial; results in {join(opts.results, name)}")
     tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), p.planned, max_concurrent,
                    max(r.optim.epochs for r in p.runs), in_process=cfg.workers == 0)
-    return _fit(tuner, opts, name, p.planned, out)
+    return _fit(tuner, opts, name, p.planned, max_concurrent, out)
 
 
-def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, out: Callable[[str], None]) -> SweepOutcome:
+def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: int,
+         out: Callable[[str], None]) -> SweepOutcome:
     started = time.monotonic()
     grid = tuner.fit()
     tables = SweepTables(opts.results, name).load()
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
-    outcome = SweepOutcome(name, tables.folder, tables, planned, interrupted=len(tables.trials) < planned,
-                           grid=grid)
+    outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
+                           interrupted=len(tables.trials) < planned, grid=grid)
     summarize(outcome, time.monotonic() - started, out)
     return outcome
 
