@@ -335,3 +335,38 @@ def test_concurrency_from_cluster_resources():
     small = {"CPU": 4.0, "GPU": 1.0}  # 8 GPUs in total, but no node holds 2 for one worker
     with pytest.raises(UserError, match=r"a trial needs 1 worker\(s\) x 1 CPUs \+ 2 GPUs"):
         concurrency({"CPU": 32.0, "GPU": 8.0}, [small] * 8, workers=1, cpus_per_worker=1, gpus_per_trial=2)
+
+
+def test_placement_groups_of_dead_train_controllers_are_released(ray_local):
+    """What ASHA leaves behind when it stops a Ray Train trial: a placement group whose creating actor (the Train
+    controller) was killed. The driver callback removes it; groups of live actors and of the driver stay."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from uhkd.sweep.callbacks import release_orphaned_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self) -> str:
+            self.group = placement_group([{"CPU": 0.01}])
+            ray.get(self.group.ready())
+            return self.group.id.hex()
+
+        def free(self) -> None:
+            remove_placement_group(self.group)
+
+    dead, alive = Controller.remote(), Controller.remote()
+    leaked, kept = ray.get(dead.reserve.remote()), ray.get(alive.reserve.remote())
+    mine = placement_group([{"CPU": 0.01}])
+    ray.kill(dead)
+    deadline = time.monotonic() + 30
+    removed = 0
+    while not removed and time.monotonic() < deadline:  # the GCS records the actor's death shortly after
+        removed = release_orphaned_groups()
+        time.sleep(0.2)
+    table = placement_group_table()
+    assert removed == 1 and table[leaked]["state"] == "REMOVED"
+    assert table[kept]["state"] != "REMOVED" and table[mine.id.hex()]["state"] != "REMOVED"
+    ray.get(alive.free.remote())
+    ray.kill(alive)
+    remove_placement_group(mine)
