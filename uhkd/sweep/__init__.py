@@ -1,4 +1,4 @@
-"""Sweeps: Ray Tune + Optuna over Ray Train trials, with Parquet results (see docs/sweeps.md).
+"""Sweeps: Ray Tune + Optuna over Ray Train trials, with Parquet results (see README "Sweeps").
 
 `cluster` attaches to Ray, `cli` holds the shared flags, `spec` the sweep presets, `trainable` the Tune function
 trainable, `results` the Parquet tables, `callbacks` the driver-side Tune callbacks, `runner` puts them together and

@@ -1,4 +1,5 @@
-"""The two Parquet tables of a sweep (`trials.parquet`, `epochs.parquet`, schema version 1, see docs/sweeps.md).
+"""The two Parquet tables of a sweep (`trials.parquet`, `epochs.parquet`, schema version 1; README "Results
+schema").
 
 Both files are rewritten whole each time a trial ends, through a temporary name and a rename (a single PUT on
 object stores), so a reader or a crash never sees half a file. The schema is fixed: a column that is null in every
