@@ -9,11 +9,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _kl(log_pt: Tensor, log_ps: Tensor) -> Tensor:
+    """mean_b KL(p_t ‖ p_s) from log-probabilities over dim 1."""
+    return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
+
+
 def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float) -> Tensor:
     """τ² · mean_b Σ_c p_t^τ (log p_t^τ − log p_s^τ)  (Hinton et al.)."""
     log_ps = F.log_softmax(logits_s / temperature, dim=1)
     log_pt = F.log_softmax(logits_t / temperature, dim=1)
-    return temperature ** 2 * (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
+    return temperature ** 2 * _kl(log_pt, log_ps)
 
 
 def _binary_log_probs(log_p: Tensor, gt: Tensor) -> Tensor:
@@ -31,11 +36,11 @@ def dkd_loss(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float, b
     log_ps = F.log_softmax(logits_s / temperature, dim=1)
     log_pt = F.log_softmax(logits_t / temperature, dim=1)
     log_bs, log_bt = _binary_log_probs(log_ps, gt), _binary_log_probs(log_pt, gt)
-    tckd = (log_bt.exp() * (log_bt - log_bs)).sum(1).mean()
+    tckd = _kl(log_bt, log_bs)
     mask = 1000.0 * gt
     log_qs = F.log_softmax(logits_s / temperature - mask, dim=1)
     log_qt = F.log_softmax(logits_t / temperature - mask, dim=1)
-    nckd = (log_qt.exp() * (log_qt - log_qs)).sum(1).mean()
+    nckd = _kl(log_qt, log_qs)
     return temperature ** 2 * (alpha * tckd + beta * nckd)
 
 
