@@ -18,25 +18,15 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from uhkd.errors import UserError
+from uhkd.sweep.results import EPOCHS, TRIALS, open_location
 
-TRIALS = "trials.parquet"
-EPOCHS = "epochs.parquet"
 RESULTS_HELP = ("a trials.parquet file, a sweep folder holding trials.parquet (and epochs.parquet), or a results "
                 "root holding several sweep folders (concatenated); local paths or pyarrow URIs (file://, s3://, gs://)")
 
 
-def _filesystem(results: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in results:
-        try:
-            return pafs.FileSystem.from_uri(results)
-        except Exception as exc:  # pyarrow raises several types for unknown schemes and unreachable stores
-            raise UserError(f"cannot open results {results!r}: {exc}") from None
-    return pafs.LocalFileSystem(), str(Path(results).resolve())
-
-
 def find_tables(results: str | Path, name: str) -> tuple[pafs.FileSystem, list[str]]:
     """The `name` Parquet files (trials.parquet / epochs.parquet) that `results` designates."""
-    fs, root = _filesystem(str(results))
+    fs, root = open_location(str(results))
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         folder, base = root.rsplit("/", 1)
