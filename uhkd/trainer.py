@@ -11,6 +11,7 @@ having to carry each rank's generator states.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -297,7 +298,10 @@ class Run:
         sums = torch.zeros(len(self.terms) + 1, device=dev, dtype=torch.float64)
         steps = images_seen = 0
         start = time.perf_counter()
-        for step, (images, target) in enumerate(self.data.train_batches(epoch)):
+        # whole accumulation rounds only: a partial last round's gradients would leak into the next epoch's first
+        # update (and be lost on resumption)
+        batches = itertools.islice(self.data.train_batches(epoch), self.updates_per_epoch * o.accumulate)
+        for step, (images, target) in enumerate(batches):
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             update = (step + 1) % o.accumulate == 0
