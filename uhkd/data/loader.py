@@ -45,7 +45,8 @@ class WorkerData:
                             f"{d.batch_size} per worker on {world} worker(s)")
         shard = np.arange(rank, len(evalset), world)
         if self.on_device:
-            self.train_images, self.train_labels = _as_tensor(train.images, device), torch.from_numpy(train.labels)
+            self.train_images = _as_tensor(train.images, device)
+            self.train_labels = torch.from_numpy(train.labels).to(device)
             self.eval_images = _as_tensor(evalset.images[shard], device)
             self.eval_labels = torch.from_numpy(evalset.labels[shard]).to(device)
             return
@@ -69,10 +70,8 @@ class WorkerData:
             perm = torch.randperm(len(self.train_labels), generator=torch.Generator().manual_seed(
                 self.seed * 100_003 + epoch))[self.rank::self.world]
             for step in range(self.steps_per_epoch):
-                idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
-                images = self.train_images[idx.to(self.device)]
-                yield (device_aug.train_batch(images, self.recipe, self.img_size),
-                       self.train_labels[idx].to(self.device))
+                idx = perm[step * self.batch_size:(step + 1) * self.batch_size].to(self.device)
+                yield device_aug.train_batch(self.train_images[idx], self.recipe, self.img_size), self.train_labels[idx]
             return
         self.sampler.set_epoch(epoch)
         for step, (images, labels) in enumerate(self.train_loader):
