@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -161,6 +162,12 @@ _EXTRA_NAMES = {"mixer_b16_224": "Mixer-B/16", "resnet34": "ResNet34", "resnet50
 
 def display_names() -> dict[str, str]:
     """timm name -> the paper's short name (ResNet18, Swin-T, ...)."""
+    return dict(_display_names())
+
+
+@lru_cache(maxsize=1)
+def _display_names() -> dict[str, str]:
+    # read once: pair_label is mapped over every row of a table
     pub = published_results()
     names = dict(_EXTRA_NAMES)
     for timm_col, short_col in (("teacher_timm", "teacher"), ("student_timm", "student")):
@@ -170,7 +177,7 @@ def display_names() -> dict[str, str]:
 
 def pair_label(pair: str) -> str:
     """"swin_tiny_patch4_window7_224:resnet18" -> "Swin-T→ResNet18"; ":resnet18" (no teacher) -> "ResNet18"."""
-    names = display_names()
+    names = _display_names()
     teacher, _, student = pair.partition(":")
     student = names.get(student, student)
     return f"{names.get(teacher, teacher)}→{student}" if teacher else student
