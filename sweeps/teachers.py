@@ -59,11 +59,13 @@ def convert(args: argparse.Namespace, opts: SweepOptions, preset: SweepPreset) -
         raise UserError("give --pretrained-dir DIR holding <timm name>.safetensors|.pth|.bin ImageNet weight files")
     cfg = build_config(preset.run_preset, {**preset.run("teachers"), **opts.sets})
     classes = get_dataset(cfg.data.dataset).num_classes
+    teacher_dir = os.path.abspath(os.path.expanduser(opts.teacher_dir))
     for name in models(args, preset):
+        weights = pretrained_file(args.pretrained_dir, name)
         model = create_stage_model(name, num_classes=classes, img_size=cfg.data.img_size, scale=cfg.model.scale,
-                                   pretrained_file=pretrained_file(args.pretrained_dir, name))
-        target = teacher_path(os.path.abspath(opts.teacher_dir), name)
-        save_model_checkpoint(target, model, source=pretrained_file(args.pretrained_dir, name))
+                                   pretrained_file=weights)
+        target = teacher_path(teacher_dir, name)
+        save_model_checkpoint(target, model, source=weights)
         print(f"teacher {name}: {target}")
     return 0
 
