@@ -26,6 +26,8 @@ COMPONENTS: dict[str, dict[str, Any]] = {
     "w/o KL": {"method.alpha": 0.0},
     "beta=0": {"method.beta": 0.0},
 }
+
+
 def parser() -> argparse.ArgumentParser:
     p = sweep_parser("sweeps/ablations.py", __doc__)
     pairs_flag(p)
