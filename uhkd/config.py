@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
@@ -258,6 +259,10 @@ def build_config(preset: str | None = None, overrides: Mapping[str, Any] | None 
     return cfg
 
 
+def _finite_non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
 def validate(cfg: RunConfig) -> None:
     """Config-level checks that need no model or data (names of models/methods/datasets are checked where built)."""
     flat = flatten(cfg)
@@ -267,13 +272,13 @@ def validate(cfg: RunConfig) -> None:
     for key in ("method.w_ce", "method.label_smoothing", "method.alpha", "method.beta", "method.gamma",
                 "method.temperature", "method.branch_weight", "optim.lr", "optim.weight_decay"):
         value = flat[key]
-        if value is not None and not (value == value and abs(value) != float("inf") and value >= 0):
+        if value is not None and not _finite_non_negative(value):
             raise UserError(f"{key} must be a finite non-negative number, got {value!r}")
     if cfg.method.temperature is not None and cfg.method.temperature <= 0:
         raise UserError(f"method.temperature must be > 0, got {cfg.method.temperature!r}")
     stages = parse_stages(cfg.method.stages)
     weights = parse_stage_weights(cfg.method.stage_weights, len(stages))
-    if any(not (w == w and w >= 0 and w != float("inf")) for w in weights):
+    if not all(_finite_non_negative(w) for w in weights):
         raise UserError(f"method.stage_weights must be finite non-negative numbers, got {cfg.method.stage_weights!r}")
     if cfg.method.k < 1:
         raise UserError(f"method.k must be >= 1, got {cfg.method.k}")
