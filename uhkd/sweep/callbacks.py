@@ -61,7 +61,8 @@ def error_reason(trial: Any) -> str:
 
 
 def _num(value: Any, kind: type = float) -> Any:
-    """A finite number as `kind`, else None (so integer columns get nulls, not NaN)."""
+    """`value` as `kind`; None when missing, and for a non-finite value of an integer column (float columns keep
+    NaN, as the results schema allows)."""
     if value is None or isinstance(value, str):
         return None
     if kind is int:
