@@ -14,34 +14,39 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from uhkd.errors import UserError
-from uhkd.sweep.results import EPOCHS, TRIALS, open_location
+from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, open_location, read_table
 
 RESULTS_HELP = ("a trials.parquet file, a sweep folder holding trials.parquet (and epochs.parquet), or a results "
                 "root holding several sweep folders (concatenated); local paths or pyarrow URIs (file://, s3://, gs://)")
 
 
 def find_tables(results: str | Path, name: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The `name` Parquet files (trials.parquet / epochs.parquet) that `results` designates."""
+    """Where the `name` tables (trials.parquet / epochs.parquet) that `results` designates are: one path per sweep,
+    whose file may not exist yet while its sweep runs (its rows are still part files beside it)."""
     fs, root = open_location(str(results))
     info = fs.get_file_info(root)
+
+    def stored(path: str) -> bool:
+        folder = path.rsplit("/", 1)[0]
+        return (fs.get_file_info(path).type == pafs.FileType.File
+                or fs.get_file_info(f"{folder}/{PARTS}").type == pafs.FileType.Directory)
+
     if info.type == pafs.FileType.File:
         folder, base = root.rsplit("/", 1)
         # A trials file may have any name; the epochs file is its sibling.
         path = root if name == TRIALS and base != EPOCHS else f"{folder}/{name}"
-        paths = [path] if fs.get_file_info(path).type == pafs.FileType.File else []
+        paths = [path] if stored(path) else []
     elif info.type == pafs.FileType.Directory:
         direct = f"{root.rstrip('/')}/{name}"
-        if fs.get_file_info(direct).type == pafs.FileType.File:
+        if stored(direct):
             paths = [direct]
         else:
             subdirs = [i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory]
-            paths = sorted(p for p in (f"{d}/{name}" for d in subdirs)
-                           if fs.get_file_info(p).type == pafs.FileType.File)
+            paths = sorted(p for p in (f"{d}/{name}" for d in subdirs) if stored(p))
     else:
         raise UserError(f"results path {str(results)!r} does not exist; give {RESULTS_HELP}")
     if not paths:
@@ -51,8 +56,8 @@ def find_tables(results: str | Path, name: str) -> tuple[pafs.FileSystem, list[s
 
 def _read(results: str | Path, name: str) -> pd.DataFrame:
     fs, paths = find_tables(results, name)
-    frames = [pq.read_table(p, filesystem=fs).to_pandas() for p in paths]
-    frames = [f for f in frames if len(f)]
+    tables = (read_table(fs, p, name) for p in paths)
+    frames = [t.to_pandas() for t in tables if t is not None and t.num_rows]
     if not frames:
         raise UserError(f"{name} at {str(results)!r} has no rows yet (no trial has finished)")
     return pd.concat(frames, ignore_index=True)

@@ -71,8 +71,8 @@ def _num(value: Any, kind: type = float) -> Any:
 
 
 class ParquetResults(tune.Callback):
-    """Collects each trial's per-epoch results and writes its rows to the sweep's Parquet tables when it ends
-    (finished, failed or stopped). Its state (epoch rows of unfinished trials, their start times) is saved with the
+    """Collects each trial's per-epoch results and writes its rows (part files of the sweep's Parquet tables) when
+    it ends (finished, failed or stopped). Its state (epoch rows of unfinished trials, their start times) is saved with the
     Tune experiment, so a resumed sweep keeps the epochs reported before the interruption."""
 
     def __init__(self, results: str, sweep: str, preset: str) -> None:
@@ -85,7 +85,7 @@ class ParquetResults(tune.Callback):
         self._tables: SweepTables | None = None
 
     def setup(self, **info: Any) -> None:
-        self._tables = SweepTables(self.results, self.sweep).load()
+        self._tables = SweepTables(self.results, self.sweep)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._started.setdefault(trial.trial_id, datetime.now(timezone.utc))
@@ -116,8 +116,7 @@ class ParquetResults(tune.Callback):
             by_epoch = {int(trial.last_result["epoch"]): trial.last_result}
         reports = [by_epoch[e] for e in sorted(by_epoch)]
         row = self.trial_row(trial, cfg, reports, error)
-        self._tables.put(row, [self.epoch_row(r) for r in reports])
-        self._tables.write()
+        self._tables.write_trial(row, [self.epoch_row(r) for r in reports])
         for table in (self._epochs, self._started, self._active, self._session):
             table.pop(trial.trial_id, None)
 

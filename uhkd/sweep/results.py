@@ -1,9 +1,13 @@
 """The two Parquet tables of a sweep (`trials.parquet`, `epochs.parquet`, schema version 1; README "Results
 schema").
 
-Both files are rewritten whole each time a trial ends, through a temporary name and a rename (a single PUT on
-object stores), so a reader or a crash never sees half a file. The schema is fixed: a column that is null in every
-row keeps its type, and the config columns follow `uhkd.config.RunConfig` field by field.
+A trial's end writes only that trial's rows, as two part files `parts/<trial_id>.trials.parquet` and
+`parts/<trial_id>.epochs.parquet` (constant cost however many trials the sweep has); the sweep compacts the parts
+into the two tables once, when `Tuner.fit` returns (also after an interruption). Readers (`read_table`) merge the
+parts a running or crashed sweep has not compacted yet, a part replacing its trial's rows. Every file is written
+through a temporary name and a rename (a single PUT on object stores), so a reader or a crash never sees half a file.
+The schema is fixed: a column that is null in every row keeps its type, and the config columns follow
+`uhkd.config.RunConfig` field by field.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Union, get_args, get_origin
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -24,6 +29,7 @@ from ..registry import METHODS
 SCHEMA_VERSION = 1
 TRIALS = "trials.parquet"
 EPOCHS = "epochs.parquet"
+PARTS = "parts"  # per-trial part files not compacted yet
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _ARROW = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
 
@@ -96,9 +102,40 @@ def write_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
         pq.write_table(table, path, filesystem=fs)
 
 
+def _parts(fs: pafs.FileSystem, folder: str, name: str) -> list[str]:
+    """The part files of table `name` (TRIALS or EPOCHS) in a sweep folder."""
+    selector = pafs.FileSelector(f"{folder}/{PARTS}", allow_not_found=True)
+    return sorted(i.path for i in fs.get_file_info(selector) if i.base_name.endswith(f".{name}"))
+
+
+def _ordered(table: pa.Table, name: str) -> pa.Table:
+    """Trials by finish time (unfinished last), epochs by (trial, epoch); tables lacking those columns as they are."""
+    keys = [("finished_at", "ascending"), ("trial_id", "ascending")] if name == TRIALS else \
+        [("trial_id", "ascending"), ("epoch", "ascending")]
+    return table.sort_by(keys) if all(k in table.column_names for k, _ in keys) else table
+
+
+def read_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table | None:
+    """Table `name` (TRIALS or EPOCHS) stored at `path` as readers see it: the compacted file with the part files
+    beside it (trials that ended since the last compaction) replacing their trials' rows; None when neither exists."""
+    folder = path.rsplit("/", 1)[0]
+    parts = [pq.read_table(p, filesystem=fs) for p in _parts(fs, folder, name)]
+    tables = parts
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        table = pq.read_table(path, filesystem=fs)
+        if parts and "trial_id" in table.column_names:
+            replaced = pa.concat_arrays([p["trial_id"].combine_chunks() for p in parts])
+            table = table.filter(pc.invert(pc.is_in(table["trial_id"], value_set=replaced)))
+        tables = [table, *parts]
+    if not tables:
+        return None
+    return _ordered(pa.concat_tables(tables, promote_options="default"), name)
+
+
 class SweepTables:
-    """In-memory rows of one sweep's tables, keyed so a resumed sweep replaces rows instead of duplicating them:
-    trials by `trial_id`, epochs by (`trial_id`, `epoch`)."""
+    """One sweep's tables. `write_trial` records a trial's rows as it ends (part files, constant cost); `load` reads
+    every row into memory (`trials` by `trial_id`, `epochs` by (`trial_id`, `epoch`)); `compact` folds the parts into
+    `trials.parquet` and `epochs.parquet`. A resumed trial's new part replaces its rows instead of duplicating them."""
 
     def __init__(self, location: str, sweep: str) -> None:
         self.fs, root = open_location(location)
@@ -108,24 +145,33 @@ class SweepTables:
         self.epochs: dict[tuple[str, int], dict] = {}
 
     def load(self) -> "SweepTables":
-        """Read the rows already written (a resumed sweep)."""
-        for name, rows, key in ((TRIALS, self.trials, ("trial_id",)), (EPOCHS, self.epochs, ("trial_id", "epoch"))):
-            path = f"{self.folder}/{name}"
-            if self.fs.get_file_info(path).type == pafs.FileType.File:
-                for row in pq.read_table(path, filesystem=self.fs).to_pylist():
-                    rows[row[key[0]] if len(key) == 1 else tuple(row[k] for k in key)] = row
+        """Read every row written so far (compacted or not)."""
+        for name, rows in ((TRIALS, self.trials), (EPOCHS, self.epochs)):
+            table = read_table(self.fs, f"{self.folder}/{name}", name)
+            for row in table.to_pylist() if table is not None else ():
+                rows[row["trial_id"] if name == TRIALS else (row["trial_id"], row["epoch"])] = row
         return self
 
-    def put(self, trial: dict, epochs: Iterable[dict] = ()) -> None:
+    def write_trial(self, trial: dict, epochs: Iterable[dict] = ()) -> None:
+        """Record one trial's row and epoch rows: its two part files, whatever the number of trials."""
         identity = {"schema_version": SCHEMA_VERSION, "sweep": self.sweep, "trial_id": trial["trial_id"]}
-        self.trials[trial["trial_id"]] = {**trial, **identity}
-        for row in epochs:
-            self.epochs[(trial["trial_id"], int(row["epoch"]))] = {**row, **identity}
+        self.fs.create_dir(f"{self.folder}/{PARTS}", recursive=True)
+        for name, rows, schema in ((EPOCHS, [{**r, **identity} for r in epochs], epochs_schema()),
+                                   (TRIALS, [{**trial, **identity}], trials_schema())):
+            write_atomic(pa.Table.from_pylist(rows, schema=schema), self.fs,
+                         f"{self.folder}/{PARTS}/{trial['trial_id']}.{name}")
 
-    def write(self) -> None:
-        self.fs.create_dir(self.folder, recursive=True)
-        trials = sorted(self.trials.values(), key=lambda r: (r.get("finished_at") is None, r.get("finished_at"),
-                                                            r["trial_id"]))
-        epochs = [self.epochs[k] for k in sorted(self.epochs)]
-        write_atomic(pa.Table.from_pylist(trials, schema=trials_schema()), self.fs, f"{self.folder}/{TRIALS}")
-        write_atomic(pa.Table.from_pylist(epochs, schema=epochs_schema()), self.fs, f"{self.folder}/{EPOCHS}")
+    def compact(self) -> "SweepTables":
+        """Fold the part files into the two tables (written whole, then the parts removed; a crash in between
+        leaves parts that repeat rows of the tables, which readers merge away); returns the loaded tables."""
+        self.load()
+        parts = _parts(self.fs, self.folder, TRIALS) + _parts(self.fs, self.folder, EPOCHS)
+        if not parts:
+            return self
+        for name, rows, schema in ((EPOCHS, self.epochs.values(), epochs_schema()),
+                                   (TRIALS, self.trials.values(), trials_schema())):
+            table = _ordered(pa.Table.from_pylist(list(rows), schema=schema), name)
+            write_atomic(table, self.fs, f"{self.folder}/{name}")
+        for path in parts:
+            self.fs.delete_file(path)
+        return self

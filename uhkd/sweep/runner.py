@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Sequence
@@ -55,7 +56,8 @@ def pairs(sweep_kind: str, preset: SweepPreset, opts: SweepOptions) -> list[str]
 
 
 def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
-    """(name, resuming): a new timestamped name, the given one, or for a bare --resume the latest of this kind."""
+    """(name, resuming): a new name (timestamp + random tail), the given one, or for a bare --resume the latest of
+    this kind."""
     from ray import tune
 
     def restorable(name: str) -> bool:
@@ -79,7 +81,8 @@ def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
         if not found:
             raise UserError(f"nothing to resume: no {prefix}-* sweep under {opts.results!r}")
         return found[-1], True
-    return f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", False
+    # the random tail: two sweeps started in the same second on one results root get folders of their own
+    return f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", False
 
 
 def train_storage(opts: SweepOptions, name: str) -> str:
@@ -111,11 +114,16 @@ def run_overrides(sweep: Sweep, opts: SweepOptions) -> dict[str, Any]:
     return out
 
 
+def grid_cells(sweep: Sweep) -> list[dict[str, Any]]:
+    """The `cell` value of each grid trial: its label and its own overrides only (not the whole grid)."""
+    return [{"label": label, "set": overrides} for label, overrides in sweep.cells.items()]
+
+
 def trial_configs(sweep: Sweep, base: dict[str, Any]) -> list[dict[str, Any]]:
     """One representative trial config per grid cell, or per pair of a search space (its other values sampled
     later), to check before anything runs."""
     if sweep.cells:
-        return [{**base, "_cells": sweep.cells, "cell": label} for label in sweep.cells]
+        return [{**base, "cell": cell} for cell in grid_cells(sweep)]
     for key in sweep.space:
         if key not in LEAF_TYPES and key != "pair":
             raise choice_error("search-space key", key, [*LEAF_TYPES, "pair"])
@@ -183,7 +191,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     budget = sweep.preset.budget(sweep.kind)
     reporter = tune.CLIReporter(
         metric_columns={"epoch": "epoch", "top1": "top1", "best_top1": "best top1", "images_per_s": "img/s"},
-        parameter_columns=["cell"] if sweep.cells else list(sweep.space), max_column_length=40,
+        parameter_columns=["cell/label"] if sweep.cells else list(sweep.space), max_column_length=40,
         max_report_frequency=30, metric="best_top1", mode="max", sort_by_metric=True)
     run_config = tune.RunConfig(
         name="tune", storage_path=join(opts.results, name), verbose=1, progress_reporter=reporter,
@@ -330,8 +338,7 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
     resources = trial_resources(cfg.workers, cfg.cpus_per_worker, gpus)
     write_manifest(opts, name, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": p.planned,
                                 "concurrent": max_concurrent, "resources": resources})
-    space = {**p.base, **sweep.space} if not sweep.cells else {
-        **p.base, "_cells": sweep.cells, "cell": tune.grid_search(list(sweep.cells))}
+    space = {**p.base, **sweep.space} if not sweep.cells else {**p.base, "cell": tune.grid_search(grid_cells(sweep))}
     out(f"sweep {name}: {p.planned} trial(s), {max_concurrent} at once, "
         f"{cfg.workers or 'no'} Ray Train worker(s) per trial; results in {join(opts.results, name)}")
     tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), p.planned, max_concurrent,
@@ -343,7 +350,7 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
          out: Callable[[str], None]) -> SweepOutcome:
     started = time.monotonic()
     grid = tuner.fit()
-    tables = SweepTables(opts.results, name).load()
+    tables = SweepTables(opts.results, name).compact()
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
     outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
                            interrupted=len(tables.trials) < planned, grid=grid)

@@ -3,7 +3,7 @@ loop in the trial's own process when `workers=0`).
 
 A trial's Tune config holds everything the trial needs (module globals do not reach trial actors):
 `_preset` (run preset), `_run` (fixed overrides), `_train_storage` (absolute folder of the trials' runs),
-`_teacher_dir`, optionally `cell` + `_cells` (grid sweeps: label -> overrides) and the sampled hyperparameters
+`_teacher_dir`, optionally `cell` (grid sweeps: this trial's cell, `{"label": ..., "set": overrides}`) and the sampled hyperparameters
 under their dotted config keys, plus `pair` ("teacher:student"). `run_config` turns it into the `RunConfig`, on the
 trial and on the driver (for the Parquet row) alike.
 """
@@ -36,7 +36,7 @@ def teacher_path(teacher_dir: str, teacher: str) -> str:
 def trial_overrides(config: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """(dotted overrides, tag) of a trial config: fixed overrides < grid cell < sampled values."""
     overrides = dict(config.get("_run", {}))
-    cell = dict(config["_cells"][config["cell"]]) if "cell" in config else {}
+    cell = dict(config["cell"]["set"]) if "cell" in config else {}
     tag = str(cell.pop("tag", ""))
     overrides.update(cell)
     overrides.update({k: v for k, v in config.items() if k in LEAF_TYPES or k == "pair"})
