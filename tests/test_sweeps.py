@@ -23,7 +23,7 @@ from uhkd.errors import UserError
 from uhkd.models import create_stage_model, save_model_checkpoint
 from uhkd.sweep.cli import SweepOptions
 from uhkd.sweep.results import EPOCHS, TRIALS, epochs_schema, loss_terms, trials_schema
-from uhkd.sweep.runner import concurrency, run
+from uhkd.sweep.runner import concurrency, run, trial_bundles, trial_resources
 from uhkd.sweep.spec import Sweep, load_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -319,22 +319,54 @@ def test_ablation_variants_are_tagged_and_skip_points_equal_to_full():
     assert [c["tag"] for c in only.cells.values()] == ["full", "k=1", "k=2"]  # k=3 is the quick preset's full UHKD
 
 
-def test_concurrency_from_cluster_resources():
-    node = {"CPU": 16.0, "GPU": 1.0}
-    assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25) == 4  # 4 trials share a GPU
-    assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25, cap=3) == 3
-    assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0) == 7  # 7 x (2 + 0.01) <= 16
-    assert concurrency(node, [node], workers=0, cpus_per_worker=4, gpus_per_trial=0.5) == 2
-    two = {"CPU": 2.0}
-    assert concurrency(two, [two], workers=1, cpus_per_worker=0.95, gpus_per_trial=0) == 2  # the quick preset
+GiB = 2**30
+
+
+def _at_once(nodes, workers, cpus_per_worker, gpus_per_trial, **kwargs):
+    bundles = trial_bundles(workers == 0, workers, cpus_per_worker, gpus_per_trial)
+    return concurrency(nodes, bundles, gpus_per_trial, **kwargs)
+
+
+def test_concurrency_counts_trials_that_fit_per_node():
+    node = {"CPU": 16.0, "GPU": 1.0, "memory": 64 * GiB}
+    assert _at_once([node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25) == 4  # 4 trials share a GPU
+    assert _at_once([node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25, cap=3) == 3
+    assert _at_once([node], workers=1, cpus_per_worker=2, gpus_per_trial=0) == 7  # 7 x (2 + 0.01) <= 16
+    assert _at_once([node], workers=0, cpus_per_worker=4, gpus_per_trial=0.5) == 2
+    two = {"CPU": 2.0, "memory": 8 * GiB}
+    assert _at_once([two], workers=1, cpus_per_worker=0.95, gpus_per_trial=0) == 2  # the quick preset
+    # totals would say 2 GPUs / 0.4 = 5 trials; per node only 2 x 0.4 fit on each GPU
+    gpu_node = {"CPU": 8.0, "GPU": 1.0, "memory": 64 * GiB}
+    assert _at_once([gpu_node] * 2, workers=1, cpus_per_worker=1, gpus_per_trial=0.4) == 4
+    # totals: 4 CPUs / 0.61 = 6; per node each 1-CPU node holds one 0.6-CPU worker
+    assert _at_once([{"CPU": 1.0, "memory": 8 * GiB}] * 4, workers=1, cpus_per_worker=0.6, gpus_per_trial=0) == 4
+    # the trial's own process reserves memory: 3 GiB holds two Ray Train trials (1.2 GiB each)
+    assert _at_once([{"CPU": 16.0, "memory": 3 * GiB}], workers=1, cpus_per_worker=1, gpus_per_trial=0) == 2
+    with pytest.raises(UserError, match=r"and 1.2 GiB for its own process; the largest Ray node has 16 CPUs, 0 GPUs "
+                                        r"and 1.0 GiB"):
+        _at_once([{"CPU": 16.0, "memory": 1 * GiB}], workers=1, cpus_per_worker=1, gpus_per_trial=0)
     with pytest.raises(UserError, match="--gpus-per-trial 2 but the Ray cluster has 1 GPUs"):
-        concurrency(node, [node], workers=1, cpus_per_worker=1, gpus_per_trial=2)
-    big = {"CPU": 64.0, "GPU": 8.0}
+        _at_once([node], workers=1, cpus_per_worker=1, gpus_per_trial=2)
+    big = {"CPU": 64.0, "GPU": 8.0, "memory": 64 * GiB}
     with pytest.raises(UserError, match="1.5 per worker; above 1 a worker needs whole GPUs"):
-        concurrency(big, [big], workers=2, cpus_per_worker=1, gpus_per_trial=3)
-    small = {"CPU": 4.0, "GPU": 1.0}  # 8 GPUs in total, but no node holds 2 for one worker
+        _at_once([big], workers=2, cpus_per_worker=1, gpus_per_trial=3)
+    small = {"CPU": 4.0, "GPU": 1.0, "memory": 64 * GiB}  # 8 GPUs in total, but no node holds 2 for one worker
     with pytest.raises(UserError, match=r"a trial needs 1 worker\(s\) x 1 CPUs \+ 2 GPUs"):
-        concurrency({"CPU": 32.0, "GPU": 8.0}, [small] * 8, workers=1, cpus_per_worker=1, gpus_per_trial=2)
+        _at_once([small] * 8, workers=1, cpus_per_worker=1, gpus_per_trial=2)
+
+
+def test_an_autoscaling_cluster_is_sized_by_the_nodes_it_may_start():
+    """A head without GPUs, and a node type of 1 GPU that may be started 3 times: trials wait for those nodes."""
+    head = {"CPU": 4.0, "memory": 8 * GiB}
+    scalable = [head] + [{"CPU": 8.0, "GPU": 1.0, "memory": 32 * GiB}] * 3
+    assert _at_once([head], workers=1, cpus_per_worker=2, gpus_per_trial=1, scalable=scalable) == 3
+    with pytest.raises(UserError, match="--gpus-per-trial 1 but the Ray cluster has 0 GPUs"):
+        _at_once([head], workers=1, cpus_per_worker=2, gpus_per_trial=1)
+
+
+def test_trial_resources_reserve_memory_for_the_trials_own_process():
+    assert trial_resources(trial_bundles(False, 2, 1.0, 1.0)) == {"cpu": 0.01, "memory": 1.2 * GiB}
+    assert trial_resources(trial_bundles(True, 0, 2.0, 0.5)) == {"cpu": 2.0, "gpu": 0.5, "memory": 1.0 * GiB}
 
 
 def test_placement_groups_of_dead_train_controllers_are_released(ray_local):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -168,13 +169,18 @@ class ParquetResults(tune.Callback):
         self._session = {}
 
 
-class ReleaseStoppedTrainGroups(tune.Callback):
-    """Removes the worker placement groups of Ray Train runs whose controller is gone.
+class ReleaseStoppedTrainRuns(tune.Callback):
+    """Frees what Ray Train runs that Tune stopped early leave behind: their workers' placement groups and their
+    detached `PlacementGroupCleaner` actors.
 
-    When Tune stops a Train-in-Tune trial early, the trial actor and its Train controller are killed; Ray Train's
-    own cleaner needs the State API (the dashboard) to notice, so without a dashboard the workers' resources stay
-    reserved and later trials wait forever. The GCS placement-group table records each group's creator actor and
-    whether it died, which is all we need: a live trial's controller is alive, so its group is never touched.
+    When Tune stops a Train-in-Tune trial (ASHA, Ctrl-C), the trial actor and its Train controller are killed. Each
+    `fit()` also started a detached cleaner meant to remove the workers' group once the controller is gone, but it
+    asks the State API (the dashboard) whether the controller lives: without a dashboard it never learns, so the
+    group stays reserved (later trials wait forever) and the cleaner lives until the cluster stops (~110 MB each).
+    The GCS tables say enough without the State API: a group's creator actor and whether it died, a cleaner's owner
+    (the controller's worker). A live trial's controller is alive, so its group and cleaner are never touched; at
+    the sweep's end every cleaner of this job goes (no Train run of the sweep is left to guard), and so does the
+    cluster-wide `AutoscalingCoordinator` actor the first Train run started, when no other job is running.
     """
 
     def __init__(self, every_s: float = 2.0) -> None:
@@ -185,9 +191,19 @@ class ReleaseStoppedTrainGroups(tune.Callback):
         if time.monotonic() - self._last >= self.every_s:
             self._last = time.monotonic()
             release_orphaned_groups()
+            stop_cleaners(orphaned_only=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._last = 0.0  # look again at the next step (the controller's death is recorded shortly after)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        release_orphaned_groups()
+        stop_cleaners(orphaned_only=False)
+        stop_coordinator_if_alone()
+
+
+def _job_id() -> bytes:
+    return bytes.fromhex(ray.get_runtime_context().get_job_id())
 
 
 def release_orphaned_groups() -> int:
@@ -196,13 +212,62 @@ def release_orphaned_groups() -> int:
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    job = ray.get_runtime_context().get_job_id()
+    job = _job_id()
     removed = 0
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
         if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached or not pg.creator_actor_dead
-                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id != job):
             continue
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
         removed += 1
     return removed
+
+
+CLEANER = "PlacementGroupCleaner"  # Ray Train's detached per-run actor (ray.train.v2 ... placement_group_cleaner)
+COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")  # (name, namespace): shared by Train and Data
+
+
+def stop_cleaners(orphaned_only: bool) -> int:
+    """Kill this job's live Ray Train cleaner actors (only those whose controller has died with `orphaned_only`);
+    returns how many. A handle to an unnamed actor cannot be made from its id, so a zero-CPU task on the cleaner's
+    node ends its process (Ray then records the detached actor as dead)."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    alive = [gcs_pb2.ActorTableData.FromString(raw) for raw in
+             state._connect_and_get_accessor().get_actor_table(ray.JobID(_job_id()), "ALIVE")]
+    live_workers = {a.address.worker_id for a in alive}
+    by_node: dict[str, list[int]] = {}
+    for actor in alive:
+        if actor.class_name == CLEANER and not (orphaned_only and actor.owner_address.worker_id in live_workers):
+            by_node.setdefault(actor.address.node_id.hex(), []).append(actor.pid)
+    kill = ray.remote(num_cpus=0, max_retries=0)(_kill_processes)
+    ray.get([kill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pids)
+             for node, pids in by_node.items()], timeout=120)
+    return sum(map(len, by_node.values()))
+
+
+def _kill_processes(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone
+            pass
+
+
+def stop_coordinator_if_alone() -> bool:
+    """Kill Ray's detached, cluster-wide AutoscalingCoordinator actor (started by the first Train run, ~110 MB)
+    when this is the cluster's only live job; whoever needs it next starts it again. Returns whether it did."""
+    from ray._private.state import state
+
+    me = ray.get_runtime_context().get_job_id()
+    if any(not job["IsDead"] and job["JobID"] != me for job in state.job_table()):
+        return False
+    try:
+        actor = ray.get_actor(COORDINATOR[0], namespace=COORDINATOR[1])
+    except ValueError:  # none running
+        return False
+    ray.kill(actor)
+    return True

@@ -1,15 +1,18 @@
 """`--cluster auto|local|ADDRESS`: attach to a Ray cluster or start an embedded one, and say which in one line.
 
-`auto` looks at RAY_ADDRESS, then at the address `ray start --head` records on this machine (Ray's
-`ray_current_cluster` file), and starts an embedded cluster when neither answers. Unlike `ray.init("auto")` it does
-not attach to whatever Ray processes `ps` shows (other users' or tests' embedded clusters), and a stale
-`ray_current_cluster` left by a stopped cluster is reported and skipped instead of tried.
+`auto` looks at RAY_ADDRESS (`RAY_ADDRESS=auto` means this same search), then at the address `ray start --head`
+records on this machine (Ray's `ray_current_cluster` file, in the default temp folder or, for clusters started with
+`ray start --temp-dir`, in the temp folder of each running GCS server), and starts an embedded cluster when none
+answers. Unlike `ray.init("auto")` it does not attach to whatever Ray processes `ps` shows (other users' or tests'
+embedded clusters write no `ray_current_cluster`), and a stale file left by a stopped cluster is reported and
+skipped instead of tried.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
+from pathlib import Path
 
 import ray
 
@@ -31,10 +34,30 @@ def answers(address: str, timeout: float = 2.0) -> bool:
 
 
 def recorded_address() -> str:
-    """The address `ray start --head` wrote on this machine ("" if none)."""
+    """The address `ray start --head` wrote in the default temp folder on this machine ("" if none)."""
     from ray._private.utils import read_ray_address
 
     return read_ray_address() or ""
+
+
+def started_elsewhere() -> list[str]:
+    """Addresses recorded by `ray start` in the temp folders of the GCS servers running here (`--temp-dir`)."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not args[0].endswith("gcs_server"):
+            continue
+        for arg in args:
+            if arg.startswith("--log_dir="):  # <temp dir>/session_<...>/logs
+                recorded = Path(arg.removeprefix("--log_dir=")).parent.parent / "ray_current_cluster"
+                try:
+                    found.add(recorded.read_text().strip())
+                except OSError:
+                    pass
+    return sorted(a for a in found if a and answers(a))
 
 
 def _describe() -> str:
@@ -44,15 +67,30 @@ def _describe() -> str:
     return f"{nodes} node{'s' * (nodes != 1)}, {res.get('CPU', 0):g} CPUs{gpus}"
 
 
+WORKER_ENV = ("RAY_TRAIN_", "TUNE_", "HF_HUB_OFFLINE")  # settings the trials and their Train runs read
+
+
+def _job_env() -> dict:
+    """This process's settings for Ray's workers, as the job's runtime environment: workers of a cluster started
+    elsewhere inherit that cluster's environment, not this process's."""
+    return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV)}}
+
+
 def _init(address: str) -> None:
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=_job_env())
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"cannot attach to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
 
 
 def _start_local() -> None:
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def _current_address() -> str:
+    if ray.util.client.ray.is_connected():
+        return "ray://" + ray.util.client.ray.get_context().client_worker._conn_str  # noqa: SLF001
+    return ray.get_runtime_context().gcs_address
 
 
 def connect(cluster: str) -> str:
@@ -62,7 +100,12 @@ def connect(cluster: str) -> str:
         raise UserError(f"no Ray cluster answers at {cluster}; start one there with `ray start --head` or use "
                         f"--cluster local")
     if ray.is_initialized():
-        return f"ray: using this process's Ray instance ({_describe()})"
+        current = _current_address()
+        if not explicit or _host_port(current) == _host_port(cluster):
+            return f"ray: using this process's Ray instance ({_describe()})"
+        ray.shutdown()  # an explicit address wins over the instance this process had
+        _init(cluster)
+        return f"ray: left this process's Ray instance at {current}; attached to {cluster} ({_describe()})"
     if cluster == "local":
         _start_local()
         return f"ray: started an embedded local cluster ({_describe()})"
@@ -70,7 +113,7 @@ def connect(cluster: str) -> str:
         _init(cluster)
         return f"ray: attached to the cluster at {cluster} ({_describe()})"
     env = os.environ.get("RAY_ADDRESS", "")
-    if env:
+    if env and env != "auto":
         if not answers(env):
             raise UserError(f"RAY_ADDRESS={env} does not answer; unset it or start that cluster")
         _init(env)
@@ -79,6 +122,13 @@ def connect(cluster: str) -> str:
     if recorded and answers(recorded):
         _init(recorded)
         return f"ray: attached to the cluster started with `ray start` at {recorded} ({_describe()})"
+    elsewhere = started_elsewhere()
+    if len(elsewhere) > 1:
+        raise UserError(f"several clusters started with `ray start` run here ({', '.join(elsewhere)}); choose one "
+                        f"with --cluster ADDRESS")
+    if elsewhere:
+        _init(elsewhere[0])
+        return f"ray: attached to the cluster started with `ray start --temp-dir` at {elsewhere[0]} ({_describe()})"
     _start_local()
     stale = f"; {recorded} (recorded by an earlier `ray start`) does not answer" if recorded else ""
     return f"ray: no running cluster found{stale}; started an embedded local one ({_describe()})"

@@ -118,15 +118,16 @@ def _ordered(table: pa.Table, name: str) -> pa.Table:
 def read_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table | None:
     """Table `name` (TRIALS or EPOCHS) stored at `path` as readers see it: the compacted file with the part files
     beside it (trials that ended since the last compaction) replacing their trials' rows; None when neither exists."""
-    folder = path.rsplit("/", 1)[0]
-    parts = [pq.read_table(p, filesystem=fs) for p in _parts(fs, folder, name)]
-    tables = parts
+    import pyarrow.dataset as ds
+
+    paths = _parts(fs, path.rsplit("/", 1)[0], name)
+    schema = trials_schema() if name == TRIALS else epochs_schema()
+    tables = [ds.dataset(paths, schema=schema, filesystem=fs, format="parquet").to_table()] if paths else []
     if fs.get_file_info(path).type == pafs.FileType.File:
         table = pq.read_table(path, filesystem=fs)
-        if parts and "trial_id" in table.column_names:
-            replaced = pa.concat_arrays([p["trial_id"].combine_chunks() for p in parts])
-            table = table.filter(pc.invert(pc.is_in(table["trial_id"], value_set=replaced)))
-        tables = [table, *parts]
+        if tables and "trial_id" in table.column_names:
+            table = table.filter(pc.invert(pc.is_in(table["trial_id"], value_set=tables[0]["trial_id"].combine_chunks())))
+        tables.insert(0, table)
     if not tables:
         return None
     return _ordered(pa.concat_tables(tables, promote_options="default"), name)

@@ -23,11 +23,18 @@ from .spec import Sweep, SweepPreset
 from .trainable import split_pair, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
+# memory reserved for a trial's own process(es), measured on 2 CPUs: a Ray Train trial's driver side is ~1.1 GB
+# (trial 490 MB, Train controller 376, synchronisation and queue actors 165); an in-process trial ~0.5 GB + training
+TRAIN_DRIVER_MEMORY = 1.2 * 2**30
+IN_PROCESS_MEMORY = 1.0 * 2**30
 ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
     "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # failed trials are summarised in one line each instead of tracebacks
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # a Train run waits for its workers' resources (an autoscaler adding nodes, other jobs finishing) instead of
+    # failing after 4 x 60 s; the concurrency check has made sure a trial fits the cluster at all
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600),
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's classic reporter: one status table with the best trial, no per-trial boxes
 }
@@ -154,39 +161,84 @@ def check_configs(configs: list[dict[str, Any]]) -> tuple[list[RunConfig], set[s
     return runs, teachers
 
 
-def trial_resources(workers: int, cpus_per_worker: float, gpus_per_trial: float) -> dict[str, float]:
-    if workers == 0:
-        return {"cpu": cpus_per_worker, **({"gpu": gpus_per_trial} if gpus_per_trial else {})}
-    return {"cpu": TRIAL_CPU}
+def trial_bundles(in_process: bool, workers: int, cpus_per_worker: float,
+                  gpus_per_trial: float) -> list[dict[str, float]]:
+    """What one trial reserves, as Ray resource bundles: the trial's own process first (with memory for it: Ray
+    Train's driver side is the trial, its controller and two helper actors), then one bundle per Ray Train worker."""
+    if in_process:
+        return [{"CPU": cpus_per_worker, "GPU": gpus_per_trial, "memory": IN_PROCESS_MEMORY}]
+    return [{"CPU": TRIAL_CPU, "memory": TRAIN_DRIVER_MEMORY},
+            *[{"CPU": cpus_per_worker, "GPU": gpus_per_trial / workers}] * workers]
 
 
-def concurrency(total: dict[str, float], nodes: list[dict[str, float]], workers: int, cpus_per_worker: float,
-                gpus_per_trial: float, requested: int | None = None, cap: int | None = None) -> int:
-    """How many trials run at once on a cluster with `total` resources and these `nodes`, after checking that
-    one trial fits at all (an infeasible request would wait forever). `workers=0`: in-process trials."""
-    per_worker = {"CPU": cpus_per_worker, "GPU": gpus_per_trial / max(workers, 1)}
-    if gpus_per_trial > total.get("GPU", 0):
-        raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {total.get('GPU', 0):g} GPUs")
-    if per_worker["GPU"] > 1 and not per_worker["GPU"].is_integer():
-        raise UserError(f"{gpus_per_trial:g} GPUs over {workers} workers is {per_worker['GPU']:g} per worker; above 1 "
-                        f"a worker needs whole GPUs")
-    cpu = max(workers, 1) * cpus_per_worker + (TRIAL_CPU if workers else 0)
-    if cpu > total.get("CPU", 0) or not any(all(n.get(k, 0) >= v for k, v in per_worker.items()) for n in nodes):
-        gpu_text = f" + {per_worker['GPU']:g} GPUs" if per_worker["GPU"] else ""
-        raise UserError(f"a trial needs {max(workers, 1)} worker(s) x {cpus_per_worker:g} CPUs{gpu_text}; the Ray "
-                        f"cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs (lower "
-                        f"--cpus-per-worker / --workers-per-trial)")
-    fits = math.floor(total["CPU"] / cpu + 1e-9)
-    if gpus_per_trial:
-        fits = min(fits, math.floor(total["GPU"] / gpus_per_trial + 1e-9))
+def trial_resources(bundles: list[dict[str, float]]) -> dict[str, float]:
+    """The Tune resources of the trial's own process (its first bundle)."""
+    return {key.lower(): value for key, value in bundles[0].items() if value}
+
+
+def _room(free: dict[str, float], need: dict[str, float]) -> bool:
+    return all(free.get(k, 0) + 1e-9 >= v for k, v in need.items() if v)
+
+
+def trials_fitting(nodes: list[dict[str, float]], bundles: list[dict[str, float]], limit: int = 10_000) -> int:
+    """How many trials of these bundles fit on `nodes` at once, each bundle on one node (first with room, as Ray
+    packs them): per node, so that resources split over nodes are not counted as if they were one."""
+    free = [dict(n) for n in nodes]
+    fitted = 0
+    while fitted < limit:
+        for bundle in bundles:
+            node = next((n for n in free if _room(n, bundle)), None)
+            if node is None:
+                return fitted
+            for k, v in bundle.items():
+                node[k] = node.get(k, 0) - v
+        fitted += 1
+    return fitted
+
+
+def concurrency(nodes: list[dict[str, float]], bundles: list[dict[str, float]], gpus_per_trial: float,
+                requested: int | None = None, cap: int | None = None,
+                scalable: list[dict[str, float]] | None = None) -> int:
+    """How many trials run at once: as many as fit on the nodes (or on the nodes an autoscaler may start,
+    `scalable`: trials then wait for them), after checking that one trial fits at all (an infeasible request
+    would wait forever)."""
+    shapes = scalable or nodes
+    gpus = sum(n.get("GPU", 0) for n in shapes)
+    if gpus_per_trial > gpus:
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {gpus:g} GPUs")
+    workers = bundles[1:] or bundles
+    per_worker_gpu = workers[0].get("GPU", 0)
+    if per_worker_gpu > 1 and not float(per_worker_gpu).is_integer():
+        raise UserError(f"{gpus_per_trial:g} GPUs over {len(workers)} workers is {per_worker_gpu:g} per worker; "
+                        f"above 1 a worker needs whole GPUs")
+    fits = trials_fitting(shapes, bundles)
+    if not fits:
+        gpu_text = f" + {per_worker_gpu:g} GPUs" if per_worker_gpu else ""
+        biggest = max(shapes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
+        raise UserError(f"a trial needs {len(workers)} worker(s) x {workers[0]['CPU']:g} CPUs{gpu_text} and "
+                        f"{bundles[0]['memory'] / 2**30:.1f} GiB for its own process; the largest Ray node has "
+                        f"{biggest.get('CPU', 0):g} CPUs, {biggest.get('GPU', 0):g} GPUs and "
+                        f"{biggest.get('memory', 0) / 2**30:.1f} GiB (lower --cpus-per-worker / --workers-per-trial)")
     return requested or max(1, min(fits, cap or fits))
+
+
+def scalable_nodes(limit: int = 256) -> list[dict[str, float]] | None:
+    """The nodes an autoscaling cluster may start (its node types x their maximum counts), None on a fixed
+    cluster."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    groups = [g for g in (config.node_group_configs if config else ()) if g.max_count and g.resources]
+    if not groups:
+        return None
+    return [dict(g.resources) for g in groups for _ in range(limit if g.max_count < 0 else min(g.max_count, limit))]
 
 
 def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, trainable: Any, planned: int,
            max_concurrent: int, max_epochs: int, in_process: bool) -> Any:
     from ray import tune
 
-    from .callbacks import ParquetResults, ReleaseStoppedTrainGroups
+    from .callbacks import ParquetResults, ReleaseStoppedTrainRuns
 
     budget = sweep.preset.budget(sweep.kind)
     reporter = tune.CLIReporter(
@@ -195,7 +247,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
         max_report_frequency=30, metric="best_top1", mode="max", sort_by_metric=True)
     run_config = tune.RunConfig(
         name="tune", storage_path=join(opts.results, name), verbose=1, progress_reporter=reporter,
-        callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainGroups()],
+        callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainRuns()],
         failure_config=tune.FailureConfig(max_failures=0))  # worker crashes are retried inside Ray Train
     # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
     common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process)
@@ -307,6 +359,8 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
 
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # absolute here: under Ray Client the callbacks that write the tables resolve paths on the cluster
+    opts = dataclasses.replace(opts, results=join(opts.results))
     name, resuming = sweep_name(sweep, opts)
     if resuming:
         manifest = read_manifest(opts, name)
@@ -328,29 +382,47 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
         gpus = float(ray.cluster_resources().get("GPU", 0) >= 1) if auto == "auto" else float(auto)
     cfg = p.runs[0]
     p.base["_run"]["gpus_per_worker"] = gpus / max(cfg.workers, 1)
+    in_process = cfg.workers == 0
+    bundles = trial_bundles(in_process, cfg.workers, cfg.cpus_per_worker, gpus)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    max_concurrent = concurrency(ray.cluster_resources(), nodes, cfg.workers, cfg.cpus_per_worker, gpus,
-                                 opts.max_concurrent, budget.get("max_concurrent"))
+    max_concurrent = concurrency(nodes, bundles, gpus, opts.max_concurrent, budget.get("max_concurrent"),
+                                 scalable_nodes())
     if p.missing:
         from .teachers import train_teachers
 
         train_teachers(sweep.preset, p.missing, opts, out)
-    resources = trial_resources(cfg.workers, cfg.cpus_per_worker, gpus)
+    resources = trial_resources(bundles)
     write_manifest(opts, name, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": p.planned,
                                 "concurrent": max_concurrent, "resources": resources})
     space = {**p.base, **sweep.space} if not sweep.cells else {**p.base, "cell": tune.grid_search(grid_cells(sweep))}
     out(f"sweep {name}: {p.planned} trial(s), {max_concurrent} at once, "
         f"{cfg.workers or 'no'} Ray Train worker(s) per trial; results in {join(opts.results, name)}")
     tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), p.planned, max_concurrent,
-                   max(r.optim.epochs for r in p.runs), in_process=cfg.workers == 0)
+                   max(r.optim.epochs for r in p.runs), in_process=in_process)
     return _fit(tuner, opts, name, p.planned, max_concurrent, out)
+
+
+def compacted(results: str, name: str) -> SweepTables:
+    return SweepTables(results, name).compact()
+
+
+def tables_where_written(results: str, name: str) -> SweepTables:
+    """The sweep's tables, compacted and read on the side that wrote them: under Ray Client (`ray://`) Tune's driver
+    and its callbacks run on the cluster's head node, so there; here otherwise."""
+    import ray
+
+    if not ray.util.client.ray.is_connected():
+        return compacted(results, name)
+    from ray.air.util.node import _force_on_current_node  # under Ray Client: the client server's node
+
+    return ray.get(_force_on_current_node(ray.remote(num_cpus=0)(compacted)).remote(results, name))
 
 
 def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: int,
          out: Callable[[str], None]) -> SweepOutcome:
     started = time.monotonic()
     grid = tuner.fit()
-    tables = SweepTables(opts.results, name).compact()
+    tables = tables_where_written(opts.results, name)
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
     outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
                            interrupted=len(tables.trials) < planned, grid=grid)

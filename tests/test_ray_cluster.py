@@ -1,0 +1,245 @@
+"""Sweeps on a `ray start --head` cluster (no dashboard) that they attach to: nothing of a sweep stays on the
+cluster after it exits (Ray Train's detached cleaners of ASHA-stopped trials included), two sweeps started at once
+on one results root both complete in folders of their own, `--cluster auto` finds a cluster started with
+`ray start --temp-dir`, and Ray Client (`ray://`) sweeps report their rows."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from uhkd.models import create_stage_model, save_model_checkpoint
+from uhkd.sweep.results import TRIALS
+
+ROOT = Path(__file__).resolve().parent.parent
+PAIR = "convnext_tiny:resnet18"
+SMALL = ["--set", "data.limit_train=192", "--set", "data.limit_eval=64", "--set", "data.batch_size=32",
+         "--set", "optim.max_steps_per_epoch=4"]
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclass
+class Head:
+    address: str
+    client_address: str  # ray://
+    temp_dir: str
+    process: subprocess.Popen
+    env: dict
+
+
+def start_head(temp_dir: str, num_cpus: int = 4) -> Head:
+    """`ray start --head --block` on free local ports, without the dashboard, its files under `temp_dir`."""
+    gcs, client, node_manager, object_manager, agent, agent_grpc, metrics, runtime_env = free_ports(8)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=temp_dir, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={gcs}", f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
+         f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = Head(f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", temp_dir, process, env)
+    deadline = time.monotonic() + 90
+    while not (Path(temp_dir) / "ray_current_cluster").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+        time.sleep(0.5)
+    return head
+
+
+def stop_head(head: Head) -> None:
+    head.process.terminate()
+    try:
+        head.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.process.kill()
+        head.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def head():
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    started = start_head(temp_dir)
+    try:
+        yield started
+    finally:
+        stop_head(started)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("teachers")
+    save_model_checkpoint(folder / "convnext_tiny.pth",
+                          create_stage_model("convnext_tiny", num_classes=10, img_size=32, scale="tiny"))
+    return str(folder)
+
+
+def sweep(head: Head, cluster: str, results: Path, teacher_dir: str, *args: str, env: dict | None = None,
+          cwd: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(ROOT / "sweeps" / "hetero_pairs.py"), "--cluster", cluster, "--results",
+            str(results), "--teacher-dir", teacher_dir, "--pairs", PAIR, *SMALL, *args]
+    return subprocess.run(argv, env=env or head.env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+LIST_ACTORS = """
+import json, sys, ray
+from ray._private.state import state
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+me = ray.get_runtime_context().get_job_id()
+print(json.dumps([{"cls": a["ActorClassName"], "job": a["JobID"], "pid": a["Pid"]}
+                  for a in state.actor_table(None, actor_state_name="ALIVE").values() if a["JobID"] != me]))
+"""
+
+
+def private_mb(pid: int) -> float:
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0.0
+    return sum(int(line.split()[1]) for line in rollup if line.startswith(("Private_Clean", "Private_Dirty"))) / 1024
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every process below `pid`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int(Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[1]) if entry.name.isdigit() else None
+        except OSError:
+            continue
+        if parent is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        try:
+            found[p] = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        todo.extend(children.get(p, []))
+    return found
+
+
+NODE_PROCESSES = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")  # the node's own, not a job's
+
+
+def left_over(head: Head) -> tuple[list[dict], dict[int, str]]:
+    """(live actors of jobs other than the caller's, `ray::` processes of actors or tasks) on the cluster: with no
+    sweep running, none should be left."""
+    listing = subprocess.run([sys.executable, "-c", LIST_ACTORS, head.address], env=head.env, capture_output=True,
+                             text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    actors = json.loads(listing.stdout.strip().splitlines()[-1])
+    workers = {p: c for p, c in descendants(head.process.pid).items()
+               if c.startswith("ray::") and not c.startswith(NODE_PROCESSES)}
+    return actors, workers
+
+
+@pytest.mark.slow
+def test_a_sweep_with_asha_stops_leaves_nothing_on_the_cluster(head, tmp_path, teacher_dir):
+    """Ray Train trials (2 workers each) that ASHA stops: their detached PlacementGroupCleaner actors used to stay
+    alive until the cluster stopped (~110 MB each). After the sweep exits, no actor and no actor process of it
+    remains."""
+    before_actors, before_workers = left_over(head)
+    done = sweep(head, head.address, tmp_path / "r", teacher_dir, "--num-samples", "4", "--epochs", "3",
+                 "--workers-per-trial", "2", "--cpus-per-worker", "0.45", "--max-concurrent", "2", "--seed", "1",
+                 "--name", "leak")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = pd.read_parquet(tmp_path / "r" / "leak" / TRIALS)
+    assert len(trials) == 4 and (trials["status"] == "stopped").sum() >= 1, trials[["trial_id", "status"]]
+    deadline = time.monotonic() + 60  # killed actors' processes exit shortly after
+    while True:
+        actors, workers = left_over(head)
+        if (not actors and not workers) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    leaked_mb = sum(private_mb(p) for p in workers)
+    assert (before_actors, before_workers) == ([], {})
+    assert actors == [] and workers == {}, f"left on the cluster: {actors} {workers} ({leaked_mb:.0f} MB)"
+
+
+def in_process(*args: str) -> list[str]:
+    return ["--num-samples", "1", "--epochs", "1", "--workers-per-trial", "0", *args]
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_on_one_results_root_both_complete(head, tmp_path, teacher_dir):
+    results = tmp_path / "r"
+    argv = [sys.executable, str(ROOT / "sweeps" / "hetero_pairs.py"), "--cluster", head.address, "--results",
+            str(results), "--teacher-dir", teacher_dir, "--pairs", PAIR, *SMALL, *in_process()]
+    runs = [subprocess.Popen(argv, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    logs = [r.communicate(timeout=600)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    folders = sorted(p for p in results.iterdir() if p.name.startswith("hetero_pairs-quick-"))
+    assert len(folders) == 2  # same second, folders of their own
+    for folder in folders:
+        assert pd.read_parquet(folder / TRIALS)["status"].tolist() == ["ok"]
+
+
+@pytest.mark.slow
+def test_cluster_auto_finds_a_cluster_started_with_temp_dir(head, tmp_path, teacher_dir):
+    """The head's address file is in its --temp-dir, not in this process's RAY_TMPDIR; RAY_ADDRESS=auto means the
+    same search."""
+    env = {**head.env, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ra", dir="/tmp"), "RAY_ADDRESS": "auto"}
+    try:
+        done = sweep(head, "auto", tmp_path / "r", teacher_dir, *in_process("--name", "found"), env=env)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    port = head.address.rsplit(":", 1)[1]
+    assert "ray: attached to the cluster started with `ray start --temp-dir` at " in done.stdout
+    assert f":{port} (1 node, 4 CPUs)" in done.stdout
+    assert pd.read_parquet(tmp_path / "r" / "found" / TRIALS)["status"].tolist() == ["ok"]
+
+
+EXPLICIT = """
+import sys, ray
+from uhkd.sweep.cluster import connect
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+print(connect(sys.argv[1]))
+print(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+"""
+
+
+@pytest.mark.slow
+def test_an_explicit_address_wins_over_an_initialised_ray(head):
+    done = subprocess.run([sys.executable, "-c", EXPLICIT, head.address], env=head.env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line, port = done.stdout.strip().splitlines()[-2:]
+    assert line.startswith("ray: left this process's Ray instance at ") and f"attached to {head.address}" in line
+    assert port == head.address.rsplit(":", 1)[1]
+
+
+@pytest.mark.slow
+def test_ray_client_sweep_reports_its_rows(head, tmp_path, teacher_dir):
+    """With ray:// the Tune driver runs on the cluster: the tables are written and read there, and the sweep's
+    summary on the client lists them. A relative --results is the client's folder."""
+    done = sweep(head, head.client_address, Path("res"), teacher_dir, *in_process("--name", "client"),
+                 cwd=str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "sweep client: 1/1 trials recorded (1 ok, 0 stopped, 0 failed)" in done.stdout
+    assert pd.read_parquet(tmp_path / "res" / "client" / TRIALS)["status"].tolist() == ["ok"]
