@@ -61,7 +61,7 @@ def start_head(temp_dir: str, num_cpus: int = 4) -> Head:
          "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     head = Head(f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", temp_dir, process, env)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240
     while not (Path(temp_dir) / "ray_current_cluster").exists():
         assert process.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
         time.sleep(0.5)

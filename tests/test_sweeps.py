@@ -22,8 +22,9 @@ import pytest
 from uhkd.errors import UserError
 from uhkd.models import create_stage_model, save_model_checkpoint
 from uhkd.sweep.cli import SweepOptions
-from uhkd.sweep.results import EPOCHS, TRIALS, epochs_schema, loss_terms, trials_schema
-from uhkd.sweep.runner import concurrency, run, trial_bundles, trial_resources
+from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, SweepTables, epochs_schema, loss_terms, read_table, \
+    trials_schema
+from uhkd.sweep.runner import concurrency, run, sweep_name, trial_bundles, trial_resources
 from uhkd.sweep.spec import Sweep, load_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,47 @@ def test_schema_is_the_documented_contract():
     assert epochs.names == ["schema_version", "sweep", "trial_id", "epoch", "top1", "top5", "loss", "loss_ce",
                             "loss_dist", "loss_dkd", "loss_feat", "loss_kl", "loss_ofa", "loss_ofa_branches", "lr",
                             "images_per_s", "epoch_time_s"]
+
+
+def _rows(trial_id: str, top1: float, epochs: int) -> tuple[dict, list[dict]]:
+    trial = {"trial_id": trial_id, "best_top1": top1, "status": "ok", "pair": PAIR}
+    return trial, [{"epoch": e, "top1": top1 - epochs + e} for e in range(1, epochs + 1)]
+
+
+def test_a_trial_end_writes_only_its_part_files_compacted_once(tmp_path):
+    """Each trial's end adds two part files (nothing else is rewritten); readers merge them with the compacted
+    tables, a resumed trial's new part replaces its rows, and compaction leaves the two documented files."""
+    from analysis.common import read_epochs, read_trials
+
+    tables = SweepTables(str(tmp_path), "s")
+    for i in range(3):
+        tables.write_trial(*_rows(f"t{i}", 50.0 + i, epochs=2))
+    folder = tmp_path / "s"
+    assert sorted(p.name for p in (folder / PARTS).iterdir()) == [
+        f"t{i}.{name}" for i in range(3) for name in (EPOCHS, TRIALS)]
+    assert not (folder / TRIALS).exists()
+    assert sorted(read_trials(tmp_path)["trial_id"]) == ["t0", "t1", "t2"]  # a live reader, before compaction
+    assert len(read_epochs(folder)) == 6
+
+    compacted = SweepTables(str(tmp_path), "s").compact()
+    assert not list((folder / PARTS).iterdir()) and len(compacted.trials) == 3 and len(compacted.epochs) == 6
+    assert pq.read_schema(folder / TRIALS).equals(trials_schema(), check_metadata=True)
+    assert pd.read_parquet(folder / EPOCHS)[["trial_id", "epoch"]].values.tolist() == [
+        [f"t{i}", e] for i in range(3) for e in (1, 2)]
+
+    tables.write_trial(*_rows("t1", 70.0, epochs=3))  # t1 resumed and finished again
+    merged = read_table(compacted.fs, str(folder / TRIALS), TRIALS).to_pandas().set_index("trial_id")
+    assert len(merged) == 3 and merged.loc["t1", "best_top1"] == 70.0
+    again = SweepTables(str(tmp_path), "s").compact()
+    assert again.trials["t1"]["best_top1"] == 70.0 and len(again.epochs) == 7
+    assert pd.read_parquet(folder / TRIALS)["trial_id"].is_unique
+
+
+def test_sweeps_started_in_the_same_second_get_their_own_names(tmp_path):
+    sweep = Sweep("hetero_pairs", load_preset("quick"))
+    opts = SweepOptions(results=str(tmp_path))
+    names = {sweep_name(sweep, opts)[0] for _ in range(20)}
+    assert len(names) == 20 and all(n.startswith("hetero_pairs-quick-") for n in names)
 
 
 def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
@@ -157,11 +199,14 @@ def test_grid_sweep_records_nan_and_crashing_trials_as_failed(tmp_path, ray_loca
     assert crash["status"] == "failed" and crash["failure_reason"].startswith("UserError: checkpoint file")
     assert "not readable" in crash["failure_reason"]
     assert any(line.startswith("failed: trial") and "non-finite loss" in line for line in lines)
+    configs = [r.config for r in outcome.grid]  # each trial's config holds its own cell, not the whole grid
+    assert sorted(c["cell"]["label"] for c in configs) == sorted(cells) and not any("_cells" in c for c in configs)
+    assert all(c["cell"]["set"] == cells[c["cell"]["label"]] for c in configs)
     assert "3/3 trials recorded (1 ok, 0 stopped, 2 failed)" in "\n".join(lines)
 
 
 def test_interrupt_then_resume_records_every_trial_once(tmp_path, teacher_dir):
-    """SIGINT to a sweep once its first trial is in trials.parquet, then --resume: each trial appears exactly once,
+    """SIGINT to a sweep once its first trial's rows are written, then --resume: each trial appears exactly once,
     finished trials are not rerun, and unfinished runs continue from their checkpoints (in-process trials here;
     the end-to-end test runs Ray Train trials)."""
     ray_tmp = _short_tmp()
@@ -173,7 +218,8 @@ def test_interrupt_then_resume_records_every_trial_once(tmp_path, teacher_dir):
         first = subprocess.Popen(argv, env=_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         table = results / "sw" / TRIALS
         deadline = time.monotonic() + 240
-        while not table.exists() and first.poll() is None and time.monotonic() < deadline:
+        while not list((results / "sw" / PARTS).glob(f"*.{TRIALS}")) and first.poll() is None and \
+                time.monotonic() < deadline:
             time.sleep(0.5)
         first.send_signal(signal.SIGINT)
         log, _ = first.communicate(timeout=120)
