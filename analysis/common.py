@@ -18,7 +18,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from uhkd.errors import UserError
-from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, open_location, read_table
+from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, merged_table, open_location
 
 RESULTS_HELP = ("a trials.parquet file, a sweep folder holding trials.parquet (and epochs.parquet), or a results "
                 "root holding several sweep folders (concatenated); local paths or pyarrow URIs (file://, s3://, gs://)")
@@ -56,7 +56,7 @@ def find_tables(results: str | Path, name: str) -> tuple[pafs.FileSystem, list[s
 
 def _read(results: str | Path, name: str) -> pd.DataFrame:
     fs, paths = find_tables(results, name)
-    tables = (read_table(fs, p, name) for p in paths)
+    tables = (merged_table(fs, p, name) for p in paths)
     frames = [t.to_pandas() for t in tables if t is not None and t.num_rows]
     if not frames:
         raise UserError(f"{name} at {str(results)!r} has no rows yet (no trial has finished)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from uhkd.sweep.results import EPOCHS, TRIALS, SweepTables, epochs_schema, read_table, trials_schema, \
+from uhkd.sweep.results import EPOCHS, TRIALS, SweepTables, epochs_schema, merged_table, trials_schema, \
     write_atomic
 
 SAMPLE = {pa.int32(): 1, pa.int64(): 7, pa.float64(): 0.5, pa.string(): "convnext_tiny", pa.bool_(): True,
@@ -66,7 +66,7 @@ def measure(n: int, epochs: int, repeats: int, root: Path) -> dict:
         tables.write_trial(trial, old_epochs[i * epochs:(i + 1) * epochs])
     part = timed(lambda: tables.write_trial(new_trial, new_epochs), repeats)
     start = time.perf_counter()
-    live = read_table(tables.fs, f"{tables.folder}/{TRIALS}", TRIALS)
+    live = merged_table(tables.fs, f"{tables.folder}/{TRIALS}", TRIALS)
     read_s = time.perf_counter() - start
     start = time.perf_counter()
     compacted = SweepTables(str(root), f"parts-{n}").compact()

@@ -22,7 +22,7 @@ import pytest
 from uhkd.errors import UserError
 from uhkd.models import create_stage_model, save_model_checkpoint
 from uhkd.sweep.cli import SweepOptions
-from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, SweepTables, epochs_schema, loss_terms, read_table, \
+from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, SweepTables, epochs_schema, loss_terms, merged_table, \
     trials_schema
 from uhkd.sweep.runner import concurrency, run, sweep_name, trial_bundles, trial_resources
 from uhkd.sweep.spec import Sweep, load_preset
@@ -110,7 +110,7 @@ def test_a_trial_end_writes_only_its_part_files_compacted_once(tmp_path):
         [f"t{i}", e] for i in range(3) for e in (1, 2)]
 
     tables.write_trial(*_rows("t1", 70.0, epochs=3))  # t1 resumed and finished again
-    merged = read_table(compacted.fs, str(folder / TRIALS), TRIALS).to_pandas().set_index("trial_id")
+    merged = merged_table(compacted.fs, str(folder / TRIALS), TRIALS).to_pandas().set_index("trial_id")
     assert len(merged) == 3 and merged.loc["t1", "best_top1"] == 70.0
     again = SweepTables(str(tmp_path), "s").compact()
     assert again.trials["t1"]["best_top1"] == 70.0 and len(again.epochs) == 7

@@ -73,8 +73,8 @@ def _num(value: Any, kind: type = float) -> Any:
 
 class ParquetResults(tune.Callback):
     """Collects each trial's per-epoch results and writes its rows (part files of the sweep's Parquet tables) when
-    it ends (finished, failed or stopped). Its state (epoch rows of unfinished trials, their start times) is saved with the
-    Tune experiment, so a resumed sweep keeps the epochs reported before the interruption."""
+    it ends (finished, failed or stopped). Its state (epoch rows of unfinished trials, their start times) is saved
+    with the Tune experiment, so a resumed sweep keeps the epochs reported before the interruption."""
 
     def __init__(self, results: str, sweep: str, preset: str) -> None:
         self.results, self.sweep, self.preset = results, sweep, preset
@@ -243,6 +243,8 @@ def stop_cleaners(orphaned_only: bool) -> int:
     for actor in alive:
         if actor.class_name == CLEANER and not (orphaned_only and actor.owner_address.worker_id in live_workers):
             by_node.setdefault(actor.address.node_id.hex(), []).append(actor.pid)
+    if not by_node:
+        return 0
     kill = ray.remote(num_cpus=0, max_retries=0)(_kill_processes)
     ray.get([kill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pids)
              for node, pids in by_node.items()], timeout=120)

@@ -3,7 +3,7 @@ schema").
 
 A trial's end writes only that trial's rows, as two part files `parts/<trial_id>.trials.parquet` and
 `parts/<trial_id>.epochs.parquet` (constant cost however many trials the sweep has); the sweep compacts the parts
-into the two tables once, when `Tuner.fit` returns (also after an interruption). Readers (`read_table`) merge the
+into the two tables once, when `Tuner.fit` returns (also after an interruption). Readers (`merged_table`) merge the
 parts a running or crashed sweep has not compacted yet, a part replacing its trial's rows. Every file is written
 through a temporary name and a rename (a single PUT on object stores), so a reader or a crash never sees half a file.
 The schema is fixed: a column that is null in every row keeps its type, and the config columns follow
@@ -115,7 +115,7 @@ def _ordered(table: pa.Table, name: str) -> pa.Table:
     return table.sort_by(keys) if all(k in table.column_names for k, _ in keys) else table
 
 
-def read_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table | None:
+def merged_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table | None:
     """Table `name` (TRIALS or EPOCHS) stored at `path` as readers see it: the compacted file with the part files
     beside it (trials that ended since the last compaction) replacing their trials' rows; None when neither exists."""
     import pyarrow.dataset as ds
@@ -126,7 +126,8 @@ def read_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table | None:
     if fs.get_file_info(path).type == pafs.FileType.File:
         table = pq.read_table(path, filesystem=fs)
         if tables and "trial_id" in table.column_names:
-            table = table.filter(pc.invert(pc.is_in(table["trial_id"], value_set=tables[0]["trial_id"].combine_chunks())))
+            replaced = tables[0]["trial_id"].combine_chunks()
+            table = table.filter(pc.invert(pc.is_in(table["trial_id"], value_set=replaced)))
         tables.insert(0, table)
     if not tables:
         return None
@@ -148,7 +149,7 @@ class SweepTables:
     def load(self) -> "SweepTables":
         """Read every row written so far (compacted or not)."""
         for name, rows in ((TRIALS, self.trials), (EPOCHS, self.epochs)):
-            table = read_table(self.fs, f"{self.folder}/{name}", name)
+            table = merged_table(self.fs, f"{self.folder}/{name}", name)
             for row in table.to_pylist() if table is not None else ():
                 rows[row["trial_id"] if name == TRIALS else (row["trial_id"], row["epoch"])] = row
         return self

@@ -3,8 +3,8 @@ loop in the trial's own process when `workers=0`).
 
 A trial's Tune config holds everything the trial needs (module globals do not reach trial actors):
 `_preset` (run preset), `_run` (fixed overrides), `_train_storage` (absolute folder of the trials' runs),
-`_teacher_dir`, optionally `cell` (grid sweeps: this trial's cell, `{"label": ..., "set": overrides}`) and the sampled hyperparameters
-under their dotted config keys, plus `pair` ("teacher:student"). `run_config` turns it into the `RunConfig`, on the
+`_teacher_dir`, optionally `cell` (grid sweeps: this trial's own cell, `{"label": ..., "set": overrides}`) and the
+sampled hyperparameters under their dotted config keys, plus `pair` ("teacher:student"). `run_config` turns it into the `RunConfig`, on the
 trial and on the driver (for the Parquet row) alike.
 """
 from __future__ import annotations
