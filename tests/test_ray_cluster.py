@@ -157,15 +157,20 @@ def left_over(head: Head) -> tuple[list[dict], dict[int, str]]:
     return actors, workers
 
 
+# Ray Train trials (2 workers: one worker trains in the trial's own process) with ASHA stops: seed 1 samples a
+# trial that ASHA stops after its first epoch
+LEAK_SWEEP = ("--num-samples", "4", "--epochs", "3", "--workers-per-trial", "2", "--cpus-per-worker", "0.45",
+              "--max-concurrent", "2", "--seed", "1", "--set", "optim.max_steps_per_epoch=6",
+              "--set", "data.limit_eval=128")
+
+
 @pytest.mark.slow
 def test_a_sweep_with_asha_stops_leaves_nothing_on_the_cluster(head, tmp_path, teacher_dir):
     """Ray Train trials (2 workers each) that ASHA stops: their detached PlacementGroupCleaner actors used to stay
     alive until the cluster stopped (~110 MB each). After the sweep exits, no actor and no actor process of it
     remains."""
     before_actors, before_workers = left_over(head)
-    done = sweep(head, head.address, tmp_path / "r", teacher_dir, "--num-samples", "4", "--epochs", "3",
-                 "--workers-per-trial", "2", "--cpus-per-worker", "0.45", "--max-concurrent", "2", "--seed", "1",
-                 "--name", "leak")
+    done = sweep(head, head.address, tmp_path / "r", teacher_dir, *LEAK_SWEEP, "--name", "leak", timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "r" / "leak" / TRIALS)
     assert len(trials) == 4 and (trials["status"] == "stopped").sum() >= 1, trials[["trial_id", "status"]]
