@@ -52,6 +52,7 @@ def start_head(temp_dir: str, num_cpus: int = 4) -> Head:
     gcs, client, node_manager, object_manager, agent, agent_grpc, metrics, runtime_env = free_ports(8)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=temp_dir, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115  (the head writes it while it runs)
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs}", f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
@@ -59,11 +60,13 @@ def start_head(temp_dir: str, num_cpus: int = 4) -> Head:
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={runtime_env}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
          "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env, stdout=log, stderr=subprocess.STDOUT)
     head = Head(f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", temp_dir, process, env)
     deadline = time.monotonic() + 240
     while not (Path(temp_dir) / "ray_current_cluster").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_head(head)
+            raise AssertionError(f"ray start --head did not come up: {Path(log.name).read_text()[-2000:]}")
         time.sleep(0.5)
     return head
 

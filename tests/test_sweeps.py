@@ -448,3 +448,46 @@ def test_placement_groups_of_dead_train_controllers_are_released(ray_local):
     ray.get(alive.free.remote())
     ray.kill(alive)
     remove_placement_group(mine)
+
+
+class PlacementGroupCleaner:  # the class name of Ray Train's detached per-run cleaner (what stop_cleaners looks for)
+    def ping(self) -> int:
+        return 1
+
+
+def test_detached_cleaners_of_dead_controllers_are_stopped(ray_local):
+    """What an ASHA stop leaves without the dashboard: a detached cleaner whose creator (the Train controller) was
+    killed. Those go during the sweep; at its end every cleaner of the job goes."""
+    import ray
+    from ray._private.state import state
+
+    from uhkd.sweep.callbacks import stop_cleaners
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def start_cleaner(self) -> str:
+            self.cleaner = ray.remote(num_cpus=0)(PlacementGroupCleaner).options(lifetime="detached").remote()
+            ray.get(self.cleaner.ping.remote())
+            return self.cleaner._actor_id.hex()
+
+    dead, alive = Controller.remote(), Controller.remote()
+    orphan, guarded = ray.get(dead.start_cleaner.remote()), ray.get(alive.start_cleaner.remote())
+    ray.kill(dead)
+
+    def cleaner_state(actor_id: str) -> str:
+        return state.actor_table(actor_id)["State"]
+
+    deadline = time.monotonic() + 60
+    stopped = 0
+    while not stopped and time.monotonic() < deadline:  # the GCS records the controller's death shortly after
+        stopped = stop_cleaners(orphaned_only=True)
+        time.sleep(0.2)
+    assert stopped == 1
+    while cleaner_state(orphan) != "DEAD" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cleaner_state(orphan) == "DEAD" and cleaner_state(guarded) == "ALIVE"
+    assert stop_cleaners(orphaned_only=False) == 1
+    while cleaner_state(guarded) != "DEAD" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cleaner_state(guarded) == "DEAD"
+    ray.kill(alive)

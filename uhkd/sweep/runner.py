@@ -225,8 +225,11 @@ def concurrency(nodes: list[dict[str, float]], bundles: list[dict[str, float]], 
 def scalable_nodes(limit: int = 256) -> list[dict[str, float]] | None:
     """The nodes an autoscaling cluster may start (its node types x their maximum counts), None on a fixed
     cluster."""
+    import ray
     from ray._private.state import state
 
+    if ray.util.client.ray.is_connected():  # the cluster's state is read on the cluster
+        return ray.get(ray.remote(num_cpus=0)(scalable_nodes).remote(limit))
     config = state.get_cluster_config()
     groups = [g for g in (config.node_group_configs if config else ()) if g.max_count and g.resources]
     if not groups:
