@@ -1,6 +1,7 @@
-"""Search UHKD's loss weights over heterogeneous teacher-student pairs: Optuna (TPE, seeded) over the preset's pairs,
-α, β (log-uniform), τ and the spectrum form, ASHA stopping on validation top-1 each epoch, the `tune` split only
-(a seeded 90/10 split of the training set; never the test set). Every trial is a Ray Train TorchTrainer run.
+"""Search UHKD's loss weights per heterogeneous teacher-student pair: α, β (log-uniform), τ and the spectrum form,
+the sample budget split across the preset's pairs, each pair with its own Optuna TPE study (seeded) and its own
+ASHA brackets stopping on validation top-1 each epoch (uhkd/sweep/search.py), the `tune` split only (a seeded 90/10
+split of the training set; never the test set). Every trial is a Ray Train TorchTrainer run.
 
     python sweeps/hetero_pairs.py                      # quick preset: offline digits, tiny models, a few minutes
     python sweeps/hetero_pairs.py --preset cifar100 --data-root DIR --teacher-dir DIR --cluster auto
@@ -21,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     p = sweep_parser("sweeps/hetero_pairs.py", __doc__)
     pairs_flag(p)
     p.add_argument("--study", default="", metavar="DB",
-                   help="SQLite file keeping the Optuna study, so later sweeps warm-start from its trials")
+                   help="SQLite file keeping the Optuna studies (one per pair), so later sweeps warm-start from them")
     p.add_argument("--objective", default="accuracy", choices=("accuracy", "pareto"),
                    help="accuracy: best top-1; pareto: best top-1 against --pareto-metric (multi-objective)")
     p.add_argument("--pareto-metric", default="student_params", choices=("student_params", "images_per_s"))
