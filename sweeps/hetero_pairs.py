@@ -13,6 +13,7 @@ import sys
 
 from ray import tune
 
+from uhkd.errors import UserError
 from uhkd.sweep.cli import SweepOptions, pairs_flag, sweep_parser
 from uhkd.sweep.runner import main, pairs
 from uhkd.sweep.spec import Sweep, domain, load_preset
@@ -32,7 +33,12 @@ def parser() -> argparse.ArgumentParser:
 def build(args: argparse.Namespace, opts: SweepOptions) -> Sweep:
     preset = load_preset(opts.preset)
     section = preset.section("hetero_pairs")
-    space = {"pair": tune.choice(pairs("hetero_pairs", preset, opts))}
+    pair_list = pairs("hetero_pairs", preset, opts)
+    samples = opts.num_samples or int(preset.budget("hetero_pairs").get("num_samples", 1))
+    if samples < len(pair_list):
+        raise UserError(f"--num-samples {samples} is fewer than the {len(pair_list)} pairs; the search splits the "
+                        f"samples across the pairs (at least one each): raise it or give fewer --pairs")
+    space = {"pair": tune.choice(pair_list)}
     space.update({key: domain(key, spec) for key, spec in (section.get("space") or {}).items()})
     return Sweep("hetero_pairs", preset, space=space, force={"method.name": "uhkd", "data.split": "tune"},
                  asha=True, objective=args.objective, pareto_metric=args.pareto_metric, study=args.study)

@@ -240,6 +240,7 @@ def test_cluster_auto_attaches_to_a_ray_start_cluster(tmp_path, teacher_dir):
     (["--resume"], "nothing to resume: no hetero_pairs-quick-* sweep"),
     (["--preset", "cifar100", "--set", "data.dataset=mnist5k"], "missing teacher checkpoint(s) in"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--num-samples", "2"], "--num-samples 2 is fewer than the 3 pairs; the search splits the samples"),
 ])
 def test_bad_input_fails_before_any_trial_with_one_line(tmp_path, capsys, args, message):
     from sweeps import hetero_pairs
