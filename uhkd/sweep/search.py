@@ -105,12 +105,12 @@ class PairASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "ASHA per pair: " + "; ".join(
-            f"{pair} stopped {s._num_stopped}" for pair, s in self.by_pair.items())
+            f"{pair}: {s.debug_string().splitlines()[0]}" for pair, s in self.by_pair.items())
 
 
 def searcher(sweep: Sweep, seed: int, planned: int, max_concurrent: int) -> Searcher:
     """TPE per pair of the sweep's `pair` domain, `planned` samples split across the pairs. Every pair's sampler has
-    the same seed, so the pairs start from the same random configurations."""
+    the same seed, so the pairs start from the same random configurations (a paired comparison)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -124,13 +124,15 @@ def searcher(sweep: Sweep, seed: int, planned: int, max_concurrent: int) -> Sear
     if sweep.study:
         storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(os.path.expanduser(sweep.study))}")
 
-    def make(pair: str) -> OptunaSearch:
-        return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed),
-                            storage=storage, study_name=study_name(sweep, pair) if storage else None)
+    budget = split_budget(planned, list(sweep.space["pair"].categories))
 
-    pairs = list(sweep.space["pair"].categories)
-    return ConcurrencyLimiter(PairSearch(split_budget(planned, pairs), make, metric, mode),
-                              max_concurrent=max_concurrent)
+    def make(pair: str) -> OptunaSearch:
+        # TPE models a pair after its random start-up trials: Optuna's 10, or half the pair's share when smaller
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, budget[pair] // 2)))
+        return OptunaSearch(metric=metric, mode=mode, sampler=sampler, storage=storage,
+                            study_name=study_name(sweep, pair) if storage else None)
+
+    return ConcurrencyLimiter(PairSearch(budget, make, metric, mode), max_concurrent=max_concurrent)
 
 
 def scheduler(sweep: Sweep, budget: dict, max_epochs: int) -> TrialScheduler:
