@@ -100,8 +100,9 @@ def teacher_dir(tmp_path_factory) -> str:
 
 
 def sweep(head: Head, cluster: str, results: Path, teacher_dir: str, *args: str, env: dict | None = None,
-          cwd: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(ROOT / "sweeps" / "hetero_pairs.py"), "--cluster", cluster, "--results",
+          cwd: str | None = None, timeout: int = 900, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    """hetero_pairs (or `script`, python's arguments) on one pair with tiny data, as its own process."""
+    argv = [sys.executable, *(script or [str(ROOT / "sweeps" / "hetero_pairs.py")]), "--cluster", cluster, "--results",
             str(results), "--teacher-dir", teacher_dir, "--pairs", PAIR, *SMALL, *args]
     return subprocess.run(argv, env=env or head.env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
@@ -160,23 +161,36 @@ def left_over(head: Head) -> tuple[list[dict], dict[int, str]]:
     return actors, workers
 
 
-# Ray Train trials (2 workers: one worker trains in the trial's own process) with ASHA stops: seed 1 samples a
-# trial that ASHA stops after its first epoch
-LEAK_SWEEP = ("--num-samples", "4", "--epochs", "3", "--workers-per-trial", "2", "--cpus-per-worker", "0.45",
-              "--max-concurrent", "2", "--seed", "1", "--set", "optim.max_steps_per_epoch=6",
-              "--set", "data.limit_eval=128")
+# hetero_pairs whose every trial plans 4 epochs in a sweep of 2: ASHA stops each at its max_t (epoch 3) while its
+# Ray Train run is still going (the controller killed, as for any early stop). 2 workers: 1-worker trials train in
+# the trial's own process.
+ASHA_STOPS_ALL = """
+import sys
+from sweeps import hetero_pairs
+from uhkd.sweep.runner import main
+from uhkd.sweep.spec import domain
+
+def build(args, opts):
+    sweep = hetero_pairs.build(args, opts)
+    sweep.space["optim.epochs"] = domain("optim.epochs", {"choice": [4]})
+    return sweep
+
+sys.exit(main(hetero_pairs.parser(), build))
+"""
+LEAK_SWEEP = ("--num-samples", "3", "--epochs", "2", "--workers-per-trial", "2", "--cpus-per-worker", "0.45",
+              "--max-concurrent", "2")
 
 
 @pytest.mark.slow
 def test_a_sweep_with_asha_stops_leaves_nothing_on_the_cluster(head, tmp_path, teacher_dir):
-    """Ray Train trials (2 workers each) that ASHA stops: their detached PlacementGroupCleaner actors used to stay
-    alive until the cluster stopped (~110 MB each). After the sweep exits, no actor and no actor process of it
-    remains."""
+    """Ray Train trials that ASHA stops: their detached PlacementGroupCleaner actors used to stay alive until the
+    cluster stopped (~110 MB each). After the sweep exits, no actor and no actor process of it remains."""
     before_actors, before_workers = left_over(head)
-    done = sweep(head, head.address, tmp_path / "r", teacher_dir, *LEAK_SWEEP, "--name", "leak", timeout=1800)
+    done = sweep(head, head.address, tmp_path / "r", teacher_dir, *LEAK_SWEEP, "--name", "leak", timeout=1800,
+                 script=["-c", ASHA_STOPS_ALL])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "r" / "leak" / TRIALS)
-    assert len(trials) == 4 and (trials["status"] == "stopped").sum() >= 1, trials[["trial_id", "status"]]
+    assert trials["status"].tolist() == ["stopped"] * 3 and (trials["epochs_run"] == 3).all()
     deadline = time.monotonic() + 60  # killed actors' processes exit shortly after
     while True:
         actors, workers = left_over(head)
