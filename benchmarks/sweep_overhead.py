@@ -3,9 +3,9 @@ the previous ones (every trial a Ray Train run), and how many epochs ASHA saves 
 trials to completion.
 
 Runs the quick hetero_pairs sweep three times on one embedded cluster, with the same seeded Optuna suggestions:
-the defaults with ASHA, the defaults without ASHA, and Ray Train trials with ASHA (the previous default path). A
-trial's start-up is its wall time (from Tune starting its actor to its end) minus the time of its epochs (training
-+ evaluation, as the run measures them). Ray's fixed share of a sweep's wall time is everything but training and
+the defaults with ASHA, the defaults without ASHA, and Ray Train trials (2 workers) with ASHA, the path every
+trial took before. A trial's start-up is its wall time (from Tune starting its actor to its end) minus the time of
+its epochs (training + evaluation, as the run measures them). Ray's fixed share of a sweep's wall time is everything but training and
 evaluation: Ray's own start, actor creation, scheduling gaps and trial start-up, i.e. 1 - (epochs' time / trials at
 once) / (Ray start + sweep wall time). Teachers are trained first (outside the timings) when --teacher-dir lacks
 them.
@@ -59,7 +59,6 @@ def main() -> None:
     from uhkd.sweep.cluster import connect
     from uhkd.sweep.runner import plan
     from uhkd.sweep.teachers import train_teachers
-    from uhkd.sweep.trainable import in_process
 
     results = args.results or tempfile.mkdtemp(prefix="uhkd-overhead-")
     Path(results).mkdir(parents=True, exist_ok=True)
@@ -77,8 +76,9 @@ def main() -> None:
         if missing:
             with contextlib.redirect_stdout(log):
                 train_teachers(sweep.preset, missing, opts, out=lambda line: print(line, file=log))
-        # the previous default path: every trial a Ray Train run, with the preset's CPUs split over its workers
-        train_workers = next(w for w in range(1, 9) if not in_process(w))
+        # every trial a Ray Train run (2 workers: one worker may train in the trial's own process), with the
+        # preset's CPUs split over its workers
+        train_workers = 2
         cpus = sweep.preset.run(sweep.kind)["cpus_per_worker"] / train_workers
         rows = [measure("defaults, ASHA", sweep, dataclasses.replace(opts, name="defaults-asha"), log),
                 measure("defaults, to completion", dataclasses.replace(sweep, asha=False),

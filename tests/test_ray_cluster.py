@@ -191,7 +191,7 @@ def test_a_sweep_with_asha_stops_leaves_nothing_on_the_cluster(head, tmp_path, t
                  script=["-c", ASHA_STOPS_ALL])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "r" / "leak" / TRIALS)
-    assert trials["status"].tolist() == ["stopped"] * 3 and (trials["epochs_run"] >= 3).all()
+    assert trials["status"].tolist() == ["stopped"] * 3  # by ASHA: at max_t, or trailing at a rung
     deadline = time.monotonic() + 60  # killed actors' processes exit shortly after
     while True:
         actors, workers = left_over(head)
