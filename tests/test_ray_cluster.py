@@ -266,3 +266,29 @@ def test_ray_client_sweep_reports_its_rows(head, tmp_path, teacher_dir):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "sweep client: 1/1 trials recorded (1 ok, 0 stopped, 0 failed)" in done.stdout
     assert pd.read_parquet(tmp_path / "res" / "client" / TRIALS)["status"].tolist() == ["ok"]
+
+
+@pytest.mark.slow
+def test_an_embedded_sweep_with_asha_stops_keeps_no_cleaners(ray_local, tmp_path, teacher_dir):
+    """The embedded cluster has no dashboard, so Ray Train's cleaners never learn that a stopped trial's controller
+    died: before the fix each stopped trial left one alive (3 here, ~110 MB each, plus the AutoscalingCoordinator)."""
+    from ray._private.state import state
+
+    from sweeps import hetero_pairs
+    from uhkd.sweep.cli import options
+    from uhkd.sweep.runner import run
+    from uhkd.sweep.spec import domain
+
+    args = hetero_pairs.parser().parse_args(["--results", str(tmp_path / "r"), "--teacher-dir", teacher_dir,
+                                             "--pairs", PAIR, *SMALL, *LEAK_SWEEP, "--name", "leak"])
+    opts = options(args)
+    sweep = hetero_pairs.build(args, opts)
+    sweep.space["optim.epochs"] = domain("optim.epochs", {"choice": [12]})
+    outcome = run(sweep, opts, out=lambda line: None)
+    assert [r["status"] for r in outcome.tables.trials.values()] == ["stopped"] * 3
+    left = ["?"]
+    deadline = time.monotonic() + 60
+    while left and time.monotonic() < deadline:
+        left = sorted(a["ActorClassName"] for a in state.actor_table(None, actor_state_name="ALIVE").values())
+        time.sleep(1)
+    assert left == []
