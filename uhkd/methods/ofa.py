@@ -73,8 +73,8 @@ class TokenBranch(nn.Module):
     def __init__(self, channels: int, size: tuple[int, int], stage: int, width: int, num_classes: int) -> None:
         super().__init__()
         merges = max(int(math.log2(min(size) / FINAL_GRID)), 0)
-        layers: list[nn.Module] = [PatchMerge(channels if i == 0 else width, width, gelu=i == 0 or i < merges - 1)
-                                   for i in range(merges)]
+        layers: list[nn.Module] = [
+            PatchMerge(channels if i == 0 else width, width, gelu=i == 0 or i < merges - 1) for i in range(merges)]
         if not layers and channels != width:
             layers.append(nn.Linear(channels, width, bias=False))
         self.merge = nn.Sequential(*layers)
