@@ -42,12 +42,12 @@ def preflight(cfg: RunConfig, teacher_file: bool = True) -> None:
     from .methods import teacher_use
 
     METHODS.get(cfg.method.name)
-    DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
     m = cfg.model
     if teacher_use(cfg).needed and not m.teacher_checkpoint and not m.random_teacher:
         raise UserError(f"method {cfg.method.name!r} distils from teacher {m.teacher!r} but no teacher checkpoint "
                         f"is given: pass --teacher-checkpoint FILE (sweeps: --teacher-dir), or --set "
                         f"model.random_teacher=true to distil from a randomly initialised teacher")
+    DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
     for what, path in (("teacher checkpoint", m.teacher_checkpoint if teacher_file else ""),
                        ("pretrained weight file", m.pretrained_file)):
         if path and not Path(path).is_file():
@@ -238,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
         output = Path(cfg.output_dir or os.path.join("runs", run_name(cfg))).expanduser().resolve()
         cfg = dataclasses.replace(cfg, output_dir=str(output))
+        preflight(cfg)  # before Ray starts
         if cfg.workers == 0:
             metrics = run_in_process(cfg)
         else:
