@@ -148,7 +148,7 @@ def test_an_effective_batch_that_does_not_divide_fails_in_one_line():
         build_config("cifar100", {"model.student": "resnet18", "workers": 3})
     assert str(err.value).startswith("optim.effective_batch=1024 cannot be reached with data.batch_size=128 x 3 "
                                      "worker(s) = 384 images per step") and "\n" not in str(err.value)
-    with pytest.raises(UserError, match=r"x 1 worker\(s\) x optim.accumulate=4 = 512 images per step"):
+    with pytest.raises(UserError, match=r"x 1 worker\(s\) x optim.accumulate=4 = 512 images per update"):
         build_config("cifar100", {"model.student": "resnet18", "optim.accumulate": 4})
 
 

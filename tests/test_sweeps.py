@@ -107,6 +107,10 @@ def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
     assert set(trials["status"]) <= {"ok", "stopped"} and (trials["status"] == "ok").any()
     assert (trials["split"] == "tune").all() and (trials["method"] == "uhkd").all() and (trials["pair"] == PAIR).all()
     assert (trials["workers"] == 1).all() and (trials["sweep"] == "hp").all() and (trials["preset"] == "quick").all()
+    layout = trials[["batch_per_worker", "train_workers", "accumulation", "effective_batch"]].values.tolist()
+    assert layout == [[row.data_batch_size, 1, 1, row.data_batch_size] for row in
+                      trials.rename(columns={"data.batch_size": "data_batch_size"}).itertuples()]
+    assert trials["lr_used"].tolist() == trials["optim.lr"].tolist()  # no lr scaling unless optim.scale_lr
     assert trials["method.beta"].between(0.05, 20).all() and trials["method.temperature"].isin([1, 2, 4]).all()
     assert (trials["method.w_ce"] == 1.0).all()  # resolved config columns, not only the searched ones
     assert trials["model.teacher_checkpoint"].eq(str(teachers / "convnext_tiny.pth")).all()

@@ -306,9 +306,11 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"workers must be >= 0, got {cfg.workers}")
     if cfg.optim.epochs < 1:
         raise UserError(f"optim.epochs must be >= 1, got {cfg.optim.epochs}")
-    for key in ("data.batch_size", "optim.effective_batch", "optim.accumulate"):
-        if flat[key] < (1 if key == "data.batch_size" else 0):
-            raise UserError(f"{key} must be >= {1 if key == 'data.batch_size' else 0}, got {flat[key]}")
+    if cfg.data.batch_size < 1:
+        raise UserError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    for key in ("optim.effective_batch", "optim.accumulate"):
+        if flat[key] < 0:
+            raise UserError(f"{key} must be >= 0, got {flat[key]}")
     batch_plan(cfg)
 
 
@@ -346,11 +348,11 @@ def batch_plan(cfg: RunConfig, world: int | None = None) -> BatchPlan:
         return BatchPlan(batch, world, steps, per_step * steps, scale)
     steps = o.accumulate or target // per_step
     if per_step * steps != target:
-        given = f" x optim.accumulate={o.accumulate}" if o.accumulate else ""
+        layout = (f"x optim.accumulate={o.accumulate} = {per_step * steps} images per update" if o.accumulate
+                  else f"= {per_step} images per step")
         raise UserError(f"optim.effective_batch={target} cannot be reached with data.batch_size={batch} x "
-                        f"{world} worker(s){given} = {per_step * steps if o.accumulate else per_step} images "
-                        f"per step; choose numbers that divide it, or set optim.scale_lr=true to scale the lr "
-                        f"instead")
+                        f"{world} worker(s) {layout}; choose numbers that divide it, or set optim.scale_lr=true "
+                        f"to scale the lr instead")
     return BatchPlan(batch, world, steps, target, 1.0)
 
 
