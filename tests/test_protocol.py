@@ -187,8 +187,8 @@ def test_scratch_builds_and_evaluates_no_teacher(tmp_path, capsys):
 
 @pytest.mark.parametrize("preset", ["cifar100", "imagenet"])
 def test_distilling_without_a_teacher_checkpoint_fails_before_start(tmp_path, capsys, preset):
-    code = main(["--preset", preset, "--method", "kd", "--student", "resnet18", "--data-root",
-                 str(tmp_path / "no-data"), "--output", str(tmp_path / "o")])
+    code = main(["--preset", preset, "--method", "kd", "--student", "resnet18", "--dataset", "mnist5k",  # offline
+                 "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("error: method 'kd' distils from teacher 'vit_small_patch16_224' but no teacher "

@@ -42,12 +42,12 @@ def preflight(cfg: RunConfig, teacher_file: bool = True) -> None:
     from .methods import teacher_use
 
     METHODS.get(cfg.method.name)
+    DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
     m = cfg.model
     if teacher_use(cfg).needed and not m.teacher_checkpoint and not m.random_teacher:
         raise UserError(f"method {cfg.method.name!r} distils from teacher {m.teacher!r} but no teacher checkpoint "
                         f"is given: pass --teacher-checkpoint FILE (sweeps: --teacher-dir), or --set "
                         f"model.random_teacher=true to distil from a randomly initialised teacher")
-    DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
     for what, path in (("teacher checkpoint", m.teacher_checkpoint if teacher_file else ""),
                        ("pretrained weight file", m.pretrained_file)):
         if path and not Path(path).is_file():
