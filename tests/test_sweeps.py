@@ -66,10 +66,10 @@ def test_schema_is_the_documented_contract():
     assert trials.metadata[b"uhkd.schema_version"] == b"1"
     assert trials.names[:12] == ["schema_version", "sweep", "trial_id", "preset", "tag", "dataset", "teacher",
                                  "student", "method", "pair", "seed", "split"]
-    assert trials.names[-21:] == [
+    assert trials.names[-25:] == [
         "epochs", "epochs_run", "best_top1", "best_top5", "best_epoch", "last_top1", "last_top5", "teacher_top1",
-        "student_params", "extra_params", "images_per_s", "wall_time_s", "effective_batch", "status",
-        "failure_reason", "student_checkpoint", "config_hash", "toolkit_version", "git_commit", "started_at",
+        "student_params", "extra_params", "images_per_s", "wall_time_s", "batch_per_worker", "train_workers",
+        "accumulation", "effective_batch", "lr_used", "status", "failure_reason", "student_checkpoint", "config_hash", "toolkit_version", "git_commit", "started_at",
         "finished_at"]
     types = dict(zip(trials.names, trials.types))
     assert types["schema_version"] == pa.int32() and types["seed"] == pa.int64()
