@@ -13,7 +13,7 @@ from uhkd.trainer import LocalSession, NonFinite, Run, Session, compiled
 
 # a tiny heterogeneous pair at 32 px, one UHKD level: every loss term (ce, kl, feat) and FAM's graph breaks
 TINY = {"data.batch_size": 16, "optim.max_steps_per_epoch": 2, "data.limit_eval": 16, "optim.epochs": 1,
-        "method.stages": "4", "eval_teacher": False}
+        "method.stages": "4", "method.spectrum": "complex", "eval_teacher": False}
 
 
 def test_compile_setting_per_device():
@@ -58,4 +58,4 @@ def test_compiled_step_gives_the_eager_losses_and_gradients(tmp_path):
     assert loss_c == pytest.approx(loss_e, rel=1e-4, abs=1e-6) and loss_c2 == pytest.approx(loss_c, rel=1e-6)
     assert set(grad_c) == set(grad_e) and len(grad_e) > 10
     for name, g in grad_e.items():
-        torch.testing.assert_close(grad_c[name], g, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(grad_c[name], g, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
