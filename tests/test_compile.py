@@ -1,4 +1,5 @@
-"""The `compile` switch (torch.compile of the training forward) and the on-device non-finite record of a step."""
+"""The step path: the `compile` switch (torch.compile of the training forward), no host reads of device values in a
+step, and the on-device non-finite record."""
 from __future__ import annotations
 
 import math
@@ -35,9 +36,21 @@ def test_non_finite_record_keeps_the_first_bad_step():
     assert record.reason(4) == "non-finite loss at epoch 4 step 2: loss_ce=inf"
 
 
-def _run(tmp_path: Path, compile_setting: str) -> Run:
-    cfg = build_config("quick", {**TINY, "compile": compile_setting, "output_dir": str(tmp_path / compile_setting)})
+def _run(tmp_path: Path, compile_setting: str, **overrides) -> Run:
+    cfg = build_config("quick", {**TINY, "compile": compile_setting, "output_dir": str(tmp_path / compile_setting),
+                                 **overrides})
     return Run(cfg, LocalSession(cfg.output_dir, torch.device("cpu")))
+
+
+def test_a_training_epoch_reads_no_device_value(tmp_path):
+    """`.item()`, `bool(t)`, `float(t)` run aten::item / _local_scalar_dense on any device; on CUDA each waits for
+    the device. SGD: torch's Adam reads its step counters with `.item()`, but those live on the CPU."""
+    run = _run(tmp_path, "off", **{"optim.optimizer": "sgd"})
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        metrics = run._train_epoch(1)
+    assert metrics["status"] == "ok"
+    reads = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
+    assert [e.name for e in prof.events() if e.name in reads] == []
 
 
 @pytest.mark.slow  # inductor compiles the CPU kernels with the C++ compiler: minutes on 2 cores
