@@ -99,7 +99,10 @@ def time_family(a, out: Path, teacher: str, student: str, method: str, compile_s
                  "data.batch_size": a.batch, "model.scale": "tiny" if a.small else "full", "model.teacher": teacher,
                  "model.student": student, "method.name": method, "method.k": 3 if a.small else 7,
                  "optim.epochs": 2, "optim.max_steps_per_epoch": a.steps, "eval_teacher": False,
+                 "model.random_teacher": True,
                  "compile": compile_setting, "data.loader_workers": 0}
+    if a.small:  # the preset's effective batch would accumulate more steps than the dry mode runs
+        overrides["optim.effective_batch"] = 0
     # the cifar100 run preset: the recipe of the student's family (RandAugment, mixup/cutmix for token students)
     metrics = run(out, f"epoch-{student}-{method}-{compile_setting}", overrides, a.gpus, "cifar100",
                   report=lambda m: stamps.append(time.perf_counter()))
