@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
@@ -332,7 +332,7 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # absolute here: under Ray Client the callbacks that write the tables resolve paths on the cluster
-    opts = dataclasses.replace(opts, results=join(opts.results))
+    opts = replace(opts, results=join(opts.results))
     name, resuming = sweep_name(sweep, opts)
     if resuming:
         manifest = read_manifest(opts, name)
