@@ -460,11 +460,6 @@ def test_placement_groups_of_dead_train_controllers_are_released(ray_local):
     remove_placement_group(mine)
 
 
-class PlacementGroupCleaner:  # the class name of Ray Train's detached per-run cleaner (what stop_cleaners looks for)
-    def ping(self) -> int:
-        return 1
-
-
 def test_detached_cleaners_of_dead_controllers_are_stopped(ray_local):
     """What an ASHA stop leaves without the dashboard: a detached cleaner whose creator (the Train controller) was
     killed. Those go during the sweep; at its end every cleaner of the job goes."""
@@ -472,6 +467,10 @@ def test_detached_cleaners_of_dead_controllers_are_stopped(ray_local):
     from ray._private.state import state
 
     from uhkd.sweep.callbacks import stop_cleaners
+
+    class PlacementGroupCleaner:  # the class name of Ray Train's detached cleaner (what stop_cleaners looks for)
+        def ping(self) -> int:
+            return 1
 
     @ray.remote(num_cpus=0)
     class Controller:
