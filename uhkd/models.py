@@ -20,7 +20,7 @@ from timm.models.mlp_mixer import Affine, ResBlock, _create_mixer
 from timm.models.swin_transformer import _create_swin_transformer
 from torch import Tensor, nn
 
-from .errors import UserError, choice_error
+from .errors import UserError, choice_error, one_line
 
 # timm's register_model appends the registered entry points to this list.
 __all__ = ["FAMILIES", "StageModel", "create_stage_model", "load_teacher", "model_family", "model_kind",
@@ -204,8 +204,9 @@ def _read_checkpoint(path: str, name: str, num_classes: int, img_size: int, scal
         raise UserError(f"checkpoint file {path!r} not found")
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a foreign or damaged file
-        raise UserError(f"checkpoint file {path!r} is not readable: {type(err).__name__}") from None
+    except Exception as err:  # torch raises many types for a foreign, truncated or damaged file
+        raise UserError(f"checkpoint file {path!r} is not readable (truncated or corrupted?): "
+                        f"{type(err).__name__}: {one_line(err)}") from None
     if not isinstance(ckpt, dict) or not {"arch", "num_classes", "state_dict"} <= set(ckpt):
         raise UserError(f"checkpoint file {path!r} is not a uhkd model checkpoint (a timm weight file goes to "
                         f"pretrained_file)")

@@ -16,7 +16,7 @@ import torch
 from .config import RunConfig, build_config, config_hash, flatten, parse_set, unflatten
 from .errors import UserError
 from .registry import DATASETS, METHODS
-from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, append_metrics, train_loop
+from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, append_metrics, read_checkpoint, train_loop
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
 RAY_TRAIN_ENV = {
@@ -105,7 +105,7 @@ class RayTrainSession(Session):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return torch.load(Path(folder) / CHECKPOINT, map_location="cpu", weights_only=True)
+            return read_checkpoint([Path(folder) / CHECKPOINT])
 
     def report(self, metrics: dict, state: dict) -> None:
         import ray.train

@@ -16,6 +16,7 @@ from ray import tune
 import uhkd
 
 from ..config import RunConfig, config_hash, flatten
+from ..errors import one_line
 from ..trainer import STUDENT
 from .results import SweepTables
 from .trainable import logged_metrics, run_config, trial_overrides
@@ -37,11 +38,6 @@ def git_commit() -> str:
         return head.stdout.strip() + ("-dirty" if git("diff", "--quiet", "HEAD").returncode else "")
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return (lines[0] if lines else "")[:limit]
 
 
 def error_reason(trial: Any) -> str:
@@ -83,9 +79,27 @@ class ParquetResults(tune.Callback):
         self._active: dict[str, float] = {}  # seconds run in earlier sessions (before an interruption)
         self._session: dict[str, float] = {}  # monotonic start of the current session
         self._tables: SweepTables | None = None
+        self._reconciled = False
 
     def setup(self, **info: Any) -> None:
         self._tables = SweepTables(self.results, self.sweep).load()
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self._reconcile(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._reconcile(trials)  # a resumed sweep with nothing left to run takes no step
+
+    def _reconcile(self, trials: list) -> None:
+        """Once, before this session runs anything: write the rows of trials that ended in an earlier session
+        without their row reaching the tables (the driver killed in between, a full disk)."""
+        if self._reconciled:
+            return
+        self._reconciled = True
+        assert self._tables is not None
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self._tables.trials:
+                self._finish(trial, error_reason(trial) if trial.status == "ERROR" else "")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._started.setdefault(trial.trial_id, datetime.now(timezone.utc))
@@ -124,7 +138,7 @@ class ParquetResults(tune.Callback):
     def trial_row(self, trial: Any, cfg: RunConfig, reports: list[dict], error: str) -> dict:
         _, tag = trial_overrides(trial.config)
         done = [r for r in reports if r.get("status") != "failed"]
-        last = reports[-1] if reports else {}
+        last = reports[-1] if reports else dict(trial.last_result or {})  # a failure before the first epoch
         if error:
             status, reason = "failed", error
         elif last.get("status") in ("ok", "failed"):
