@@ -8,6 +8,7 @@ model's depth. Shapes come from a dry forward.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,8 +24,8 @@ from torch import Tensor, nn
 from .errors import UserError, choice_error, one_line
 
 # timm's register_model appends the registered entry points to this list.
-__all__ = ["FAMILIES", "StageModel", "create_stage_model", "load_teacher", "model_family", "model_kind",
-           "save_model_checkpoint"]
+__all__ = ["FAMILIES", "StageModel", "check_checkpoint_file", "create_stage_model", "load_teacher", "model_family",
+           "model_kind", "save_model_checkpoint"]
 
 # Architecture families: name prefix -> kind. `swin` is a token model with a hierarchical (4-resolution) layout.
 FAMILIES: dict[str, str] = {
@@ -196,6 +197,18 @@ class StageModel(nn.Module):
         self.net.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)
         self._set_stages(indices)
         self.pruned_after = stage
+
+
+def check_checkpoint_file(path: str, what: str = "checkpoint file") -> None:
+    """A cheap look before any worker starts: the file exists and its zip directory (torch's format) is whole,
+    so a truncated or foreign file fails in one line here rather than in every trial."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} {path!r} not found")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as err:
+        raise UserError(f"{what} {path!r} is truncated or not a torch checkpoint ({one_line(err)})") from None
 
 
 def _read_checkpoint(path: str, name: str, num_classes: int, img_size: int, scale: str) -> dict:

@@ -41,10 +41,12 @@ def preflight(cfg: RunConfig) -> None:
 
     METHODS.get(cfg.method.name)
     DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
-    for what, path in (("teacher checkpoint", cfg.model.teacher_checkpoint),
-                       ("pretrained weight file", cfg.model.pretrained_file)):
-        if path and not Path(path).is_file():
-            raise UserError(f"{what} {path!r} not found")
+    from .models import check_checkpoint_file
+
+    if cfg.model.teacher_checkpoint:
+        check_checkpoint_file(cfg.model.teacher_checkpoint, "teacher checkpoint")
+    if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).is_file():
+        raise UserError(f"pretrained weight file {cfg.model.pretrained_file!r} not found")
 
 
 def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:

@@ -296,7 +296,11 @@ def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
         base["_run"]["seed"] = run_seeds[0]
         planned = opts.num_samples or int(sweep.preset.budget(sweep.kind).get("num_samples", 1))
     runs, teachers = check_configs(trial_configs(sweep, base))
+    from ..models import check_checkpoint_file
+
     missing = missing_teachers(teachers, teacher_dir)
+    for teacher in sorted(teachers - set(missing)):
+        check_checkpoint_file(teacher_path(teacher_dir, teacher), "teacher checkpoint")
     if missing and not sweep.preset.section("teachers").get("auto"):
         raise UserError(f"missing teacher checkpoint(s) in {teacher_dir}: {', '.join(f'{t}.pth' for t in missing)}; "
                         f"write them with python sweeps/teachers.py --preset {sweep.preset.name} (or point "
