@@ -79,7 +79,7 @@ class ParquetResults(tune.Callback):
         self._active: dict[str, float] = {}  # seconds run in earlier sessions (before an interruption)
         self._session: dict[str, float] = {}  # monotonic start of the current session
         self._tables: SweepTables | None = None
-        self._reconciled = False
+        self._finished_ok: set[str] | None = None  # trials with an "ok" row before this session: final
 
     def setup(self, **info: Any) -> None:
         self._tables = SweepTables(self.results, self.sweep).load()
@@ -93,12 +93,12 @@ class ParquetResults(tune.Callback):
     def _reconcile(self, trials: list) -> None:
         """Once, before this session runs anything: write the rows of trials that ended in an earlier session
         without their row reaching the tables (the driver killed in between, a full disk)."""
-        if self._reconciled:
+        if self._finished_ok is not None:
             return
-        self._reconciled = True
-        assert self._tables is not None
+        written = SweepTables(self.results, self.sweep).load().trials
+        self._finished_ok = {t for t, row in written.items() if row["status"] == "ok"}
         for trial in trials:
-            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self._tables.trials:
+            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in written:
                 self._finish(trial, error_reason(trial) if trial.status == "ERROR" else "")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -121,6 +121,9 @@ class ParquetResults(tune.Callback):
 
     def _finish(self, trial: Any, error: str) -> None:
         assert self._tables is not None
+        if trial.trial_id in (self._finished_ok or ()):
+            # finished before a driver crash that Tune's saved state does not know of: its row stands as written
+            return
         cfg = run_config(trial.config, trial.trial_id)
         # Epochs the run checkpointed but Tune never received (an interruption between the two) are in the run's
         # own log, where the driver can read it.

@@ -373,6 +373,9 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
 def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: int,
          out: Callable[[str], None]) -> SweepOutcome:
     started = time.monotonic()
+    # SIGTERM (ray job stop, Slurm, Kubernetes) stops the sweep like Ctrl-C: Tune saves its state and the resume
+    # hint is printed. Set here, after ray.init, which installs its own SIGTERM handler (exit at once).
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         grid = tuner.fit()
     except Exception as exc:
@@ -383,6 +386,8 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
         raise UserError(f"the results disk is full ({one_line(full, 200)}): the sweep stopped; the {written} "
                         f"trial row(s) written before are intact in {join(opts.results, name)}; free some space, "
                         f"then continue with --resume --name {name}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     tables = SweepTables(opts.results, name).load()
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
     outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
@@ -427,8 +432,6 @@ def main(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, S
     import ray
 
     started_ray = not ray.is_initialized()
-    # SIGTERM (ray job stop, Slurm, Kubernetes) stops the sweep like Ctrl-C: Tune saves its state, the hint is printed
-    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         args, opts = parse(parser, argv)
         outcome = run(build(args, opts), opts)
@@ -441,7 +444,6 @@ def main(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, S
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if started_ray and ray.is_initialized():
             ray.shutdown()
     if outcome.interrupted:
