@@ -218,7 +218,7 @@ def trial_checkpoint_corrupted(bench: Bench) -> Outcome:
 
 def worker_logs(bench: Bench) -> list[str]:
     """The lines Ray's workers wrote to stderr (trials print there; the sweep does not forward them)."""
-    return [line for log in sorted(Path(bench.ray_tmp).glob("ray/session_*/logs/worker-*.err"))
+    return [line for log in sorted(Path(bench.ray_tmp).glob("ray/session_*/logs/**/worker-*.err"))
             for line in log.read_text(errors="replace").splitlines()]
 
 

