@@ -155,7 +155,9 @@ def measure(bench: Bench, scenario: str, name: str, planned: int, before: list[d
     after = rows(bench.results, name)
     ids = [r["trial_id"] for r in after]
     by_id = {r["trial_id"]: r for r in after}
-    vanished = sum(1 for r in before if by_id.get(r["trial_id"], {}).get("finished_at") != r["finished_at"])
+    changed = [r["trial_id"] for r in before if by_id.get(r["trial_id"], {}).get("finished_at") != r["finished_at"]]
+    vanished = len(changed)
+    lines = [*lines, *(f"row of trial {t} changed or vanished" for t in changed)]
     ended = {t for t, e in logged_epochs(bench.results, name).items() if e}  # ran at least one epoch
     lost = vanished + len(ended - set(ids)) + max(0, planned - len(set(ids)) - len(ended - set(ids)))
     retrained = sum(len(e) - len(set(e)) for e in logged_epochs(bench.results, name).values())
@@ -513,6 +515,7 @@ def _inner_disk_full(work: Path, out: Path) -> None:
     finally:
         kill_group(first)
     before = rows(bench.results, "sw")  # readable while the disk is full
+    (work / "first.err").write_text(first_err)
     filler.unlink()
     second = bench.call(bench.sweep("sw", resume=True))
     result = measure(bench, "results disk fills, then --resume", "sw", 3, before,

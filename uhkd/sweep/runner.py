@@ -379,11 +379,10 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
     try:
         grid = tuner.fit()
     except Exception as exc:
-        full = disk_full(exc)
-        if full is None:
+        if not disk_full(exc):
             raise
         written = len(SweepTables(opts.results, name).load().trials)
-        raise UserError(f"the results disk is full ({one_line(full, 200)}): the sweep stopped; the {written} "
+        raise UserError(f"the results disk is full (no space left on device): the sweep stopped; the {written} "
                         f"trial row(s) written before are intact in {join(opts.results, name)}; free some space, "
                         f"then continue with --resume --name {name}") from None
     finally:
@@ -396,15 +395,15 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
     return outcome
 
 
-def disk_full(exc: BaseException | None) -> BaseException | None:
-    """The "no space left on device" error in `exc` or its causes (Tune and pyarrow wrap it), or None."""
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` or one of its causes is "no space left on device" (Tune, Ray and pyarrow wrap it)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc):
-            return exc
+            return True
         exc = exc.__cause__ or exc.__context__
-    return None
+    return False
 
 
 def summarize(outcome: SweepOutcome, seconds: float, out: Callable[[str], None]) -> None:
