@@ -130,12 +130,16 @@ def rows(results: Path, name: str) -> "list[dict]":
     return pq.read_table(table).to_pylist() if table.is_file() else []
 
 
-def logged_epochs(results: Path, name: str) -> dict[str, list[int]]:
-    """Per trial, the epochs its run logged once each was checkpointed (in order; a repeat = retrained)."""
+def run_logs(results: Path, name: str) -> dict[str, list[dict]]:
+    """Per trial, the metrics its run logged once each epoch was checkpointed (in order; a repeat = retrained)."""
     out = {}
     for log in sorted((results / name / "train").glob("*/metrics.jsonl")):
-        out[log.parent.name] = [json.loads(line)["epoch"] for line in log.read_text().splitlines() if line.strip()]
+        out[log.parent.name] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     return out
+
+
+def logged_epochs(results: Path, name: str) -> dict[str, list[int]]:
+    return {t: [m["epoch"] for m in log] for t, log in run_logs(results, name).items()}
 
 
 def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = TIMEOUT) -> None:
@@ -156,11 +160,15 @@ def measure(bench: Bench, scenario: str, name: str, planned: int, before: list[d
     ids = [r["trial_id"] for r in after]
     by_id = {r["trial_id"]: r for r in after}
     changed = [r["trial_id"] for r in before if by_id.get(r["trial_id"], {}).get("finished_at") != r["finished_at"]]
-    vanished = len(changed)
-    lines = [*lines, *(f"row of trial {t} changed or vanished" for t in changed)]
-    ended = {t for t, e in logged_epochs(bench.results, name).items() if e}  # ran at least one epoch
-    lost = vanished + len(ended - set(ids)) + max(0, planned - len(set(ids)) - len(ended - set(ids)))
-    retrained = sum(len(e) - len(set(e)) for e in logged_epochs(bench.results, name).values())
+    logs = run_logs(bench.results, name)
+    ended = {t for t, log in logs.items() if log and log[-1]["status"] in ("ok", "failed")}
+    # a run no trial row belongs to: its epochs were trained again by the trial Tune started in its place
+    orphaned = {t: log for t, log in logs.items() if t not in by_id and t not in ended}
+    lost = len(changed) + len(ended - set(ids)) + max(0, planned - len(set(ids)) - len(ended - set(ids)))
+    retrained = sum(len(log) - len({m["epoch"] for m in log}) for log in logs.values()) + \
+        sum(len(log) for log in orphaned.values())
+    lines = [*lines, *(f"row of trial {t} changed or vanished" for t in changed),
+             *(f"run {t} ({len(log)} epochs) has no trial row" for t, log in orphaned.items())]
     return Outcome(scenario, planned, len(after), lost, len(ids) - len(set(ids)), retrained, outcome, list(lines))
 
 
@@ -404,11 +412,11 @@ def worker_sigkill(bench: Bench) -> Outcome:
         victims = trial_processes(bench.ray_tmp)
         for pid in victims[:1]:
             os.kill(pid, signal.SIGKILL)
-        first.communicate(timeout=TIMEOUT)
+        _, err = first.communicate(timeout=TIMEOUT)
     finally:
         kill_group(first)
     return measure(bench, "a trial's worker SIGKILLed", name, 2, [],
-                   f"{min(len(victims), 1)} killed; exit {first.returncode}", error_lines(first.stderr or ""))
+                   f"{min(len(victims), 1)} killed; exit {first.returncode}", error_lines(err))
 
 
 def trial_processes(ray_tmp: str) -> list[int]:
@@ -479,11 +487,10 @@ def node_lost(bench: Bench) -> Outcome:
         try:
             wait_for(lambda: sum(bool(e) for e in logged_epochs(bench.results, name).values()) >= 2, first)
             kill_group(node)
-            first.communicate(timeout=TIMEOUT)
+            _, err = first.communicate(timeout=TIMEOUT)
         finally:
             kill_group(first)
-    return measure(bench, "a Ray worker node lost", name, 2, [], f"exit {first.returncode}",
-                   error_lines(first.stderr or ""))
+    return measure(bench, "a Ray worker node lost", name, 2, [], f"exit {first.returncode}", error_lines(err))
 
 
 def results_disk_full(bench: Bench) -> Outcome:

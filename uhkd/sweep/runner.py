@@ -35,6 +35,9 @@ ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's classic reporter: one status table with the best trial, no per-trial boxes
+    # Tune's saved state must know a trial before its first epoch ends: a driver killed without warning (no final
+    # save) would otherwise resume without it and train a replacement from scratch (Tune's "auto" waits >= 10 s)
+    "TUNE_GLOBAL_CHECKPOINT_S": "2",
 }
 
 
