@@ -145,8 +145,11 @@ def logged_epochs(results: Path, name: str) -> dict[str, list[int]]:
 def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
-            raise RuntimeError("the sweep ended or timed out before the fault could be injected")
+        if proc is not None and proc.poll() is not None:
+            tail = proc.stderr.read()[-400:] if proc.stderr else ""
+            raise RuntimeError(f"exit {proc.returncode} before the fault could be injected: {' '.join(tail.split())}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out before the fault could be injected")
         time.sleep(0.3)
 
 
@@ -159,7 +162,7 @@ def measure(bench: Bench, scenario: str, name: str, planned: int, before: list[d
     after = rows(bench.results, name)
     ids = [r["trial_id"] for r in after]
     by_id = {r["trial_id"]: r for r in after}
-    changed = [r["trial_id"] for r in before if by_id.get(r["trial_id"], {}).get("finished_at") != r["finished_at"]]
+    changed = [r["trial_id"] for r in before if _result(by_id.get(r["trial_id"], {})) != _result(r)]
     logs = run_logs(bench.results, name)
     ended = {t for t, log in logs.items() if log and log[-1]["status"] in ("ok", "failed")}
     # a run no trial row belongs to: its epochs were trained again by the trial Tune started in its place
@@ -170,6 +173,11 @@ def measure(bench: Bench, scenario: str, name: str, planned: int, before: list[d
     lines = [*lines, *(f"row of trial {t} changed or vanished" for t in changed),
              *(f"run {t} ({len(log)} epochs) has no trial row" for t, log in orphaned.items())]
     return Outcome(scenario, planned, len(after), lost, len(ids) - len(set(ids)), retrained, outcome, list(lines))
+
+
+def _result(row: dict) -> tuple:
+    """What a trial row reports (a row rebuilt from the run's log may differ in when it was written, not in this)."""
+    return tuple(row.get(k) for k in ("status", "epochs_run", "best_top1", "best_epoch", "last_top1"))
 
 
 def error_lines(text: str) -> list[str]:
@@ -303,8 +311,8 @@ def two_sweeps_one_root(bench: Bench) -> Outcome:
     try:
         wait_for(lambda: (bench.results / "a" / ".lock").is_file(), a, timeout=120)
         same = bench.call(bench.sweep("a", samples=2, epochs=2))
-        a.communicate(timeout=TIMEOUT)
-        b.communicate(timeout=TIMEOUT)
+        for label, proc in (("a", a), ("b", b)):
+            (bench.work / f"{label}.err").write_text(proc.communicate(timeout=TIMEOUT)[1])
     finally:
         kill_group(a)
         kill_group(b)
@@ -553,7 +561,9 @@ def ray_job_stop(bench: Bench) -> Outcome:
                                   capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
 
         first = submit([a if a != "local" else "auto" for a in bench.sweep("sw", epochs=3)], "--no-wait")
-        job = next(w for w in first.stdout.split() if w.startswith("raysubmit_")).strip("'\".")
+        job = next((w.strip("'\".") for w in first.stdout.split() if w.startswith("raysubmit_")), None)
+        if job is None:
+            raise RuntimeError(f"ray job submit failed: {' '.join((first.stdout + first.stderr)[-400:].split())}")
         wait_for(lambda: len(rows(bench.results, "sw")) >= 1, head)
         subprocess.run([ray, "job", "stop", "--address", address, job], env=env(bench.ray_tmp),
                        capture_output=True, text=True, timeout=180)
