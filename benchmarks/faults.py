@@ -526,9 +526,11 @@ def _inner_disk_full(work: Path, out: Path) -> None:
     first = bench.start(bench.sweep("sw", samples=3, epochs=3))
     try:
         wait_for(lambda: len(rows(bench.results, "sw")) >= 1, first)
-        with open(filler, "wb") as f, contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * (1 << 20))
+        with open(filler, "wb", buffering=0) as f:
+            for chunk in (1 << 20, 1 << 12, 1):  # to the last byte: a tiny trial's checkpoint is < 1 MB
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * chunk)
         _, first_err = first.communicate(timeout=TIMEOUT)
     finally:
         kill_group(first)
@@ -536,6 +538,7 @@ def _inner_disk_full(work: Path, out: Path) -> None:
     (work / "first.err").write_text(first_err)
     filler.unlink()
     second = bench.call(bench.sweep("sw", resume=True))
+    (work / "resume.err").write_text(second.stderr)
     result = measure(bench, "results disk fills, then --resume", "sw", 3, before,
                      f"exit {first.returncode}, {len(before)} row(s) readable; --resume exit {second.returncode}",
                      error_lines(first_err) + error_lines(second.stderr))

@@ -135,6 +135,7 @@ def test_disk_full_is_found_inside_wrapped_errors():
     assert not disk_full(RuntimeError("other"))
 
 
+@pytest.mark.slow
 def test_embedded_cluster_keeps_token_auth_and_a_local_dashboard(tmp_path):
     """The toolkit never turns Ray's token authentication off itself (tests and CI do, by RAY_AUTH_MODE)."""
     code = ("from uhkd.sweep.cluster import connect; print(connect('local'));"
