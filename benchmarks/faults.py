@@ -572,6 +572,7 @@ def ray_job_stop(bench: Bench) -> Outcome:
                        capture_output=True, text=True, timeout=180)
         logs = subprocess.run([ray, "job", "logs", "--address", address, job], env=env(bench.ray_tmp),
                               capture_output=True, text=True, timeout=60).stdout
+        (bench.work / "job.log").write_text(logs)
         before = rows(bench.results, "sw")
         second = submit([a if a != "local" else "auto" for a in bench.sweep("sw", resume=True)])
     finally:
