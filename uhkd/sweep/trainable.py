@@ -75,7 +75,8 @@ def train_trial(config: dict) -> None:
     try:
         _train(config)
     except UserError as err:  # a configuration error: retrying cannot help, so the trial ends failed at once
-        tune.report({"status": "failed", "failure_reason": str(err)})
+        # NaN scores: Tune's reporter sorts ended trials by them (a missing one breaks the sort)
+        tune.report({"status": "failed", "failure_reason": str(err), "top1": math.nan, "best_top1": math.nan})
 
 
 def _train(config: dict) -> None:
