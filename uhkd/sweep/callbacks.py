@@ -2,8 +2,10 @@
 placement groups that early-stopped Ray Train trials leave behind."""
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -21,6 +23,7 @@ from ..trainer import STUDENT
 from .results import SweepTables
 from .trainable import logged_metrics, run_config, trial_overrides
 
+MIN_FREE_BYTES = 32 * 2**20  # below this on a local results disk the sweep stops (checked every Tune step)
 EPOCH_KEYS = ("epoch", "top1", "top5", "loss", "lr", "images_per_s", "epoch_time_s")
 
 
@@ -86,6 +89,16 @@ class ParquetResults(tune.Callback):
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         self._reconcile(trials)
+        self._check_space()
+
+    def _check_space(self) -> None:
+        """Stop the sweep while its saved state is still whole: Tune's own sync of that state to a full disk
+        truncates it (and then --resume cannot read it)."""
+        if "://" in self.results:
+            return
+        free = shutil.disk_usage(self._tables.folder if os.path.isdir(self._tables.folder) else self.results).free
+        if free < MIN_FREE_BYTES:
+            raise OSError(errno.ENOSPC, f"No space left on device: {free // 2**20} MiB free under {self.results}")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._reconcile(trials)  # a resumed sweep with nothing left to run takes no step
