@@ -34,19 +34,26 @@ def run_name(cfg: RunConfig) -> str:
     return f"{cfg.method.name}-{cfg.model.student}-{teacher}-{cfg.data.dataset}-{config_hash(cfg)}"
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, teacher_file: bool = True) -> None:
     """Checks that need no model or data loading, run before any worker starts, so a wrong name or path fails
-    once with one line instead of in every worker and every retry."""
-    import uhkd.methods  # noqa: F401  (registers the methods)
+    once with one line instead of in every worker and every retry. A method that distils needs a teacher
+    checkpoint unless `model.random_teacher`; `teacher_file=False` leaves the file's existence to the caller (a
+    sweep that trains missing teachers first)."""
+    from .methods import teacher_use
 
     METHODS.get(cfg.method.name)
     DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
     from .models import check_checkpoint_file
 
-    if cfg.model.teacher_checkpoint:
-        check_checkpoint_file(cfg.model.teacher_checkpoint, "teacher checkpoint")
-    if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).is_file():
-        raise UserError(f"pretrained weight file {cfg.model.pretrained_file!r} not found")
+    m = cfg.model
+    if teacher_use(cfg).needed and not m.teacher_checkpoint and not m.random_teacher:
+        raise UserError(f"method {cfg.method.name!r} distils from teacher {m.teacher!r} but no teacher checkpoint "
+                        f"is given: pass --teacher-checkpoint FILE (sweeps: --teacher-dir), or --set "
+                        f"model.random_teacher=true to distil from a randomly initialised teacher")
+    if m.teacher_checkpoint and teacher_file:
+        check_checkpoint_file(m.teacher_checkpoint, "teacher checkpoint")
+    if m.pretrained_file and not Path(m.pretrained_file).is_file():
+        raise UserError(f"pretrained weight file {m.pretrained_file!r} not found")
 
 
 def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:
@@ -191,7 +198,8 @@ def _connect_ray(cfg: RunConfig) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m uhkd.train", description="One distillation run (SPEC protocol).")
     p.add_argument("--teacher", help="timm model name of the teacher")
-    p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); none = random init")
+    p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); required by every method but "
+                   "scratch unless --set model.random_teacher=true")
     p.add_argument("--student", help="timm model name of the student")
     p.add_argument("--method", help=f"one of {', '.join(METHODS.names())}")
     p.add_argument("--dataset", help=" | ".join(DATASETS.names()))
@@ -232,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
         output = Path(cfg.output_dir or os.path.join("runs", run_name(cfg))).expanduser().resolve()
         cfg = dataclasses.replace(cfg, output_dir=str(output))
+        preflight(cfg)  # before Ray starts
         if cfg.workers == 0:
             metrics = run_in_process(cfg)
         else:

@@ -17,7 +17,7 @@ from ray import tune
 
 import uhkd
 
-from ..config import RunConfig, config_hash, flatten
+from ..config import RunConfig, batch_plan, config_hash, flatten
 from ..errors import one_line
 from ..trainer import STUDENT
 from .results import SweepTables
@@ -176,7 +176,7 @@ class ParquetResults(tune.Callback):
             "teacher_top1": _num(last.get("teacher_top1")), "student_params": _num(last.get("student_params"), int),
             "extra_params": _num(last.get("extra_params"), int),
             "images_per_s": sum(speeds) / len(speeds) if speeds else None,
-            "wall_time_s": self._elapsed(trial.trial_id), "effective_batch": _num(last.get("effective_batch"), int),
+            "wall_time_s": self._elapsed(trial.trial_id), **batch_plan(cfg).columns(cfg),
             "status": status, "failure_reason": reason,
             "student_checkpoint": str(student) if status != "failed" and student.is_file() else "",
             "config_hash": config_hash(cfg), "toolkit_version": self.version, "git_commit": self.commit,

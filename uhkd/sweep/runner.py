@@ -4,7 +4,6 @@ compact summary. Every sweep script is `main(parser, build)` with its own `build
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import json
 import math
@@ -148,8 +147,8 @@ def check_configs(configs: list[dict[str, Any]]) -> tuple[list[RunConfig], set[s
         cfg = build_config(config["_preset"], overrides)
         if cfg.model.teacher:
             model_kind(cfg.model.teacher)
-        preflight(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher_checkpoint="")))
-        if cfg.model.teacher and (teacher_use(cfg).needed or cfg.eval_teacher):
+        preflight(cfg, teacher_file=False)  # missing teachers are listed (or trained) below
+        if cfg.model.teacher and teacher_use(cfg).needed:
             teachers.add(cfg.model.teacher)
         runs.append(cfg)
     return runs, teachers
