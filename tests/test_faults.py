@@ -3,7 +3,6 @@ scenarios on real processes (`benchmarks/faults.py`, which prints them as a tabl
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
