@@ -164,7 +164,6 @@ EXPECT_LINES = {  # scenario -> what the user must have been told (one line each
     "cifar_archive": "error: refusing CIFAR-100",
     "nan_storm": "non-finite loss",
     "disk_full": "error: the results disk is full",
-    "ray_job": "--resume --name sw",
 }
 
 
@@ -175,7 +174,7 @@ EXPECT_OUTCOME = {  # scenario -> exit codes as `Outcome.outcome` words them
     "two_resumes": ["second exit 2; exit 130 then --resume exit 0"], "teacher_checkpoint": ["exit 2 before any trial"],
     "trial_checkpoint": ["exit 130 then --resume exit 0"], "trials_parquet": ["exit 2, moved aside", "--resume exit 0"],
     "sweep_json": ["exit 2, restored", "--resume exit 0"], "cifar_archive": ["exit 2 and 2; nothing ran"],
-    "nan_storm": ["exit 0; 2 failed, 2 listed with reasons"], "ray_job": ["hint printed; resubmitted: exit 0"],
+    "nan_storm": ["exit 0; 2 failed, 2 listed with reasons"], "ray_job": ["resubmitted: exit 0"],
 }
 
 
