@@ -16,7 +16,7 @@ import torch
 from .config import RunConfig, build_config, config_hash, flatten, parse_set, unflatten
 from .errors import UserError
 from .registry import DATASETS, METHODS
-from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, append_metrics, train_loop
+from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, append_metrics, read_checkpoint, train_loop
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
 RAY_TRAIN_ENV = {
@@ -43,15 +43,17 @@ def preflight(cfg: RunConfig, teacher_file: bool = True) -> None:
 
     METHODS.get(cfg.method.name)
     DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
+    from .models import check_checkpoint_file
+
     m = cfg.model
     if teacher_use(cfg).needed and not m.teacher_checkpoint and not m.random_teacher:
         raise UserError(f"method {cfg.method.name!r} distils from teacher {m.teacher!r} but no teacher checkpoint "
                         f"is given: pass --teacher-checkpoint FILE (sweeps: --teacher-dir), or --set "
                         f"model.random_teacher=true to distil from a randomly initialised teacher")
-    for what, path in (("teacher checkpoint", m.teacher_checkpoint if teacher_file else ""),
-                       ("pretrained weight file", m.pretrained_file)):
-        if path and not Path(path).is_file():
-            raise UserError(f"{what} {path!r} not found")
+    if m.teacher_checkpoint and teacher_file:
+        check_checkpoint_file(m.teacher_checkpoint, "teacher checkpoint")
+    if m.pretrained_file and not Path(m.pretrained_file).is_file():
+        raise UserError(f"pretrained weight file {m.pretrained_file!r} not found")
 
 
 def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:
@@ -112,7 +114,7 @@ class RayTrainSession(Session):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return torch.load(Path(folder) / CHECKPOINT, map_location="cpu", weights_only=True)
+            return read_checkpoint([Path(folder) / CHECKPOINT])
 
     def report(self, metrics: dict, state: dict) -> None:
         import ray.train

@@ -19,7 +19,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -28,11 +28,12 @@ from torch import nn
 
 from .config import RunConfig, batch_plan, flatten
 from .data.loader import WorkerData
-from .errors import UserError
+from .errors import UserError, one_line
 from .methods import Distiller, build_method, teacher_use
 from .models import create_stage_model, load_teacher, save_model_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 STUDENT = "student.pt"
 METRICS_LOG = "metrics.jsonl"
 NAN = float("nan")
@@ -66,30 +67,62 @@ def append_metrics(output_dir: str | Path, metrics: dict) -> None:
 
 
 class LocalSession(Session):
-    """In-process: checkpoint `<output_dir>/checkpoint.pt`, each epoch's metrics to the `report` callback."""
+    """In-process: checkpoint `<output_dir>/checkpoint.pt` (the one before it kept as `checkpoint.prev.pt`, to fall
+    back to when the latest is unreadable), each epoch's metrics to the `report` callback."""
 
     def __init__(self, output_dir: str, device: torch.device, report: Callable[[dict], None] | None = None,
                  resume: bool = True) -> None:
         self.path = Path(output_dir) / CHECKPOINT
+        self.previous = Path(output_dir) / PREVIOUS_CHECKPOINT
         self.device, self.callback, self.resume = device, report, resume
 
     def load(self) -> dict | None:
-        return torch.load(self.path, map_location="cpu", weights_only=True) if self.resume and self.path.is_file() \
-            else None
+        return read_checkpoint([self.path, self.previous]) if self.resume else None
 
     def report(self, metrics: dict, state: dict) -> None:
-        save_atomic(state, self.path)
+        save_atomic(state, self.path, previous=self.previous)
         append_metrics(self.path.parent, metrics)
         if self.callback is not None:
             self.callback(dict(metrics))
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact."""
+def save_atomic(obj: Any, path: Path, previous: Path | None = None) -> None:
+    """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact (and a full
+    disk leaves no partial file); the file it replaces becomes `previous` when given."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if previous is not None and path.is_file():
+        os.replace(path, previous)  # a crash right here leaves `previous` as the newest: read_checkpoint takes it
     os.replace(tmp, path)
+
+
+def read_checkpoint(candidates: Sequence[Path]) -> dict | None:
+    """The first readable checkpoint of `candidates` (newest first), or None to start from epoch 1. Skipping an
+    unreadable (truncated, corrupted) one is said on stderr, with the checkpoint used instead or the restart."""
+    problems = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "epoch" not in state:
+                raise ValueError("not a uhkd run checkpoint")
+        except Exception as err:  # torch raises many types for a truncated or damaged file
+            problems.append(f"checkpoint {str(path)!r} is unreadable ({type(err).__name__}: {one_line(err, 200)})")
+            continue
+        if problems:
+            print(f"warning: {'; '.join(problems)}; falling back to {path.name} (epoch {state['epoch']})",
+                  file=sys.stderr, flush=True)
+        return state
+    if problems:
+        print(f"warning: {'; '.join(problems)}; no readable checkpoint left: restarting the run from epoch 1",
+              file=sys.stderr, flush=True)
+    return None
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:

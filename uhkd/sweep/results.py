@@ -98,10 +98,25 @@ def join(location: str, *parts: str) -> str:
 def write_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        pq.write_table(table, tmp, filesystem=fs)
+        try:
+            pq.write_table(table, tmp, filesystem=fs)
+        except BaseException:  # e.g. a full disk: leave the previous file as it was, and no partial file
+            if fs.get_file_info(tmp).type == pafs.FileType.File:
+                fs.delete_file(tmp)
+            raise
         fs.move(tmp, path)  # rename(2): readers see the old file or the new one
     else:  # object stores publish an object only once its upload completes
         pq.write_table(table, path, filesystem=fs)
+
+
+def read_table(fs: pafs.FileSystem, path: str) -> pa.Table:
+    """A results table, or one `UserError` line when the file is truncated or corrupted."""
+    try:
+        return pq.read_table(path, filesystem=fs)
+    except (pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"results table {path!r} is unreadable ({type(exc).__name__}: {reason}); move it aside "
+                        f"and run --resume: the rows are rebuilt from the trials' own records") from None
 
 
 def _parts(fs: pafs.FileSystem, folder: str, name: str) -> list[str]:
@@ -126,7 +141,7 @@ def merged_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table | None:
     schema = trials_schema() if name == TRIALS else epochs_schema()
     tables = [ds.dataset(paths, schema=schema, filesystem=fs, format="parquet").to_table()] if paths else []
     if fs.get_file_info(path).type == pafs.FileType.File:
-        table = pq.read_table(path, filesystem=fs)
+        table = read_table(fs, path)
         if tables and "trial_id" in table.column_names:
             replaced = tables[0]["trial_id"].combine_chunks()
             table = table.filter(pc.invert(pc.is_in(table["trial_id"], value_set=replaced)))
