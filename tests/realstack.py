@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 BIN = Path(sys.executable).parent
 WORKER_RESOURCE = "worker_node"  # only the second node has it: trials asking for it run there
@@ -177,50 +177,58 @@ def two_nodes(hidden: Sequence[Path], head_cpus: int = 1, worker_cpus: int = 2, 
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     base.update({"RAY_TMPDIR": str(temp), "PYTHONUNBUFFERED": "1", **(env or {})})
     port = free_port()
-    head_log, worker_log = temp / "head.log", temp / "worker.log"
     procs: list[subprocess.Popen] = []
-    cluster = TwoNodes(f"127.0.0.1:{port}", temp, hidden, base, [head_log, worker_log])
+    cluster = TwoNodes(f"127.0.0.1:{port}", temp, hidden, base)
     try:
         head = _ray_start(["--head", f"--port={port}", f"--num-cpus={head_cpus}", "--include-dashboard=false",
                            f"--ray-client-server-port={free_port()}", f"--temp-dir={temp / 'h'}"])
-        with open(head_log, "w") as out:
-            procs.append(subprocess.Popen(head, env=base, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        _wait(lambda: _answers(port), procs, timeout, cluster)
+        _start_node(head, "head", cluster, procs, timeout, lambda nodes: bool(nodes))
         worker = _ray_start([f"--address={cluster.address}", f"--num-cpus={worker_cpus}",
                              f"--resources={json.dumps({WORKER_RESOURCE: 10})}", f"--temp-dir={temp / 'w'}"])
         mounts = " && ".join(f"mount -t tmpfs -o size=2g tmpfs {shlex.quote(str(h))}" for h in hidden)
         script = f"{mounts + ' && ' if mounts else ''}exec {shlex.join(worker)}"
-        with open(worker_log, "w") as out:
-            procs.append(subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                                          env=base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-        _wait(lambda: _worker_joined(cluster), procs, timeout, cluster)
+        _start_node(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], "worker", cluster, procs,
+                    timeout, lambda nodes: any(WORKER_RESOURCE in n for n in nodes))
         yield cluster
     finally:
         for proc in reversed(procs):
             _stop(proc)
-        shutil.rmtree(temp, ignore_errors=True)
+        if os.environ.get("UHKD_KEEP_RAY_LOGS"):
+            print(f"two_nodes: logs kept in {temp}")
+        else:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
-def _worker_joined(cluster: TwoNodes) -> bool:
-    """Whether the cluster lists an alive node with the worker resource (asked from a short-lived process)."""
+def _start_node(cmd: list[str], name: str, cluster: TwoNodes, procs: list[subprocess.Popen], timeout: float,
+                ready: Callable[[list[dict]], bool], attempts: int = 3) -> None:
+    """Start a node and wait until the cluster's alive nodes satisfy `ready`. On loaded cores a raylet sometimes
+    aborts at start-up (its dashboard agent misses Ray's fixed 15 s deadline): such a node is started again."""
+    for attempt in range(attempts):
+        log = cluster.temp_dir / f"{name}-{attempt}.log"
+        cluster.logs.append(log)
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env=cluster.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            nodes = _alive_nodes(cluster)
+            if nodes is not None and ready(nodes):
+                return
+            time.sleep(1)
+        _stop(proc)
+    raise RuntimeError(f"the {name} Ray node did not come up ({attempts} attempts): {cluster.log_tail()}")
+
+
+def _alive_nodes(cluster: TwoNodes) -> list[dict] | None:
+    """The resources of the cluster's alive nodes (asked from a short-lived process), None if it cannot tell."""
+    if not _answers(int(cluster.address.rsplit(":", 1)[1])):
+        return None
     code = ("import ray, json; ray.init(address=%r, log_to_driver=False); "
-            "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % cluster.address)
+            "print('NODES', json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % cluster.address)
     try:
         done = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True,
                               timeout=60)
     except subprocess.TimeoutExpired:
-        return False
-    lines = done.stdout.strip().splitlines()
-    return done.returncode == 0 and bool(lines) and any(WORKER_RESOURCE in r for r in json.loads(lines[-1]))
-
-
-def _wait(ready, procs: list[subprocess.Popen], timeout: float, cluster: TwoNodes) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError(f"a Ray node exited during start-up: {cluster.log_tail()}")
-        if ready():
-            return
-        time.sleep(1)
-    raise RuntimeError(f"the two-node cluster did not come up in {timeout:.0f}s: {cluster.log_tail()}")
+        return None
+    nodes = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("NODES ")]
+    return nodes[-1] if done.returncode == 0 and nodes else None

@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 
 from ..config import LEAF_TYPES, RunConfig, coerce
 from ..errors import UserError, choice_error
-from .cli import SweepOptions, parse
 from ..storage import exists, join, open_location, ray_storage
+from .cli import SweepOptions, parse
 from .results import SweepTables
 from .spec import Sweep, SweepPreset
 from .trainable import in_process, split_pair, teacher_path, train_trial, trial_overrides
