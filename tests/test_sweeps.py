@@ -64,13 +64,13 @@ def _script(name: str) -> list[str]:
 def test_schema_is_the_documented_contract():
     trials, epochs = trials_schema(), epochs_schema()
     assert trials.metadata[b"uhkd.schema_version"] == b"1"
-    assert trials.names[:12] == ["schema_version", "sweep", "trial_id", "preset", "tag", "dataset", "teacher",
-                                 "student", "method", "pair", "seed", "split"]
-    assert trials.names[-21:] == [
+    assert trials.names[:13] == ["schema_version", "sweep", "trial_id", "preset", "tag", "weights_from", "dataset",
+                                 "teacher", "student", "method", "pair", "seed", "split"]
+    assert trials.names[-25:] == [
         "epochs", "epochs_run", "best_top1", "best_top5", "best_epoch", "last_top1", "last_top5", "teacher_top1",
-        "student_params", "extra_params", "images_per_s", "wall_time_s", "effective_batch", "status",
-        "failure_reason", "student_checkpoint", "config_hash", "toolkit_version", "git_commit", "started_at",
-        "finished_at"]
+        "student_params", "extra_params", "images_per_s", "wall_time_s", "batch_per_worker", "train_workers",
+        "accumulation", "effective_batch", "lr_used", "status", "failure_reason", "student_checkpoint", "config_hash",
+        "toolkit_version", "git_commit", "started_at", "finished_at"]
     types = dict(zip(trials.names, trials.types))
     assert types["schema_version"] == pa.int32() and types["seed"] == pa.int64()
     assert types["method.alpha"] == pa.float64() and types["method.k"] == pa.int64()
@@ -107,6 +107,10 @@ def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
     assert set(trials["status"]) <= {"ok", "stopped"} and (trials["status"] == "ok").any()
     assert (trials["split"] == "tune").all() and (trials["method"] == "uhkd").all() and (trials["pair"] == PAIR).all()
     assert (trials["workers"] == 1).all() and (trials["sweep"] == "hp").all() and (trials["preset"] == "quick").all()
+    layout = trials[["batch_per_worker", "train_workers", "accumulation", "effective_batch"]].values.tolist()
+    assert layout == [[row.data_batch_size, 1, 1, row.data_batch_size] for row in
+                      trials.rename(columns={"data.batch_size": "data_batch_size"}).itertuples()]
+    assert trials["lr_used"].tolist() == trials["optim.lr"].tolist()  # no lr scaling unless optim.scale_lr
     assert trials["method.beta"].between(0.05, 20).all() and trials["method.temperature"].isin([1, 2, 4]).all()
     assert (trials["method.w_ce"] == 1.0).all()  # resolved config columns, not only the searched ones
     assert trials["model.teacher_checkpoint"].eq(str(teachers / "convnext_tiny.pth")).all()
@@ -242,6 +246,7 @@ def test_cluster_auto_attaches_to_a_ray_start_cluster(tmp_path, teacher_dir):
     (["--resume"], "nothing to resume: no hetero_pairs-quick-* sweep"),
     (["--preset", "cifar100", "--set", "data.dataset=mnist5k"], "missing teacher checkpoint(s) in"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--num-samples", "2"], "--num-samples 2 is fewer than the 3 pairs; the search splits the samples"),
 ])
 def test_bad_input_fails_before_any_trial_with_one_line(tmp_path, capsys, args, message):
     from sweeps import hetero_pairs
@@ -297,11 +302,16 @@ def test_reproduce_tables_grid_takes_each_pairs_best_uhkd_weights(tmp_path, caps
     assert sweep.cells["scratch resnet18 s1"] == {"pair": ":resnet18", "method.name": "scratch", "seed": 1}
     assert sweep.cells["uhkd swin_tiny_patch4_window7_224:resnet18 s0"] == {
         "pair": "swin_tiny_patch4_window7_224:resnet18", "method.name": "uhkd", "seed": 0, "method.alpha": 0.7,
-        "method.beta": 3.0, "method.temperature": 2.0, "method.spectrum": "complex", "method.k": "2"}
-    # a pair hetero_pairs never tried takes the best UHKD trial overall
-    assert sweep.cells["uhkd convnext_tiny:deit_tiny_patch16_224 s0"]["method.alpha"] == 1.5
+        "method.beta": 3.0, "method.temperature": 2.0, "method.spectrum": "complex", "method.k": "2",
+        "weights_from": "1 swin_tiny_patch4_window7_224:resnet18"}
+    # a pair hetero_pairs never tried takes the best UHKD trial overall, recorded as borrowed from that trial's pair
+    borrowed = sweep.cells["uhkd convnext_tiny:deit_tiny_patch16_224 s0"]
+    assert borrowed["method.alpha"] == 1.5 and borrowed["weights_from"] == "3 convnext_tiny:resmlp_12_224"
+    assert "weights_from" not in sweep.cells["kd convnext_tiny:deit_tiny_patch16_224 s0"]
     assert sweep.force == {"data.split": "final"}
-    assert "uhkd weights for convnext_tiny:deit_tiny_patch16_224" in capsys.readouterr().out
+    assert ("uhkd weights for convnext_tiny:deit_tiny_patch16_224: {'method.alpha': 1.5, 'method.beta': 0.1, "
+            "'method.temperature': 2.0, 'method.spectrum': 'complex'} (trial 3 of convnext_tiny:resmlp_12_224: "
+            "BORROWED") in capsys.readouterr().out
 
 
 def test_ablation_variants_are_tagged_and_skip_points_equal_to_full():
@@ -325,7 +335,8 @@ def test_concurrency_from_cluster_resources():
     node = {"CPU": 16.0, "GPU": 1.0}
     assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25) == 4  # 4 trials share a GPU
     assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25, cap=3) == 3
-    assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0) == 7  # 7 x (2 + 0.01) <= 16
+    assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0) == 8  # in-process: 8 x 2
+    assert concurrency(node, [node], workers=2, cpus_per_worker=2, gpus_per_trial=0) == 3  # 3 x (2 x 2 + 0.01)
     assert concurrency(node, [node], workers=0, cpus_per_worker=4, gpus_per_trial=0.5) == 2
     two = {"CPU": 2.0}
     assert concurrency(two, [two], workers=1, cpus_per_worker=0.95, gpus_per_trial=0) == 2  # the quick preset

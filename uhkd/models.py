@@ -134,7 +134,8 @@ class StageModel(nn.Module):
     """A timm model on images in [0, 1]: `forward(x) -> (logits, [f1, f2, f3, f4])` with NCHW stage maps.
 
     Attributes (from a dry forward): `stage_channels`, `stage_reductions` (input size / map size), `stage_sizes`
-    ((H, W) per stage), `num_features` (width before the classifier), `num_classes`, `name`, `kind`, `img_size`.
+    ((H, W) per stage), `num_features` (width before the classifier), `num_classes`, `name`, `kind`, `img_size`,
+    `has_class_token`.
     """
 
     def __init__(self, net: nn.Module, name: str, *, img_size: int, scale: str, isotropic_blocks: str,
@@ -146,6 +147,7 @@ class StageModel(nn.Module):
         self.name, self.kind, self.img_size, self.scale = name, model_kind(name), img_size, scale
         self.num_classes = net.num_classes
         self.num_features = net.num_features
+        self.has_class_token = bool(getattr(net, "has_class_token", False))  # ViT/DeiT: the first prefix token
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self._set_stages(_stage_indices(net.feature_info, isotropic_blocks))
@@ -174,6 +176,13 @@ class StageModel(nn.Module):
             return None, [inter[j] for j in self._pick]
         final, inter = self.net.forward_intermediates(x, indices=self._take, output_fmt="NCHW")
         return self.net.forward_head(final), [inter[j] for j in self._pick]
+
+    def forward_with_class_tokens(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """`forward` plus each stage's class token (B, 1, C); only for models with one (`has_class_token`)."""
+        final, inter = self.net.forward_intermediates(self.normalize(x), indices=self._take, output_fmt="NCHW",
+                                                      return_prefix_tokens=True)
+        maps, prefix = [inter[j][0] for j in self._pick], [inter[j][1][:, :1] for j in self._pick]
+        return self.net.forward_head(final), maps, prefix
 
     def forward_logits(self, x: Tensor) -> Tensor:
         """Logits only (evaluation); equals the timm model's own forward on the normalised input."""

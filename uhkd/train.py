@@ -38,11 +38,13 @@ def run_name(cfg: RunConfig) -> str:
     return f"{cfg.method.name}-{cfg.model.student}-{teacher}-{cfg.data.dataset}-{config_hash(cfg)}"
 
 
-def preflight(cfg: RunConfig, dataset: bool = True, node: str = "") -> None:
+def preflight(cfg: RunConfig, teacher_file: bool = True, dataset: bool = True, node: str = "") -> None:
     """Checks that need no model or data loading, run before any worker starts, so a wrong name or path fails
-    once with one line instead of in every worker and every retry. The dataset is checked only where the run
-    trains (`dataset`); `node` names that machine in the message of a missing one."""
-    import uhkd.methods  # noqa: F401  (registers the methods)
+    once with one line instead of in every worker and every retry. A method that distils needs a teacher
+    checkpoint unless `model.random_teacher`; `teacher_file=False` leaves the file's existence to the caller (a
+    sweep that trains missing teachers first). The dataset is checked only where the run trains (`dataset`);
+    `node` names that machine in the message of a missing one."""
+    from .methods import teacher_use
 
     METHODS.get(cfg.method.name)
     try:
@@ -50,8 +52,13 @@ def preflight(cfg: RunConfig, dataset: bool = True, node: str = "") -> None:
             DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
     except UserError as err:
         raise UserError(f"node {node}: {err}" if node else str(err)) from None
-    for what, path in (("teacher checkpoint", cfg.model.teacher_checkpoint),
-                       ("pretrained weight file", cfg.model.pretrained_file)):
+    m = cfg.model
+    if teacher_use(cfg).needed and not m.teacher_checkpoint and not m.random_teacher:
+        raise UserError(f"method {cfg.method.name!r} distils from teacher {m.teacher!r} but no teacher checkpoint "
+                        f"is given: pass --teacher-checkpoint FILE (sweeps: --teacher-dir), or --set "
+                        f"model.random_teacher=true to distil from a randomly initialised teacher")
+    for what, path in (("teacher checkpoint", m.teacher_checkpoint if teacher_file else ""),
+                       ("pretrained weight file", m.pretrained_file)):
         if path and not exists(path):
             raise UserError(f"{what} {path!r} not found")
 
@@ -229,7 +236,8 @@ def _connect_ray(cfg: RunConfig) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m uhkd.train", description="One distillation run (SPEC protocol).")
     p.add_argument("--teacher", help="timm model name of the teacher")
-    p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); none = random init")
+    p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); required by every method but "
+                   "scratch unless --set model.random_teacher=true")
     p.add_argument("--student", help="timm model name of the student")
     p.add_argument("--method", help=f"one of {', '.join(METHODS.names())}")
     p.add_argument("--dataset", help=" | ".join(DATASETS.names()))
@@ -270,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
         output = Path(cfg.output_dir or os.path.join("runs", run_name(cfg))).expanduser().resolve()
         cfg = dataclasses.replace(cfg, output_dir=str(output))
+        preflight(cfg)  # before Ray starts
         if cfg.workers == 0:
             metrics = run_in_process(cfg)
         else:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import RunConfig, flatten
+from .config import RunConfig, batch_plan, flatten
 from .data.loader import WorkerData
 from .errors import UserError
 from .methods import Distiller, build_method, teacher_use
@@ -106,19 +106,21 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable parameters; biases and norm weights (1-d) get no weight decay."""
+def build_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD or AdamW at peak `lr` over the trainable parameters; biases and norm weights (1-d) get no weight
+    decay."""
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if o.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
-    return torch.optim.AdamW(groups, lr=o.lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def lr_factor(cfg: RunConfig, updates_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of `optim.lr` after `u` optimizer updates: linear warm-up, then cosine to `min_lr` or steps."""
+    """Multiplier of the peak lr after `u` optimizer updates: linear warm-up, then cosine to `min_lr` or steps
+    (an lr scaled for the batch scales `min_lr` alike, so the ratio is `optim`'s)."""
     o = cfg.optim
     warm = o.warmup_epochs * updates_per_epoch
     total = o.epochs * updates_per_epoch
@@ -187,14 +189,14 @@ class Run:
                                      pretrained_file=local_file(m.pretrained_file), **stats)
         use = teacher_use(cfg)
         teacher = None
-        if use.needed or (m.teacher and cfg.eval_teacher):
+        if use.needed:  # a method without a teacher (scratch) builds and evaluates none
             if not m.teacher:
                 raise UserError(f"method {cfg.method.name!r} needs a teacher: set --teacher (model.teacher)")
             teacher = load_teacher(m.teacher, local_file(m.teacher_checkpoint), num_classes=info.num_classes,
                                    img_size=cfg.data.img_size, scale=m.scale, isotropic_blocks=m.isotropic_blocks,
                                    stages=use.stages, needs_logits=use.logits or cfg.eval_teacher)
         self.teacher = teacher
-        self.distiller: Distiller = build_method(cfg, student, teacher if use.needed else None).to(dev)
+        self.distiller: Distiller = build_method(cfg, student, teacher).to(dev)
         if teacher is not None:
             teacher.to(dev)
         self.channels_last = dev.type == "cuda" and m.channels_last
@@ -203,11 +205,14 @@ class Run:
         self.model = session.wrap(self.distiller)
         self.dtype = amp_dtype(cfg.amp, dev)
         o = cfg.optim
-        if self.data.steps_per_epoch < o.accumulate:
-            raise UserError(f"optim.accumulate={o.accumulate} exceeds the {self.data.steps_per_epoch} steps of "
-                            f"an epoch")
-        self.updates_per_epoch = self.data.steps_per_epoch // o.accumulate
-        self.optimizer = build_optimizer(cfg, self.distiller)
+        self.plan = batch_plan(cfg, session.world)
+        self.accumulate = self.plan.accumulation
+        if self.data.steps_per_epoch < self.accumulate:
+            raise UserError(f"{self.accumulate} accumulation steps (optim.effective_batch={o.effective_batch}, "
+                            f"optim.accumulate={o.accumulate}) exceed the {self.data.steps_per_epoch} steps of an "
+                            f"epoch")
+        self.updates_per_epoch = self.data.steps_per_epoch // self.accumulate
+        self.optimizer = build_optimizer(cfg, self.distiller, o.lr * self.plan.lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.updates_per_epoch))
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
         self.ema = None
@@ -256,7 +261,7 @@ class Run:
     def base_metrics(self) -> dict:
         return {"teacher_top1": self.teacher_top1, "student_params": self.distiller.student_param_count(),
                 "extra_params": self.distiller.extra_param_count(),
-                "effective_batch": self.cfg.data.batch_size * self.session.world * self.cfg.optim.accumulate}
+                "effective_batch": self.plan.effective_batch}
 
     def fit(self) -> dict:
         metrics: dict = {}
@@ -304,7 +309,7 @@ class Run:
             print(line, file=file, flush=True)
 
     def _train_epoch(self, epoch: int) -> dict:
-        cfg, o, dev = self.cfg, self.cfg.optim, self.session.device
+        cfg, dev, accumulate = self.cfg, self.session.device, self.accumulate
         seed_everything(cfg.seed, epoch, self.session.rank)
         self.distiller.train()
         sums = torch.zeros(len(self.terms) + 1, device=dev, dtype=torch.float64)
@@ -312,11 +317,11 @@ class Run:
         start = time.perf_counter()
         # whole accumulation rounds only: a partial last round's gradients would leak into the next epoch's first
         # update (and be lost on resumption)
-        batches = itertools.islice(self.data.train_batches(epoch), self.updates_per_epoch * o.accumulate)
+        batches = itertools.islice(self.data.train_batches(epoch), self.updates_per_epoch * accumulate)
         for step, (images, target) in enumerate(batches):
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            update = (step + 1) % o.accumulate == 0
+            update = (step + 1) % accumulate == 0
             sync = contextlib.nullcontext() if update or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype is not None):
@@ -325,7 +330,7 @@ class Run:
                 reason = self._non_finite(values, epoch, step + 1)
                 if reason:
                     return self._failure(epoch, reason, time.perf_counter() - start)
-                self.scaler.scale(values.sum() / o.accumulate).backward()
+                self.scaler.scale(values.sum() / accumulate).backward()
             if update:
                 self._update()
             sums += torch.cat([values.detach().sum().view(1), values.detach()]).double()
@@ -342,7 +347,7 @@ class Run:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "images_per_s": images_seen * self.session.world / max(train_time, 1e-9),
                 "epoch_time_s": time.perf_counter() - start, **self.base_metrics(),
-                "status": "ok" if epoch == o.epochs else "running", "failure_reason": ""}
+                "status": "ok" if epoch == cfg.optim.epochs else "running", "failure_reason": ""}
 
     def _update(self) -> None:
         o = self.cfg.optim

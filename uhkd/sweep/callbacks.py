@@ -15,7 +15,7 @@ from ray import tune
 
 import uhkd
 
-from ..config import RunConfig, config_hash, flatten
+from ..config import RunConfig, batch_plan, config_hash, flatten
 from .results import SweepTables
 from .trainable import run_config, trial_checkpoint, trial_overrides
 
@@ -122,7 +122,7 @@ class ParquetResults(tune.Callback):
             table.pop(trial.trial_id, None)
 
     def trial_row(self, trial: Any, cfg: RunConfig, reports: list[dict], error: str, student: str) -> dict:
-        _, tag = trial_overrides(trial.config)
+        _, labels = trial_overrides(trial.config)
         done = [r for r in reports if r.get("status") != "failed"]
         last = reports[-1] if reports else {}
         if error:
@@ -134,7 +134,7 @@ class ParquetResults(tune.Callback):
         speeds = [r["images_per_s"] for r in done if isinstance(r.get("images_per_s"), (int, float))]
         m = cfg.model
         return {
-            **flatten(cfg), "trial_id": trial.trial_id, "preset": self.preset, "tag": tag,
+            **flatten(cfg), "trial_id": trial.trial_id, "preset": self.preset, **labels,
             "dataset": cfg.data.dataset, "teacher": m.teacher, "student": m.student, "method": cfg.method.name,
             "pair": f"{m.teacher}:{m.student}", "split": cfg.data.split,
             "epochs": cfg.optim.epochs, "epochs_run": max((int(r["epoch"]) for r in done), default=0),
@@ -145,7 +145,7 @@ class ParquetResults(tune.Callback):
             "teacher_top1": _num(last.get("teacher_top1")), "student_params": _num(last.get("student_params"), int),
             "extra_params": _num(last.get("extra_params"), int),
             "images_per_s": sum(speeds) / len(speeds) if speeds else None,
-            "wall_time_s": self._elapsed(trial.trial_id), "effective_batch": _num(last.get("effective_batch"), int),
+            "wall_time_s": self._elapsed(trial.trial_id), **batch_plan(cfg).columns(cfg),
             "status": status, "failure_reason": reason,
             "student_checkpoint": student if status != "failed" else "",
             "config_hash": config_hash(cfg), "toolkit_version": self.version, "git_commit": self.commit,
