@@ -109,6 +109,7 @@ class RunConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     amp: str = "auto"  # auto (bf16 where supported on GPU, off on CPU) | bf16 | fp16 | off
+    compile: str = "auto"  # torch.compile the training step: auto (on for CUDA, off on CPU) | on | cudagraphs | off
     threads: int = 0  # torch threads per worker; 0 = cpus_per_worker rounded up
     eval_teacher: bool = True
     max_failures: int = 2  # Ray Train worker-group restarts
@@ -125,6 +126,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.band": ("low", "high", "full"),
     "method.sca": ("linear", "conv_bn"),
     "amp": ("auto", "bf16", "fp16", "off"),
+    "compile": ("auto", "on", "cudagraphs", "off"),
 }
 
 

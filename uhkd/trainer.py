@@ -44,7 +44,9 @@ METRICS_LOG = "metrics.jsonl"
 NAN = float("nan")
 # settings that may change between a run and its resumption (where things are, not what is trained)
 RESUMABLE_CHANGES = frozenset({"name", "output_dir", "data.root", "data.download", "data.loader_workers",
-                               "max_failures", "threads", "cpus_per_worker", "eval_teacher"})
+                               "max_failures", "threads", "cpus_per_worker", "eval_teacher", "compile"})
+# steps between reads of the on-device non-finite record (each read is one host sync, plus an all-reduce on >1 rank)
+NON_FINITE_CHECK_EVERY = 50
 
 
 class Session:
@@ -104,6 +106,41 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def compiled(model: nn.Module, setting: str, device: torch.device) -> nn.Module:
+    """`model` under `torch.compile` as the `compile` setting says (auto: on CUDA only; on CPU compiling takes
+    minutes for little gain). The compiled module shares the parameters: optimizer and checkpoints are unchanged."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return model
+    return torch.compile(model, mode="reduce-overhead" if setting == "cudagraphs" else None)
+
+
+class NonFinite:
+    """On-device record of the first step of an epoch whose loss terms are not all finite: `add` launches a few
+    tiny kernels and never waits for the device; `reason` reads the record (one host sync) and says what failed.
+    All ranks call `reason` at the same steps, so they agree and stop together."""
+
+    def __init__(self, terms: tuple[str, ...], session: "Session") -> None:
+        self.terms, self.session = terms, session
+        self.step = torch.zeros((), dtype=torch.float64, device=session.device)  # 0: none yet
+        self.values = torch.zeros(len(terms), device=session.device)
+
+    def add(self, values: torch.Tensor, step: int) -> None:
+        first = ~torch.isfinite(values).all() & (self.step == 0)
+        self.step = torch.where(first, float(step), self.step)
+        self.values = torch.where(first, values, self.values)
+
+    def reason(self, epoch: int) -> str:
+        earliest = torch.where(self.step > 0, self.step, math.inf)
+        if self.session.world > 1:
+            dist.all_reduce(earliest, op=dist.ReduceOp.MIN)
+        seen, own = torch.stack([earliest, self.step]).tolist()
+        if math.isinf(seen):
+            return ""
+        names = [f"loss_{t}={v}" for t, v in zip(self.terms, self.values.tolist()) if not math.isfinite(v)]
+        return (f"non-finite loss at epoch {epoch} step {int(seen)}: "
+                f"{', '.join(names) if own == seen else 'on another rank'}")
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -203,6 +240,7 @@ class Run:
         if self.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
         self.model = session.wrap(self.distiller)
+        self.step_model = compiled(self.model, cfg.compile, dev)  # the training forward (backward follows it)
         self.dtype = amp_dtype(cfg.amp, dev)
         o = cfg.optim
         self.plan = batch_plan(cfg, session.world)
@@ -313,6 +351,7 @@ class Run:
         seed_everything(cfg.seed, epoch, self.session.rank)
         self.distiller.train()
         sums = torch.zeros(len(self.terms) + 1, device=dev, dtype=torch.float64)
+        non_finite = NonFinite(self.terms, self.session)
         steps = images_seen = 0
         start = time.perf_counter()
         # whole accumulation rounds only: a partial last round's gradients would leak into the next epoch's first
@@ -325,17 +364,21 @@ class Run:
             sync = contextlib.nullcontext() if update or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype is not None):
-                    _, losses = self.model(images, target, epoch - 1)
+                    _, losses = self.step_model(images, target, epoch - 1)
                 values = torch.stack([losses[t].float() for t in self.terms])
-                reason = self._non_finite(values, epoch, step + 1)
-                if reason:
-                    return self._failure(epoch, reason, time.perf_counter() - start)
                 self.scaler.scale(values.sum() / accumulate).backward()
             if update:
                 self._update()
-            sums += torch.cat([values.detach().sum().view(1), values.detach()]).double()
+            values = values.detach()
+            non_finite.add(values, step + 1)
+            sums += torch.cat([values.sum().view(1), values]).double()
             steps += 1
             images_seen += len(images)
+            # no host sync per step: the record is read every NON_FINITE_CHECK_EVERY steps and at the epoch's end
+            if steps % NON_FINITE_CHECK_EVERY == 0 and (reason := non_finite.reason(epoch)):
+                return self._failure(epoch, reason, time.perf_counter() - start)
+        if reason := non_finite.reason(epoch):
+            return self._failure(epoch, reason, time.perf_counter() - start)
         train_time = time.perf_counter() - start
         with eval_mode(self.eval_student) as student:
             top1, top5 = evaluate(student.forward_logits, self.data, self.session, self.dtype)
@@ -360,17 +403,6 @@ class Run:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.distiller.student, step=self.scheduler.last_epoch)
-
-    def _non_finite(self, values: torch.Tensor, epoch: int, step: int) -> str:
-        """A reason string when any rank's loss terms are NaN/inf (all ranks agree, so all stop together)."""
-        bad = (~torch.isfinite(values.detach())).float()
-        if self.session.world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if not bad.any():
-            return ""
-        local = values.detach().tolist()
-        names = [f"loss_{t}={v}" for t, v, b in zip(self.terms, local, bad.tolist()) if b]
-        return f"non-finite loss at epoch {epoch} step {step}: {', '.join(names)}"
 
     def _failure(self, epoch: int, reason: str, elapsed: float) -> dict:
         return {"epoch": epoch, "top1": NAN, "top5": NAN, **self.best, "loss": NAN,
