@@ -12,7 +12,7 @@ from uhkd.config import build_config
 from uhkd.errors import UserError
 from uhkd.trainer import LocalSession, NonFinite, Run, Session, compiled
 
-# a tiny heterogeneous pair at 32 px, one UHKD level: every loss term (ce, kl, feat) and FAM's graph breaks. The
+# a tiny heterogeneous pair at 32 px, one UHKD level: every loss term (ce, kl, feat) and FAM. The
 # student is the ViT: a tiny ResNet's gradients at initialisation are ill-conditioned (each block's last BN starts
 # at zero and the BN backward blows rounding up), so there even two float32 summation orders disagree at O(1)
 TINY = {"data.batch_size": 16, "optim.max_steps_per_epoch": 2, "data.limit_eval": 16, "optim.epochs": 1,
