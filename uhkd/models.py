@@ -8,6 +8,7 @@ model's depth. Shapes come from a dry forward.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,11 +21,11 @@ from timm.models.mlp_mixer import Affine, ResBlock, _create_mixer
 from timm.models.swin_transformer import _create_swin_transformer
 from torch import Tensor, nn
 
-from .errors import UserError, choice_error
+from .errors import UserError, choice_error, one_line
 
 # timm's register_model appends the registered entry points to this list.
-__all__ = ["FAMILIES", "StageModel", "create_stage_model", "load_teacher", "model_family", "model_kind",
-           "save_model_checkpoint"]
+__all__ = ["FAMILIES", "StageModel", "check_checkpoint_file", "create_stage_model", "load_teacher", "model_family",
+           "model_kind", "save_model_checkpoint"]
 
 # Architecture families: name prefix -> kind. `swin` is a token model with a hierarchical (4-resolution) layout.
 FAMILIES: dict[str, str] = {
@@ -207,14 +208,27 @@ class StageModel(nn.Module):
         self.pruned_after = stage
 
 
+def check_checkpoint_file(path: str, what: str = "checkpoint file") -> None:
+    """A cheap look before any worker starts: the file exists and its zip directory (torch's format) is whole,
+    so a truncated or foreign file fails in one line here rather than in every trial."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} {path!r} not found")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as err:
+        raise UserError(f"{what} {path!r} is truncated or not a torch checkpoint ({one_line(err)})") from None
+
+
 def _read_checkpoint(path: str, name: str, num_classes: int, img_size: int, scale: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"checkpoint file {path!r} not found")
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a foreign or damaged file
-        raise UserError(f"checkpoint file {path!r} is not readable: {type(err).__name__}") from None
+    except Exception as err:  # torch raises many types for a foreign, truncated or damaged file
+        raise UserError(f"checkpoint file {path!r} is not readable (truncated or corrupted?): "
+                        f"{type(err).__name__}: {one_line(err)}") from None
     if not isinstance(ckpt, dict) or not {"arch", "num_classes", "state_dict"} <= set(ckpt):
         raise UserError(f"checkpoint file {path!r} is not a uhkd model checkpoint (a timm weight file goes to "
                         f"pretrained_file)")

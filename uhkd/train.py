@@ -20,7 +20,7 @@ from .config import RunConfig, build_config, config_hash, flatten, parse_set, un
 from .errors import UserError
 from .registry import DATASETS, METHODS
 from .storage import exists, is_uri, join, location_of, ray_storage
-from .trainer import STUDENT, LocalSession, Session, load_state, train_loop
+from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, read_checkpoint, train_loop
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
 RAY_TRAIN_ENV = {
@@ -52,15 +52,21 @@ def preflight(cfg: RunConfig, teacher_file: bool = True, dataset: bool = True, n
             DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
     except UserError as err:
         raise UserError(f"node {node}: {err}" if node else str(err)) from None
+    from .models import check_checkpoint_file
+
     m = cfg.model
     if teacher_use(cfg).needed and not m.teacher_checkpoint and not m.random_teacher:
         raise UserError(f"method {cfg.method.name!r} distils from teacher {m.teacher!r} but no teacher checkpoint "
                         f"is given: pass --teacher-checkpoint FILE (sweeps: --teacher-dir), or --set "
                         f"model.random_teacher=true to distil from a randomly initialised teacher")
-    for what, path in (("teacher checkpoint", m.teacher_checkpoint if teacher_file else ""),
-                       ("pretrained weight file", m.pretrained_file)):
-        if path and not exists(path):
-            raise UserError(f"{what} {path!r} not found")
+    if m.teacher_checkpoint and teacher_file:
+        if is_uri(m.teacher_checkpoint):
+            if not exists(m.teacher_checkpoint):
+                raise UserError(f"teacher checkpoint {m.teacher_checkpoint!r} not found")
+        else:
+            check_checkpoint_file(m.teacher_checkpoint, "teacher checkpoint")
+    if m.pretrained_file and not exists(m.pretrained_file):
+        raise UserError(f"pretrained weight file {m.pretrained_file!r} not found")
 
 
 def node_name() -> str:
@@ -130,7 +136,7 @@ class TuneSession(Session):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return load_state(folder)
+            return read_checkpoint([Path(folder) / CHECKPOINT])
 
     def report(self, metrics: dict, save: Callable[[Path], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="uhkd-ckpt-") as folder:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import Callable, Iterator, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -33,12 +33,13 @@ from torch import nn
 
 from .config import RunConfig, batch_plan, flatten
 from .data.loader import WorkerData
-from .errors import UserError
+from .errors import UserError, one_line
 from .methods import Distiller, build_method, teacher_use
 from .models import create_stage_model, load_teacher, save_model_checkpoint
 from .storage import local_file
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 STUDENT = "student.pt"
 METRICS_LOG = "metrics.jsonl"
 NAN = float("nan")
@@ -67,12 +68,10 @@ class Session:
         raise NotImplementedError
 
 
-def load_state(folder: str | Path) -> dict:
-    return torch.load(Path(folder) / CHECKPOINT, map_location="cpu", weights_only=True)
-
-
 class LocalSession(Session):
-    """In-process: the checkpoint's files in `<output_dir>`, each epoch's metrics to the `report` callback."""
+    """In-process: the checkpoint's files in `<output_dir>` (the state before the latest kept as
+    `checkpoint.prev.pt`, to fall back to when the latest is unreadable), each epoch's metrics to the `report`
+    callback."""
 
     def __init__(self, output_dir: str, device: torch.device, report: Callable[[dict], None] | None = None,
                  resume: bool = True) -> None:
@@ -80,17 +79,44 @@ class LocalSession(Session):
         self.device, self.callback, self.resume = device, report, resume
 
     def load(self) -> dict | None:
-        return load_state(self.folder) if self.resume and (self.folder / CHECKPOINT).is_file() else None
+        return read_checkpoint([self.folder / CHECKPOINT, self.folder / PREVIOUS_CHECKPOINT]) if self.resume \
+            else None
 
     def report(self, metrics: dict, save: Callable[[Path], None]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         # written beside, then renamed into place: a crash mid-write leaves the previous checkpoint intact
         with tempfile.TemporaryDirectory(dir=self.folder, prefix=".checkpoint-") as tmp:
             save(Path(tmp))
+            if (self.folder / CHECKPOINT).is_file():
+                os.replace(self.folder / CHECKPOINT, self.folder / PREVIOUS_CHECKPOINT)
             for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == CHECKPOINT):  # the state last
                 os.replace(path, self.folder / path.name)
         if self.callback is not None:
             self.callback(dict(metrics))
+
+
+def read_checkpoint(candidates: Sequence[Path]) -> dict | None:
+    """The first readable checkpoint of `candidates` (newest first), or None to start from epoch 1. Skipping an
+    unreadable (truncated, corrupted) one is said on stderr, with the checkpoint used instead or the restart."""
+    problems = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "epoch" not in state:
+                raise ValueError("not a uhkd run checkpoint")
+        except Exception as err:  # torch raises many types for a truncated or damaged file
+            problems.append(f"checkpoint {str(path)!r} is unreadable ({type(err).__name__}: {one_line(err, 200)})")
+            continue
+        if problems:
+            print(f"warning: {'; '.join(problems)}; falling back to {path.name} (epoch {state['epoch']})",
+                  file=sys.stderr, flush=True)
+        return state
+    if problems:
+        print(f"warning: {'; '.join(problems)}; no readable checkpoint left: restarting the run from epoch 1",
+              file=sys.stderr, flush=True)
+    return None
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:

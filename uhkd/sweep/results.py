@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..config import LEAF_TYPES
+from ..errors import UserError
 from ..registry import METHODS
 from ..storage import open_location
 
@@ -74,10 +75,25 @@ def _schema(columns: list[tuple[str, pa.DataType]]) -> pa.Schema:
 def write_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        pq.write_table(table, tmp, filesystem=fs)
+        try:
+            pq.write_table(table, tmp, filesystem=fs)
+        except BaseException:  # e.g. a full disk: leave the previous file as it was, and no partial file
+            if fs.get_file_info(tmp).type == pafs.FileType.File:
+                fs.delete_file(tmp)
+            raise
         fs.move(tmp, path)  # rename(2): readers see the old file or the new one
     else:  # object stores publish an object only once its upload completes
         pq.write_table(table, path, filesystem=fs)
+
+
+def read_table(fs: pafs.FileSystem, path: str) -> pa.Table:
+    """A results table, or one `UserError` line when the file is truncated or corrupted."""
+    try:
+        return pq.read_table(path, filesystem=fs)
+    except (pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"results table {path!r} is unreadable ({type(exc).__name__}: {reason}); move it aside "
+                        f"and run --resume: the rows are rebuilt from the trials' own records") from None
 
 
 class SweepTables:
@@ -96,7 +112,7 @@ class SweepTables:
         for name, rows, key in ((TRIALS, self.trials, ("trial_id",)), (EPOCHS, self.epochs, ("trial_id", "epoch"))):
             path = f"{self.folder}/{name}"
             if self.fs.get_file_info(path).type == pafs.FileType.File:
-                for row in pq.read_table(path, filesystem=self.fs).to_pylist():
+                for row in read_table(self.fs, path).to_pylist():
                     rows[row[key[0]] if len(key) == 1 else tuple(row[k] for k in key)] = row
         return self
 
