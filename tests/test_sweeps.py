@@ -125,8 +125,8 @@ def test_sweeps_started_in_the_same_second_get_their_own_names(tmp_path):
 
 
 def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
-    """hetero_pairs on the embedded cluster, teachers missing: they are trained first; every trial is a Ray Train
-    run, and the Parquet rows match what Tune itself recorded."""
+    """hetero_pairs on the embedded cluster, teachers missing: they are trained first; every 1-worker trial runs
+    in its own process with its checkpoints in its Tune folder, and the Parquet rows match what Tune recorded."""
     from sweeps import hetero_pairs
 
     results, teachers = tmp_path / "results", tmp_path / "teachers"
@@ -173,8 +173,10 @@ def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
         assert row.student_params == last["student_params"] and row.extra_params == last["extra_params"] > 0
         assert row.epochs == 2 and (row.status == "ok") == (row.epochs_run == 2)
         assert 0 <= row.teacher_top1 <= 100 and row.wall_time_s > 0 and row.finished_at > row.started_at
-        if row.status == "ok":
-            assert Path(row.student_checkpoint).is_file()
+        if row.status == "ok":  # exported into the trial's last checkpoint, in the sweep's folder
+            student = Path(row.student_checkpoint)
+            assert student.is_file() and student.parent.parent == folder / "tune" / row.trial_id
+    assert not (folder / "train").exists()  # no Ray Train run for 1-worker trials
 
 
 def test_grid_sweep_records_nan_and_crashing_trials_as_failed(tmp_path, ray_local, teacher_dir):
@@ -246,10 +248,10 @@ def test_interrupt_then_resume_records_every_trial_once(tmp_path, teacher_dir):
     for row in before.itertuples():  # recorded before the interruption: not run again
         again = after.set_index("trial_id").loc[row.trial_id]
         assert again["finished_at"] == row.finished_at and again["best_top1"] == row.best_top1
-    for trial_id in after["trial_id"]:
-        logged = [json.loads(line)["epoch"] for line in
-                  (results / "sw" / "train" / trial_id / "metrics.jsonl").read_text().splitlines()]
-        assert logged == sorted(set(logged)) and logged[0] == 1  # never restarted from scratch
+    for trial_id in after["trial_id"]:  # each trial's checkpoints are in its Tune folder, the last one's log in full
+        last = sorted((results / "sw" / "tune" / trial_id).glob("checkpoint_*"))[-1]
+        logged = [json.loads(line)["epoch"] for line in (last / "metrics.jsonl").read_text().splitlines()]
+        assert logged == list(range(1, len(logged) + 1))
         assert epochs[epochs["trial_id"] == trial_id]["epoch"].tolist() == logged
 
 
@@ -379,7 +381,7 @@ GiB = 2**30
 
 
 def _at_once(nodes, workers, cpus_per_worker, gpus_per_trial, **kwargs):
-    bundles = trial_bundles(workers == 0, workers, cpus_per_worker, gpus_per_trial)
+    bundles = trial_bundles(workers, cpus_per_worker, gpus_per_trial)
     return concurrency(nodes, bundles, gpus_per_trial, **kwargs)
 
 
@@ -387,20 +389,21 @@ def test_concurrency_counts_trials_that_fit_per_node():
     node = {"CPU": 16.0, "GPU": 1.0, "memory": 64 * GiB}
     assert _at_once([node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25) == 4  # 4 trials share a GPU
     assert _at_once([node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25, cap=3) == 3
-    assert _at_once([node], workers=1, cpus_per_worker=2, gpus_per_trial=0) == 7  # 7 x (2 + 0.01) <= 16
+    assert _at_once([node], workers=1, cpus_per_worker=2, gpus_per_trial=0) == 8  # in-process: 8 x 2
+    assert _at_once([node], workers=2, cpus_per_worker=2, gpus_per_trial=0) == 3  # 3 x (2 x 2 + 0.01)
     assert _at_once([node], workers=0, cpus_per_worker=4, gpus_per_trial=0.5) == 2
     two = {"CPU": 2.0, "memory": 8 * GiB}
     assert _at_once([two], workers=1, cpus_per_worker=0.95, gpus_per_trial=0) == 2  # the quick preset
     # totals would say 2 GPUs / 0.4 = 5 trials; per node only 2 x 0.4 fit on each GPU
     gpu_node = {"CPU": 8.0, "GPU": 1.0, "memory": 64 * GiB}
     assert _at_once([gpu_node] * 2, workers=1, cpus_per_worker=1, gpus_per_trial=0.4) == 4
-    # totals: 4 CPUs / 0.61 = 6; per node each 1-CPU node holds one 0.6-CPU worker
+    # totals: 4 CPUs / 0.6 = 6; per node each 1-CPU node holds one 0.6-CPU trial
     assert _at_once([{"CPU": 1.0, "memory": 8 * GiB}] * 4, workers=1, cpus_per_worker=0.6, gpus_per_trial=0) == 4
     # the trial's own process reserves memory: 3 GiB holds two Ray Train trials (1.2 GiB each)
-    assert _at_once([{"CPU": 16.0, "memory": 3 * GiB}], workers=1, cpus_per_worker=1, gpus_per_trial=0) == 2
+    assert _at_once([{"CPU": 16.0, "memory": 3 * GiB}], workers=2, cpus_per_worker=1, gpus_per_trial=0) == 2
     with pytest.raises(UserError, match=r"and 1.2 GiB for its own process; the largest Ray node has 16 CPUs, 0 GPUs "
                                         r"and 1.0 GiB"):
-        _at_once([{"CPU": 16.0, "memory": 1 * GiB}], workers=1, cpus_per_worker=1, gpus_per_trial=0)
+        _at_once([{"CPU": 16.0, "memory": 1 * GiB}], workers=2, cpus_per_worker=1, gpus_per_trial=0)
     with pytest.raises(UserError, match="--gpus-per-trial 2 but the Ray cluster has 1 GPUs"):
         _at_once([node], workers=1, cpus_per_worker=1, gpus_per_trial=2)
     big = {"CPU": 64.0, "GPU": 8.0, "memory": 64 * GiB}
@@ -421,8 +424,10 @@ def test_an_autoscaling_cluster_is_sized_by_the_nodes_it_may_start():
 
 
 def test_trial_resources_reserve_memory_for_the_trials_own_process():
-    assert trial_resources(trial_bundles(False, 2, 1.0, 1.0)) == {"cpu": 0.01, "memory": 1.2 * GiB}
-    assert trial_resources(trial_bundles(True, 0, 2.0, 0.5)) == {"cpu": 2.0, "gpu": 0.5, "memory": 1.0 * GiB}
+    assert trial_resources(trial_bundles(2, 1.0, 1.0)) == {"cpu": 0.01, "memory": 1.2 * GiB}
+    assert trial_resources(trial_bundles(1, 2.0, 0.5)) == {"cpu": 2.0, "gpu": 0.5, "memory": 1.0 * GiB}
+    assert trial_resources(trial_bundles(2, 1.0, 0, {"gpu_node": 1})) == {"cpu": 0.01, "memory": 1.2 * GiB,
+                                                                          "gpu_node": 1}
 
 
 def test_placement_groups_of_dead_train_controllers_are_released(ray_local):

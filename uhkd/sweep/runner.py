@@ -18,11 +18,12 @@ from typing import Any, Callable, Sequence
 
 from ..config import LEAF_TYPES, RunConfig, coerce
 from ..errors import UserError, choice_error, one_line
+from ..storage import exists, is_uri, join, open_location, ray_storage
 from . import lock
 from .cli import SweepOptions, parse
-from .results import SweepTables, join, open_location
+from .results import SweepTables
 from .spec import Sweep, SweepPreset
-from .trainable import split_pair, teacher_path, train_trial, trial_overrides
+from .trainable import in_process, split_pair, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
 # memory reserved for a trial's own process(es), measured on 2 CPUs: a Ray Train trial's driver side is ~1.1 GB
@@ -76,7 +77,8 @@ def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
     from ray import tune
 
     def restorable(name: str) -> bool:
-        return tune.Tuner.can_restore(join(opts.results, name, "tune"))
+        path, filesystem = ray_storage(join(opts.results, name, "tune"))
+        return tune.Tuner.can_restore(path, storage_filesystem=filesystem)
 
     prefix = f"{sweep.kind}-{sweep.preset.name}"
     if opts.name:
@@ -98,14 +100,6 @@ def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
         return found[-1], True
     # the random tail: two sweeps started in the same second on one results root get folders of their own
     return f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", False
-
-
-def train_storage(opts: SweepOptions, name: str) -> str:
-    """Local folder of the trials' Ray Train runs (checkpoints, exported students): beside the tables for a local
-    results folder, under ./runs/sweeps for a URI (the training loop writes its checkpoints to a local path)."""
-    if "://" in opts.results:
-        return os.path.abspath(os.path.join("runs", "sweeps", name))
-    return join(opts.results, name, "train")
 
 
 def run_overrides(sweep: Sweep, opts: SweepOptions) -> dict[str, Any]:
@@ -147,8 +141,9 @@ def trial_configs(sweep: Sweep, base: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**base, **({"pair": p} if p else {})} for p in candidates]
 
 
-def check_configs(configs: list[dict[str, Any]]) -> tuple[list[RunConfig], set[str]]:
-    """Build every representative run (names, values, dataset presence) and list the teachers they load."""
+def check_configs(configs: list[dict[str, Any]], dataset: bool = True) -> tuple[list[RunConfig], set[str]]:
+    """Build every representative run (names, values, with `dataset` the dataset's presence here) and list the
+    teachers they load."""
     from ..config import build_config
     from ..methods import teacher_use
     from ..models import model_kind
@@ -162,26 +157,28 @@ def check_configs(configs: list[dict[str, Any]]) -> tuple[list[RunConfig], set[s
         cfg = build_config(config["_preset"], overrides)
         if cfg.model.teacher:
             model_kind(cfg.model.teacher)
-        preflight(cfg, teacher_file=False)  # missing teachers are listed (or trained) below
+        preflight(cfg, teacher_file=False, dataset=dataset)  # missing teachers are listed (or trained) below
         if cfg.model.teacher and teacher_use(cfg).needed:
             teachers.add(cfg.model.teacher)
         runs.append(cfg)
     return runs, teachers
 
 
-def trial_bundles(in_process: bool, workers: int, cpus_per_worker: float,
-                  gpus_per_trial: float) -> list[dict[str, float]]:
+def trial_bundles(workers: int, cpus_per_worker: float, gpus_per_trial: float,
+                  custom: dict[str, float] | None = None) -> list[dict[str, float]]:
     """What one trial reserves, as Ray resource bundles: the trial's own process first (with memory for it: Ray
-    Train's driver side is the trial, its controller and two helper actors), then one bundle per Ray Train worker."""
-    if in_process:
-        return [{"CPU": cpus_per_worker, "GPU": gpus_per_trial, "memory": IN_PROCESS_MEMORY}]
-    return [{"CPU": TRIAL_CPU, "memory": TRAIN_DRIVER_MEMORY},
-            *[{"CPU": cpus_per_worker, "GPU": gpus_per_trial / workers}] * workers]
+    Train's driver side is the trial, its controller and two helper actors), then one bundle per Ray Train worker;
+    `custom` resources in each."""
+    custom = custom or {}
+    if in_process(workers):
+        return [{"CPU": cpus_per_worker, "GPU": gpus_per_trial, "memory": IN_PROCESS_MEMORY, **custom}]
+    return [{"CPU": TRIAL_CPU, "memory": TRAIN_DRIVER_MEMORY, **custom},
+            *[{"CPU": cpus_per_worker, "GPU": gpus_per_trial / workers, **custom}] * workers]
 
 
 def trial_resources(bundles: list[dict[str, float]]) -> dict[str, float]:
     """The Tune resources of the trial's own process (its first bundle)."""
-    return {key.lower(): value for key, value in bundles[0].items() if value}
+    return {{"CPU": "cpu", "GPU": "gpu"}.get(key, key): value for key, value in bundles[0].items() if value}
 
 
 def _room(free: dict[str, float], need: dict[str, float]) -> bool:
@@ -246,7 +243,7 @@ def scalable_nodes(limit: int = 256) -> list[dict[str, float]] | None:
 
 
 def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, trainable: Any, planned: int,
-           max_concurrent: int, max_epochs: int, in_process: bool) -> Any:
+           max_concurrent: int, max_epochs: int, in_process_trials: bool) -> Any:
     from ray import tune
 
     from .callbacks import ParquetResults, ReleaseStoppedTrainRuns
@@ -257,12 +254,14 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
         metric_columns={"epoch": "epoch", "top1": "top1", "best_top1": "best top1", "images_per_s": "img/s"},
         parameter_columns=["cell/label"] if sweep.cells else list(sweep.space), max_column_length=40,
         max_report_frequency=30, metric="best_top1", mode="max", sort_by_metric=True)
+    storage_path, filesystem = ray_storage(join(opts.results, name))
     run_config = tune.RunConfig(
-        name="tune", storage_path=join(opts.results, name), verbose=1, progress_reporter=reporter,
+        name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=1, progress_reporter=reporter,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainRuns()],
         failure_config=tune.FailureConfig(max_failures=TUNE_RETRIES))
     # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
-    common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process)
+    common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process_trials)
     if sweep.cells:
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, **common)
     else:
@@ -276,7 +275,7 @@ def trial_dirname(trial: Any) -> str:
 
 
 def missing_teachers(teachers: set[str], teacher_dir: str) -> list[str]:
-    return sorted(t for t in teachers if not os.path.isfile(teacher_path(teacher_dir, t)))
+    return sorted(t for t in teachers if not exists(teacher_path(teacher_dir, t)))
 
 
 MANIFEST = "sweep.json"
@@ -318,9 +317,9 @@ class Plan:
 
 
 def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
-    teacher_dir = os.path.abspath(os.path.expanduser(opts.teacher_dir))
+    teacher_dir = join(opts.teacher_dir)
     base = {"_preset": sweep.preset.run_preset, "_run": run_overrides(sweep, opts),
-            "_train_storage": train_storage(opts, name), "_teacher_dir": teacher_dir}
+            "_sweep_dir": join(opts.results, name), "_teacher_dir": teacher_dir, "_resources": opts.trial_resources}
     if sweep.cells:
         planned = len(sweep.cells)
     else:
@@ -330,11 +329,12 @@ def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
                             f"reproduce_tables runs configs over several seeds")
         base["_run"]["seed"] = run_seeds[0]
         planned = opts.num_samples or int(sweep.preset.budget(sweep.kind).get("num_samples", 1))
-    runs, teachers = check_configs(trial_configs(sweep, base))
+    # the dataset must be where trials train: checked here when that is this machine, else by each trial
+    runs, teachers = check_configs(trial_configs(sweep, base), dataset=opts.cluster == "local")
     from ..models import check_checkpoint_file
 
     missing = missing_teachers(teachers, teacher_dir)
-    for teacher in sorted(teachers - set(missing)):
+    for teacher in sorted(teachers - set(missing)) if not is_uri(teacher_dir) else ():  # a URI's: by the trials
         check_checkpoint_file(teacher_path(teacher_dir, teacher), "teacher checkpoint")
     if missing and not sweep.preset.section("teachers").get("auto"):
         raise UserError(f"missing teacher checkpoint(s) in {teacher_dir}: {', '.join(f'{t}.pth' for t in missing)}; "
@@ -374,7 +374,8 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
         trainable = tune.with_resources(train_trial, manifest["resources"])
         # errored trials crashed on infrastructure (a configuration error ends as status=failed, not errored):
         # they continue from their checkpoints too
-        tuner = tune.Tuner.restore(join(opts.results, name, "tune"), trainable=trainable, resume_unfinished=True,
+        path, filesystem = ray_storage(join(opts.results, name, "tune"))
+        tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=filesystem, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
         return _fit(tuner, opts, name, manifest["planned"], manifest["concurrent"], out)
 
@@ -388,8 +389,7 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
         gpus = float(ray.cluster_resources().get("GPU", 0) >= 1) if auto == "auto" else float(auto)
     cfg = p.runs[0]
     p.base["_run"]["gpus_per_worker"] = gpus / max(cfg.workers, 1)
-    in_process = cfg.workers == 0
-    bundles = trial_bundles(in_process, cfg.workers, cfg.cpus_per_worker, gpus)
+    bundles = trial_bundles(cfg.workers, cfg.cpus_per_worker, gpus, opts.trial_resources)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     max_concurrent = concurrency(nodes, bundles, gpus, opts.max_concurrent, budget.get("max_concurrent"),
                                  scalable_nodes())
@@ -402,9 +402,10 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
                                 "concurrent": max_concurrent, "resources": resources})
     space = {**p.base, **sweep.space} if not sweep.cells else {**p.base, "cell": tune.grid_search(grid_cells(sweep))}
     out(f"sweep {name}: {p.planned} trial(s), {max_concurrent} at once, "
-        f"{cfg.workers or 'no'} Ray Train worker(s) per trial; results in {join(opts.results, name)}")
+        f"{'no' if in_process(cfg.workers) else cfg.workers} Ray Train worker(s) per trial; results in "
+        f"{join(opts.results, name)}")
     tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), p.planned, max_concurrent,
-                   max(r.optim.epochs for r in p.runs), in_process=in_process)
+                   max(r.optim.epochs for r in p.runs), in_process_trials=in_process(cfg.workers))
     return _fit(tuner, opts, name, p.planned, max_concurrent, out)
 
 
