@@ -13,8 +13,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import RunConfig, build_config, config_hash, flatten, parse_set, unflatten
+from .config import RunConfig, config_hash, flatten, parse_set, unflatten
 from .errors import UserError
+from .hub import HUB
 from .registry import DATASETS, METHODS
 from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, append_metrics, train_loop
 
@@ -43,7 +44,7 @@ def preflight(cfg: RunConfig) -> None:
     DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
     for what, path in (("teacher checkpoint", cfg.model.teacher_checkpoint),
                        ("pretrained weight file", cfg.model.pretrained_file)):
-        if path and not Path(path).is_file():
+        if path and path != HUB and not Path(path).is_file():
             raise UserError(f"{what} {path!r} not found")
 
 
@@ -56,7 +57,8 @@ def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:
         cfg, output_dir=absolute(cfg.output_dir or output_dir),
         data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
         model=dataclasses.replace(cfg.model, teacher_checkpoint=absolute(cfg.model.teacher_checkpoint),
-                                  pretrained_file=absolute(cfg.model.pretrained_file)))
+                                  pretrained_file=cfg.model.pretrained_file if cfg.model.pretrained_file == HUB
+                                  else absolute(cfg.model.pretrained_file)))
 
 
 def set_threads(cfg: RunConfig) -> None:
@@ -203,23 +205,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="any config field by its dotted key, e.g. --set optim.lr=0.1 (repeatable)")
     p.add_argument("--output", help="output folder (checkpoint, student.pt); default runs/<run name>")
     p.add_argument("--download", action="store_true", help="download the dataset if missing (CIFAR-100)")
+    p.add_argument("--pretrained", metavar="hub|FILE",
+                   help="student starts from ImageNet weights: hub = timm's from the Hugging Face hub (or its "
+                        "cache), FILE = a local weight file (model.pretrained_file)")
     return p.parse_args(argv)
 
 
 FLAG_KEYS = {"teacher": "model.teacher", "teacher_checkpoint": "model.teacher_checkpoint",
              "student": "model.student", "method": "method.name", "dataset": "data.dataset",
              "data_root": "data.root", "workers": "workers", "gpus_per_worker": "gpus_per_worker",
-             "epochs": "optim.epochs", "split": "data.split", "output": "output_dir"}
+             "epochs": "optim.epochs", "split": "data.split", "output": "output_dir",
+             "pretrained": "model.pretrained_file"}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's config, with every flag, --set, name and path checked together (`uhkd.validate`)."""
+    from .validate import Problems, checked_config
+
     overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
                                  if getattr(args, flag) is not None}
     if args.download:
         overrides["data.download"] = True
-    overrides.update(parse_set(args.sets))
+    problems = Problems()
+    for item in args.sets:
+        overrides.update(problems.check(parse_set, [item]) or {})
     dataset = overrides.get("data.dataset", RunConfig().data.dataset)
-    return build_config(args.preset or DEFAULT_PRESET.get(str(dataset)), overrides)
+    return checked_config(args.preset or DEFAULT_PRESET.get(str(dataset)), overrides, problems)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
