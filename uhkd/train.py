@@ -177,15 +177,56 @@ def fit_ray_train(cfg: RunConfig, *, storage_path: str, run_name: str, callbacks
 
 
 def _connect_ray(cfg: RunConfig) -> None:
-    """RAY_ADDRESS if set (an existing cluster), else a fresh local one sized for the workers."""
+    """RAY_ADDRESS if set (an existing cluster), else a fresh local one sized for the workers. Worker and Ray
+    output stays in the Ray session logs: the driver prints each epoch itself (`uhkd.console.FollowMetrics`)."""
+    import logging
+
     import ray
 
+    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         return
     cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+
+
+def _driver_lines(cfg: RunConfig) -> Callable[[dict], None]:
+    """Prints what the loop prints in its rank-0 worker, from the reports in metrics.jsonl."""
+    from .trainer import epoch_line
+
+    def show(m: dict) -> None:
+        if m.get("status") == "failed":
+            print(f"run failed: {m.get('failure_reason')}", file=sys.stderr, flush=True)
+            return
+        terms = tuple(k[len("loss_"):] for k in m if k.startswith("loss_"))
+        print(epoch_line(m, cfg.optim.epochs, terms), flush=True)
+
+    return show
+
+
+def _train(cfg: RunConfig, output: Path, tracker: Any) -> dict:
+    """In-process, or on Ray Train with the driver following the run's metrics; each epoch also to `tracker`."""
+    from .console import FollowMetrics
+    from .trainer import METRICS_LOG
+
+    if cfg.workers:
+        _connect_ray(cfg)
+    if tracker is not None:
+        tracker.start()
+    report = tracker.result if tracker is not None else None
+    if cfg.workers == 0:
+        return run_in_process(cfg, report=report)
+    show = _driver_lines(cfg)
+
+    def on_report(m: dict) -> None:
+        show(m)
+        if report is not None:
+            report(m)
+
+    with FollowMetrics(output / METRICS_LOG, on_report):
+        return fit_ray_train(cfg, storage_path=str(output.parent), run_name=output.name)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -208,6 +249,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained", metavar="hub|FILE",
                    help="student starts from ImageNet weights: hub = timm's from the Hugging Face hub (or its "
                         "cache), FILE = a local weight file (model.pretrained_file)")
+    g = p.add_argument_group("experiment tracking")
+    g.add_argument("--track", action="append", default=[], metavar="tensorboard|mlflow|wandb",
+                   help='log the config and per-epoch metrics (repeatable or a comma list; pip install -e ".[track]")')
+    g.add_argument("--mlflow-uri", default="", help="file store path, sqlite:///FILE or http://HOST:PORT "
+                                                    "(default $MLFLOW_TRACKING_URI, else ./mlruns)")
+    g.add_argument("--wandb-project", default="", help="W&B project (default $WANDB_PROJECT, else uhkd); offline "
+                                                       "unless WANDB_MODE=online")
     return p.parse_args(argv)
 
 
@@ -229,8 +277,21 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     problems = Problems()
     for item in args.sets:
         overrides.update(problems.check(parse_set, [item]) or {})
+    if args.track:  # the tracker modules import Ray: only when asked for
+        from .sweep.tracking import parse_trackers
+
+        problems.check(parse_trackers, args.track)
     dataset = overrides.get("data.dataset", RunConfig().data.dataset)
     return checked_config(args.preset or DEFAULT_PRESET.get(str(dataset)), overrides, problems)
+
+
+def _tracker(args: argparse.Namespace, cfg: RunConfig, output: Path) -> Any:
+    """The run's trackers: config = the resolved flat dotted keys, TensorBoard events in `output`."""
+    from .methods import resolve_method
+    from .sweep.tracking import RunTracker, track_options
+
+    resolved = dataclasses.replace(cfg, method=resolve_method(cfg))
+    return RunTracker(track_options(args, "uhkd.train"), output.name, flatten(resolved), str(output))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,15 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
         output = Path(cfg.output_dir or os.path.join("runs", run_name(cfg))).expanduser().resolve()
         cfg = dataclasses.replace(cfg, output_dir=str(output))
-        if cfg.workers == 0:
-            metrics = run_in_process(cfg)
-        else:
-            _connect_ray(cfg)
-            metrics = fit_ray_train(cfg, storage_path=str(output.parent), run_name=output.name)
+        tracker = _tracker(args, cfg, output) if args.track else None
+        metrics = _train(cfg, output, tracker)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if metrics.get("status") == "failed":  # the reason was printed by the loop
+    if tracker is not None:
+        tracker.end(failed=metrics.get("status") == "failed")
+    if metrics.get("status") == "failed":  # the reason was printed already
         return 1
     print(f"done: top1 {metrics['top1']:.2f} (best {metrics['best_top1']:.2f} at epoch {metrics['best_epoch']}), "
           f"teacher top1 {metrics['teacher_top1']:.2f}; student saved as {Path(cfg.output_dir) / STUDENT}")

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import RunConfig, flatten
+from .console import progress
 from .data.loader import WorkerData
 from .errors import UserError
 from .methods import Distiller, build_method, teacher_use
@@ -300,7 +301,9 @@ class Run:
         start = time.perf_counter()
         # whole accumulation rounds only: a partial last round's gradients would leak into the next epoch's first
         # update (and be lost on resumption)
-        batches = itertools.islice(self.data.train_batches(epoch), self.updates_per_epoch * o.accumulate)
+        steps_planned = self.updates_per_epoch * o.accumulate
+        batches = progress(itertools.islice(self.data.train_batches(epoch), steps_planned), steps_planned,
+                           f"epoch {epoch}/{o.epochs}", enabled=self.session.rank == 0)
         for step, (images, target) in enumerate(batches):
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -179,6 +179,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     from ray import tune
 
     from .callbacks import ParquetResults, ReleaseStoppedTrainGroups
+    from .tracking import callbacks as tracking_callbacks
 
     budget = sweep.preset.budget(sweep.kind)
     reporter = tune.CLIReporter(
@@ -187,7 +188,8 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
         max_report_frequency=30, metric="best_top1", mode="max", sort_by_metric=True)
     run_config = tune.RunConfig(
         name="tune", storage_path=join(opts.results, name), verbose=1, progress_reporter=reporter,
-        callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainGroups()],
+        callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainGroups(),
+                   *tracking_callbacks(dataclasses.replace(opts.track, experiment=name))],
         failure_config=tune.FailureConfig(max_failures=0))  # worker crashes are retried inside Ray Train
     # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
     common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process)
