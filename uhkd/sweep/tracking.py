@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
@@ -27,14 +27,15 @@ EXTRA = 'pip install -e ".[track]"'
 EPOCH_METRICS = ("top1", "top5", "best_top1", "loss", "lr", "images_per_s", "epoch_time_s")
 
 
-def parse_trackers(values: Iterable[str]) -> tuple[str, ...]:
-    """`["mlflow,tensorboard", "wandb"]` -> the tracker names, each checked to be known and installed."""
+def parse_trackers(values: Iterable[str], modules: Mapping[str, str] = MODULES) -> tuple[str, ...]:
+    """`["mlflow,tensorboard", "wandb"]` -> the tracker names, each checked to be known and its package
+    (`modules[name]`) installed."""
     names = tuple(dict.fromkeys(n.strip() for v in values for n in v.split(",") if n.strip()))
     for name in names:
-        if name not in MODULES:
-            raise choice_error("tracker", name, MODULES)
-        if importlib.util.find_spec(MODULES[name]) is None:
-            raise UserError(f"--track {name} needs the {MODULES[name]} package, which is not installed: {EXTRA}")
+        if name not in modules:
+            raise choice_error("tracker", name, modules)
+        if importlib.util.find_spec(modules[name]) is None:
+            raise UserError(f"--track {name} needs the {modules[name]} package, which is not installed: {EXTRA}")
     return names
 
 
@@ -101,7 +102,8 @@ def _step_result(result: dict) -> tuple[int, dict] | None:
 class MLflowTracking(MLflowLoggerCallback):
     def log_trial_start(self, trial: Any) -> None:
         if trial not in self._trial_runs:
-            run = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)}, run_name=str(trial))
+            tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
+            run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
             self._trial_runs[trial] = run.info.run_id
             self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial_params(trial))
 
