@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import RunConfig, apply_overrides, build_config, coerce
+from .config import RunConfig, apply_overrides, build_config, coerce, validate
 from .errors import UserError
 from .hub import HUB, check_hub_weights
 
@@ -49,6 +49,7 @@ def checked_config(preset: str | None, overrides: Mapping[str, Any], problems: P
     if cfg is None:  # a config-level problem: still check the names and paths the command gave
         base = problems.check(build_config, preset, {}) or RunConfig()
         cfg = apply_overrides(base, good)
+        problems.check(validate, cfg)
     check_run(cfg, problems)
     problems.raise_any()
     return cfg
@@ -56,6 +57,7 @@ def checked_config(preset: str | None, overrides: Mapping[str, Any], problems: P
 
 def check_run(cfg: RunConfig, problems: Problems) -> None:
     """The names (models, method, dataset), the dataset's files and the weight/checkpoint paths of one run."""
+    import uhkd.data  # noqa: F401  (registers the datasets)
     import uhkd.methods  # noqa: F401  (registers the methods)
 
     from .models import model_kind
