@@ -39,11 +39,12 @@ def teacher_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
-def tracked_sweep(tmp_path: Path, teacher_dir: str, track: TrackOptions, cells: dict) -> tuple[str, pd.DataFrame]:
+def tracked_sweep(tmp_path: Path, teacher_dir: str, track: TrackOptions, cells: dict,
+                  out: list | None = None) -> tuple[str, pd.DataFrame]:
     opts = SweepOptions(results=str(tmp_path / "res"), teacher_dir=teacher_dir, workers_per_trial=0, epochs=2,
                         name="tracked", sets=SMALL, track=track)
     outcome = run(Sweep("grid", load_preset("quick"), cells=cells, force={"data.split": "final"}), opts,
-                  out=lambda line: None)
+                  out=(out if out is not None else []).append)
     epochs = pd.read_parquet(Path(outcome.folder) / EPOCHS)
     assert set(pd.read_parquet(Path(outcome.folder) / TRIALS)["status"]) == {"ok"}
     return outcome.folder, epochs
@@ -113,11 +114,30 @@ def tensorboard_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_sweep_is_tracked_in_mlflow_wandb_and_tensorboard(tmp_path, teacher_dir, ray_local, monkeypatch):
+def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, teacher_dir, ray_local, monkeypatch,
+                                                                    capsys):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cells = {"a": {"pair": PAIR, "method.name": "kd"}, "b": {"pair": PAIR, "method.name": "kd", "optim.lr": 1e-3}}
     track = TrackOptions(("mlflow", "wandb", "tensorboard"), mlflow_uri=str(tmp_path / "mlruns"))
-    folder, epochs = tracked_sweep(tmp_path, teacher_dir, track, cells)
+    summary: list[str] = []
+    folder, epochs = tracked_sweep(tmp_path, teacher_dir, track, cells, summary)
+
+    live = capsys.readouterr().out.splitlines()  # uhkd.sweep.console.LiveLines
+    trials = pd.read_parquet(Path(folder) / TRIALS).set_index("trial_id")
+    for row in epochs.itertuples():
+        line = next(l for l in live if l.startswith(f"trial {row.trial_id} {PAIR} epoch {row.epoch}/2 "))
+        assert f"top1 {row.top1:.2f} " in line and f"(ce {row.loss_ce:.4f} kl {row.loss_kl:.4f})" in line
+    for trial_id in trials.index:
+        assert f"trial {trial_id} {PAIR}: finished, best top1 {trials.loc[trial_id, 'best_top1']:.4g}" in live
+    best = trials["best_top1"].idxmax()
+    summary = summary[next(i for i, line in enumerate(summary) if "trials recorded" in line):]
+    assert summary[0].startswith("sweep tracked: 2/2 trials recorded (2 ok, 0 stopped, 0 failed)")
+    assert summary[1] == "best trial per pair:" and summary[2].split() == [
+        "pair", "trial", "top1", "epoch", "epochs", "status", "optim.lr"]  # the one value that differs
+    assert summary[3].split() == [PAIR, best, f"{trials.loc[best, 'best_top1']:.2f}",
+                                  str(trials.loc[best, "best_epoch"]), "2/2", "ok", f"{trials.loc[best, 'optim.lr']:.4g}"]
+    assert summary[-3:] == ["next:", f"  python analysis/tables.py {folder} --dataset mnist5k --split final",
+                            f"  python analysis/sweep_report.py {folder} --include-stopped --out-dir figures"]
 
     assert_same_as_parquet(mlflow_runs((tmp_path / "mlruns").as_uri(), "tracked"), epochs)
 
