@@ -22,6 +22,7 @@ HEADERS = {"scratch": "Scratch", "kd": "KD", "dkd": "DKD", "dist": "DIST", "fitn
            "uhkd": "UHKD"}
 FAMILIES = {"cnn": "CNN students", "vit": "ViT students", "mlp": "MLP students"}
 CLAIM = "uhkd_max_gain_over_ofa"
+METRICS = {"best_top1": "best-epoch", "last_top1": "last-epoch"}
 
 
 @dataclass
@@ -30,7 +31,9 @@ class Row:
     teacher: str
     student: str
     teacher_top1: Stat
-    cells: dict[str, Stat]
+    cells: dict[str, Stat]  # the table's metric
+    other: dict[str, Stat]  # the other top-1 (last-epoch when the table is best-epoch, and vice versa)
+    borrowed: str = ""  # `weights_from` of UHKD cells whose settings were searched on another pair
 
     @property
     def best(self) -> list[str]:
@@ -62,8 +65,9 @@ def _student_kind(name: str) -> str:
 def build_table(trials: pd.DataFrame, dataset: str, *, metric: str = "best_top1", split: str | None = "final",
                 tag: str | None = "", sweep: str | None = None) -> Table:
     """Aggregate finished trials of `dataset` into the comparison table (see the module docstring)."""
-    require_columns(trials, ["dataset", "teacher", "student", "method", "seed", "status", metric, "teacher_top1"],
+    require_columns(trials, ["dataset", "teacher", "student", "method", "seed", "status", *METRICS, "teacher_top1"],
                     "the comparison table")
+    other = next(m for m in METRICS if m != metric)
     trials = select(trials, {"dataset": dataset, "split": split, "tag": tag, "sweep": sweep})
     trials, status_note = ok_trials(trials)
     trials, repeats = dedupe_runs(trials)
@@ -80,19 +84,37 @@ def build_table(trials: pd.DataFrame, dataset: str, *, metric: str = "best_top1"
     scratch = trials[trials["method"] == "scratch"]
     rows = []
     for (teacher, student), pair in distilled.groupby(["teacher", "student"], sort=False):
-        cells = {"scratch": Stat.of(scratch.loc[scratch["student"] == student, metric])}
-        cells.update({m: Stat.of(pair.loc[pair["method"] == m, metric]) for m in METHODS[1:]})
+        def stats(column: str) -> dict[str, Stat]:
+            out = {"scratch": Stat.of(scratch.loc[scratch["student"] == student, column])}
+            return {**out, **{m: Stat.of(pair.loc[pair["method"] == m, column]) for m in METHODS[1:]}}
+
         # The teacher is evaluated once per trial; average per seed first so methods do not weigh it.
         teacher_top1 = Stat.of(pair.groupby("seed")["teacher_top1"].mean())
-        rows.append(Row(_student_kind(student), teacher, student, teacher_top1, cells))
+        rows.append(Row(_student_kind(student), teacher, student, teacher_top1, stats(metric), stats(other),
+                        _borrowed(pair[pair["method"] == "uhkd"], f"{teacher}:{student}")))
     order = list(FAMILIES)
     rows.sort(key=lambda r: (order.index(r.family) if r.family in order else len(order), r.student, r.teacher))
-    label = "best-epoch" if metric == "best_top1" else "last-epoch"
-    notes.insert(0, f"{dataset}: {label} top-1 (%), mean ± sample std over seeds (n = seeds)"
+    notes.insert(0, f"{dataset}: {METRICS[metric]} top-1 (%), mean ± sample std over seeds (n = seeds)"
                  + (f", split {split}" if split else ""))
+    notes.insert(1, "best-epoch = the highest top-1 over the epochs on the evaluation set, the published tables' "
+                 "convention (OFA-KD reports its best epoch); picking the epoch on the test set is optimistic"
+                 + ("; --last gives last-epoch top-1" if metric == "best_top1" else
+                    "; this table is last-epoch (--last)") + "; the CSV carries both")
+    if any(r.borrowed for r in rows):
+        notes.append("‡ UHKD settings searched on another pair (no finished hetero_pairs trial of this pair): "
+                     + "; ".join(f"{pair_label(f'{r.teacher}:{r.student}')} from trial {r.borrowed}"
+                                 for r in rows if r.borrowed))
     if "model.scale" in trials.columns and set(trials["model.scale"]) - {"full"}:
         notes.append(f"model.scale: {', '.join(sorted(set(trials['model.scale'])))} (scaled-down models)")
     return Table(dataset, metric, rows, notes)
+
+
+def _borrowed(uhkd: pd.DataFrame, pair: str) -> str:
+    """The `weights_from` values ("<trial id> <pair>") of UHKD trials whose settings come from another pair."""
+    if "weights_from" not in uhkd.columns:  # results written before the column existed
+        return ""
+    sources = sorted({w for w in uhkd["weights_from"].dropna() if w and w.split(" ", 1)[-1] != pair})
+    return ", ".join(sources)
 
 
 def _published_lookup(dataset: str) -> dict[tuple[str, str, str], tuple[float, str]]:
@@ -127,6 +149,7 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
         return pub.get(key)
 
     columns = ["teacher", *METHODS]
+    other = next(m for m in METRICS if m != table.metric).split("_")[0]  # "last" or "best"
     if fmt == "csv":
         records = []
         for row in table.rows:
@@ -134,16 +157,21 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
             for col in columns:
                 stat = row.teacher_top1 if col == "teacher" else row.cells[col]
                 rec.update({f"{col}_mean": stat.mean, f"{col}_std": stat.std, f"{col}_n": stat.n})
+                if col != "teacher":
+                    alt = row.other[col]
+                    rec.update({f"{col}_{other}_mean": alt.mean, f"{col}_{other}_std": alt.std})
                 if published:
                     value = pub_of(row, col)
                     rec[f"{col}_published"] = value[0] if value else math.nan
                     rec[f"{col}_diff"] = stat.mean - value[0] if value else math.nan
-            rec.update({"best": ";".join(row.best), "uhkd_gain_over_ofa": row.gain})
+            rec.update({"best": ";".join(row.best), "uhkd_gain_over_ofa": row.gain, "metric": table.metric,
+                        "uhkd_weights_borrowed_from": row.borrowed})
             records.append(rec)
         return pd.DataFrame(records).to_csv(index=False, float_format="%.4f")
 
     names = display_names()
-    header = ["Teacher → Student", "Teacher", *(HEADERS[m] for m in METHODS), "Δ UHKD−OFA"]
+    header = [f"Teacher → Student ({METRICS[table.metric]} top-1 %)", "Teacher", *(HEADERS[m] for m in METHODS),
+              "Δ UHKD−OFA"]
     rows: list[list[str]] = []
     bold = []
     conflict = False
@@ -164,7 +192,7 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
                         conflict |= bool(mark)
                         diff = f" (Δ {signed(stat.mean - value[0])})" if stat.n else ""
                         text += f" / pub {value[0]:.2f}{mark}{diff}"
-                cells.append(text)
+                cells.append(text + ("‡" if col == "uhkd" and row.borrowed else ""))
             bold += [(len(rows), 2 + METHODS.index(m)) for m in row.best]
             cells.append(signed(row.gain))
             rows.append(cells)

@@ -1,6 +1,7 @@
 """The fixed grid behind the paper tables: every pair of a preset x every method x seeds, on the final protocol
 (train/test). UHKD uses the best weights hetero_pairs found for the pair (read from its trials.parquet; the best
-UHKD trial overall where a pair has none), or the method defaults, and --uhkd-set overrides either. A method that
+UHKD trial overall where a pair has none, recorded as borrowed in the `weights_from` column), or the method
+defaults, and --uhkd-set overrides either. A method that
 needs no teacher (`scratch`) runs once per student and seed (pair ":<student>").
 
     python sweeps/reproduce_tables.py                  # quick: scratch, kd, ofa, uhkd on 2 tiny pairs x 2 seeds
@@ -58,7 +59,9 @@ def _trials_file(source: str, preset: SweepPreset, opts: SweepOptions) -> tuple[
 
 
 def uhkd_weights(source: str, preset: SweepPreset, opts: SweepOptions, pair_list: list[str]) -> dict[str, dict]:
-    """Per pair, the searched UHKD settings of the best finished hetero_pairs trial ({} = method defaults)."""
+    """Per pair, the searched UHKD settings of the best finished hetero_pairs trial ({} = method defaults; the best
+    trial of any pair where the pair has none) and `weights_from` = "<trial id> <pair>" of that trial (a row label
+    of the cell's results, so tables can mark borrowed settings)."""
     located = _trials_file(source, preset, opts)
     if located is None:
         print("uhkd weights: method defaults (no hetero_pairs results to read)")
@@ -75,7 +78,9 @@ def uhkd_weights(source: str, preset: SweepPreset, opts: SweepOptions, pair_list
         best = (rows if len(rows) else done).sort_values("best_top1").iloc[-1]
         weights[pair] = {k: _plain(best[k]) for k in keys}
         print(f"uhkd weights for {pair}: {weights[pair]} (trial {best['trial_id']}"
-              f"{'' if len(rows) else ', best of all pairs'}, top-1 {best['best_top1']:.2f}, {path})")
+              f"{'' if len(rows) else ' of ' + best['pair'] + ': BORROWED, this pair has no finished trial'}, "
+              f"top-1 {best['best_top1']:.2f}, {path})")
+        weights[pair]["weights_from"] = f"{best['trial_id']} {best['pair']}"
     return weights
 
 

@@ -99,6 +99,10 @@ def test_table_markdown_cells_best_and_gain(results, capsys):
     assert "1 repeated runs (same config and seed) dropped" in text
     assert ("UHKD − OFA over 2 pairs: mean +3.00, max +5.50 (Swin-T→ResNet18); "
             "paper's claim (UHKD abstract): max +5.59") in text
+    # the header and the notes say which top-1 the cells are, and that the published best-epoch one is optimistic
+    assert text.splitlines()[0].startswith("| Teacher → Student (best-epoch top-1 %) | Teacher |")
+    assert "cifar100: best-epoch top-1 (%)" in text and "picking the epoch on the test set is optimistic" in text
+    assert "‡" not in text
 
 
 def test_table_last_epoch_and_csv(results, tmp_path, capsys):
@@ -112,6 +116,32 @@ def test_table_last_epoch_and_csv(results, tmp_path, capsys):
     assert r18["uhkd_gain_over_ofa"] == pytest.approx(5.5) and r18["best"] == "uhkd"
     assert csv.loc[DEIT, "best"] == "dkd" and csv.loc[DEIT, "family"] == "vit"
     assert math.isnan(csv.loc[DEIT, "dist_mean"]) and csv.loc[DEIT, "dist_n"] == 0
+    # the CSV carries both top-1 figures: the table's (last) and the other (best = last + 1 in these rows)
+    assert (r18["metric"], r18["uhkd_best_mean"], r18["uhkd_best_std"]) == ("last_top1", 86.0, 1.0)
+    assert tables.run([str(results), "--dataset", "cifar100", "--last"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("| Teacher → Student (last-epoch top-1 %) |") and "cifar100: last-epoch top-1" in text
+    assert tables.run([str(results), "--dataset", "cifar100", "--format", "csv", "--out", str(out)]) == 0
+    best = pd.read_csv(out).set_index("student").loc[R18]
+    assert (best["metric"], best["uhkd_mean"], best["uhkd_last_mean"]) == ("best_top1", 86.0, 85.0)
+
+
+def test_table_marks_borrowed_uhkd_settings(tmp_path, capsys):
+    """A UHKD cell whose settings were searched on another pair (reproduce_tables' `weights_from`) is marked."""
+    rows = [dict(r, weights_from=f"x1 {SWIN}:{R18}" if r["method"] == "uhkd" else "") for r in table_rows()]
+    rows = [dict(r, weights_from=f"x2 {SWIN}:{R18}") if r["method"] == "uhkd" and r["student"] == DEIT else r
+            for r in rows]
+    folder = write_results(tmp_path / "main", rows)
+    assert tables.run([str(folder), "--dataset", "cifar100"]) == 0
+    text = capsys.readouterr().out
+    assert md_row(text, "ConvNeXt-T → DeiT-T")[8] == "76.50 ± 0.00 (n=2)‡"
+    assert md_row(text, "Swin-T → ResNet18")[8] == "**86.00 ± 1.00 (n=3)**"  # its own pair's search: no mark
+    assert "‡ UHKD settings searched on another pair" in text and f"ConvNeXt-T→DeiT-T from trial x2 {SWIN}:{R18}" in text
+    assert tables.run([str(folder), "--dataset", "cifar100", "--format", "csv"]) == 0
+    from io import StringIO
+    csv = pd.read_csv(StringIO(capsys.readouterr().out), keep_default_na=False).set_index("student")
+    assert csv.loc[DEIT, "uhkd_weights_borrowed_from"] == f"x2 {SWIN}:{R18}"
+    assert csv.loc[R18, "uhkd_weights_borrowed_from"] == ""
 
 
 def test_table_published_join(results, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import random
 import tarfile
 
 import numpy as np
@@ -201,31 +202,67 @@ def test_rand_augment_ops_match_pil():
     assert rand_augment(x).shape == x.shape
 
 
-def test_mixup_and_cutmix_targets_match_the_images():
-    torch.manual_seed(0)
-    images = torch.rand(6, 3, 16, 16)
-    labels = torch.arange(6)
-    mixed, target = mix(images, labels, Recipe(False, False, mixup=0.8, cutmix=0.0, erase=0.0), 10)
-    w = target[torch.arange(6), labels.flip(0)]  # weight of each sample's partner
-    assert torch.allclose(target.sum(1), torch.ones(6))
-    assert torch.allclose(mixed, images * (1 - w.view(-1, 1, 1, 1)) + images.flip(0) * w.view(-1, 1, 1, 1))
-    cut, target = mix(images, labels, Recipe(False, False, mixup=0.0, cutmix=1.0, erase=0.0), 10)
-    from_partner = (cut == images.flip(0)).all(1) & (cut != images).any(1)
-    assert torch.allclose(from_partner.float().mean((1, 2)), target[torch.arange(6), labels.flip(0)])
-    _, soft = mix_and_erase(images, labels, RECIPES["vit"], 10)
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 1.0), (0.8, 0.0), (0.0, 1.0)])
+def test_mixup_and_cutmix_equal_timm_batch_mode(mixup, cutmix):
+    """The on-device mixing against timm's own `Mixup` (default mode "batch": one λ and one mixup-or-cutmix choice
+    per batch) on the same inputs and numpy seed: identical images and soft targets."""
+    from timm.data import Mixup
+
+    images, labels = torch.rand(6, 3, 16, 20, generator=torch.Generator().manual_seed(0)), torch.arange(6)
+    recipe = Recipe(False, False, mixup=mixup, cutmix=cutmix, erase=0.0)
+    timm_mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=0.0, num_classes=10)
+    kinds = set()
+    for seed in range(12):
+        np.random.seed(seed)
+        mixed, target = mix(images, labels, recipe, 10)
+        np.random.seed(seed)
+        want_images, want_target = timm_mix(images.clone(), labels)
+        assert torch.allclose(mixed, want_images, atol=1e-6) and torch.allclose(target, want_target, atol=1e-6)
+        partner = target[torch.arange(6), labels.flip(0)]
+        assert torch.allclose(partner, partner[0].expand(6))  # one draw for the whole batch
+        kinds.add("cutmix" if ((mixed == images) | (mixed == images.flip(0))).all() else "mixup")
+    assert kinds == {k for k, a in (("mixup", mixup), ("cutmix", cutmix)) if a > 0}
+    _, soft = mix_and_erase(images, labels, RECIPES["vit"], 10, (0.5,) * 3, (0.25,) * 3)
     assert soft.shape == (6, 10)
-    assert mix_and_erase(images, labels, RECIPES["cnn"], 10)[1] is labels
+    assert mix_and_erase(images, labels, RECIPES["cnn"], 10, (0.5,) * 3, (0.25,) * 3)[1] is labels
 
 
-def test_random_erasing_probability():
-    torch.manual_seed(0)
-    images = torch.zeros(64, 3, 16, 16)
-    assert torch.equal(random_erase(images, 0.0), images)
-    erased = random_erase(images, 1.0)
-    area = (erased != 0).any(1).float().mean((1, 2))
-    assert (area > 0.015).all() and (area < 0.4).all()
-    some = (random_erase(images, 0.25) != 0).flatten(1).any(1).float().mean()
-    assert 0.05 < some < 0.5
+def test_random_erasing_equals_timm():
+    """Against timm's `RandomErasing(mode="pixel")` on the same images (ours in [0, 1], timm's normalised) and the
+    same Python seed: the same boxes, and inside them per-pixel N(0, 1) noise in the normalised space."""
+    from timm.data.random_erasing import RandomErasing
+
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    images = torch.rand(24, 3, 20, 28, generator=torch.Generator().manual_seed(0))
+    normalised = (images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    random.seed(5)
+    ours = random_erase(images, 0.5, mean.tolist(), std.tolist())
+    random.seed(5)
+    theirs = RandomErasing(0.5, mode="pixel", device="cpu")(normalised.clone())
+    erased = (ours != images).any(1)
+    assert torch.equal(erased, (theirs != normalised).any(1)) and 4 < erased.flatten(1).any(1).sum() < 20
+    noise = ((ours - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).permute(1, 0, 2, 3)[:, erased]
+    assert noise.numel() > 3000 and abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1
+    assert torch.equal(random_erase(images, 0.0, mean.tolist(), std.tolist()), images)
+
+
+def test_shear_pivots_about_the_top_left_corner_as_pil():
+    """timm's PIL ShearX/ShearY (x_in = x + f·y about the top-left corner) against the on-device op on a smooth
+    image: close to PIL's result, far from a shear about the centre."""
+    from timm.data.auto_augment import shear_x, shear_y
+
+    yy, xx = np.mgrid[0:24, 0:32]
+    array = np.stack([128 + 100 * np.sin(xx / 5.0), 128 + 100 * np.cos(yy / 4.0), 128 + 60 * np.sin((xx + yy) / 6.0)],
+                     -1).astype(np.uint8)
+    x = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+    level, sign = torch.full((1,), 0.8), torch.ones(1)
+    f = 0.8 * 0.3
+    fill = dict(fillcolor=(128, 128, 128), resample=Image.BILINEAR)
+    for op, pil, centre in [("ShearX", shear_x, (1, f, -f * 12, 0, 1, 0)), ("ShearY", shear_y, (1, 0, 0, f, 1, -f * 16))]:
+        got = apply_op(x, op, level, sign)[0].permute(1, 2, 0).numpy() * 255
+        want = np.asarray(pil(Image.fromarray(array), f, **fill), dtype=np.float64)
+        about_centre = np.asarray(Image.fromarray(array).transform((32, 24), Image.AFFINE, centre, **fill), dtype=float)
+        assert np.abs(got - want).mean() < 3 and np.abs(got - about_centre).mean() > 15, op
 
 
 @pytest.mark.parametrize("device_data", [True, False])

@@ -5,7 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from uhkd.errors import UserError
-from uhkd.frequency import BANDS, FAM, FTM, SRA, dft_tokens, mirror_bins, spectral_tokens, token_norm
+from uhkd.frequency import (BANDS, FAM, FTM, SRA, band_fits, dft_tokens, level_grid, mirror_bins, spectral_tokens,
+                            token_norm)
+from uhkd.methods import build_method
+from uhkd.config import build_config
+from uhkd.models import create_stage_model
 
 torch.manual_seed(0)
 X = torch.randn(2, 5, 12, 10)
@@ -145,3 +149,95 @@ def test_bad_switches(kwargs, match):
 def test_bad_sca():
     with pytest.raises(UserError, match="method.sca 'conv'; valid choices: conv_bn, linear"):
         FAM(5, 4, sca="conv")
+
+
+def _band_limited(side: int, channels: int = 6, max_cycles: int = 6, seed: int = 0) -> torch.Tensor:
+    """One random image of frequencies up to `max_cycles` cycles per image per axis, sampled on a side×side grid
+    (the same continuous picture at every size)."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.arange(-max_cycles, max_cycles + 1, dtype=torch.float64)
+    amp = torch.randn(channels, len(f), len(f), generator=g, dtype=torch.float64)
+    phase = torch.rand(channels, len(f), len(f), generator=g, dtype=torch.float64) * 2 * torch.pi
+    t = torch.arange(side, dtype=torch.float64) / side
+    arg = 2 * torch.pi * (f[:, None, None, None] * t[None, None, :, None] + f[None, :, None, None] * t[None, None, None, :])
+    x = (amp[..., None, None] * torch.cos(arg[None] + phase[..., None, None])).sum((1, 2))
+    return x[None].float()
+
+
+@pytest.mark.parametrize("band", BANDS)
+@pytest.mark.parametrize("spectrum", ["amplitude", "complex"])
+def test_bands_select_the_same_cycles_per_image_on_56_and_14_maps(band, spectrum):
+    """A 56×56 student map and a 14×14 teacher map of one picture: on their common 14×14 grid every band gives the
+    same tokens on both sides (the orthonormal DFT scales each map's spectrum by its own size; SRT's per-token
+    normalisation removes the scale). Without the grid, `high` on the 56 map would read 25–31 cycles against 4–10
+    and `full` would pool 0–28 cycles against 0–7."""
+    small, large = _band_limited(14), _band_limited(56)
+    k, grid = level_grid(7, (14, 14), (56, 56))
+    assert (k, grid) == (7, (14, 14)) and band_fits(band, k, grid)
+    # the picture has nothing at the Nyquist frequency (7 cycles): `high` tokens on that row/column are only noise
+    nyquist = torch.arange(k * k).reshape(k, k)[k // 2]
+    keep = [t for t in range(k * k) if band != "high" or not (t in nyquist or t % k == k // 2)]
+    teacher = FTM(k, spectrum, band, grid)(small)[:, keep]
+    assert torch.allclose(FTM(k, spectrum, band, grid)(large)[:, keep], teacher, atol=2e-3)
+    if band != "low":
+        assert not torch.allclose(FTM(k, spectrum, band)(large)[:, keep], teacher, atol=0.1)
+    # the student side (FAM's fast SCA on the restricted block, shared conjugate bins) reads the same frequencies
+    fam = FAM(6, 6, k, spectrum, band, sra=False, grid=grid)
+    with torch.no_grad():
+        fam.proj.weight.copy_(torch.eye(6)[..., None, None])
+        assert torch.allclose(fam(large)[:, keep], teacher, atol=2e-3)
+
+
+def test_high_band_bins_are_signed_cycles_of_the_grid():
+    """k = 5 on a 14-point grid: 5, 6, −7 (Nyquist, fftshift's sign), −6, −5 cycles; on a 56-point axis those are
+    bins 5, 6, 49, 50, 51."""
+    from uhkd.frequency import _band_bins
+
+    assert _band_bins(14, 5, "high").tolist() == [5, 6, 7, 8, 9]
+    assert _band_bins(56, 5, "high", 14).tolist() == [5, 6, 49, 50, 51]
+    assert _band_bins(56, 5, "low", 14).tolist() == _band_bins(56, 5, "low").tolist() == [54, 55, 0, 1, 2]
+
+
+@pytest.mark.parametrize("side,k,fits", [(7, 7, False), (7, 9, False), (7, 5, True), (14, 7, True), (56, 7, True)])
+def test_a_band_exists_only_below_the_grid_side(side, k, fits):
+    """With k_eff = the side (a 7×7 stage-4 map at k = 7) `high` is a permutation of `low` and `full` equals it."""
+    k_eff, grid = level_grid(k, (side, side), (side, side))
+    x = torch.randn(2, 3, side, side)
+    low = spectral_tokens(x, k_eff, "amplitude", "low")
+    for band in ("high", "full"):
+        assert band_fits(band, k_eff, grid) == fits
+        other = spectral_tokens(x, k_eff, "amplitude", band)
+        same_set = torch.allclose(other.sort(1).values, low.sort(1).values, atol=1e-5)
+        assert same_set != fits
+    assert band_fits("low", k_eff, grid)
+
+
+def _pair(student, teacher, **overrides):
+    cfg = build_config(None, {"method.name": "uhkd", "model.student": student, "model.teacher": teacher,
+                              "model.scale": "tiny", "data.img_size": 32, "data.dataset": "cifar100", **overrides})
+    torch.manual_seed(0)
+    models = [create_stage_model(n, num_classes=10, img_size=32, scale="tiny") for n in (student, teacher)]
+    return build_method(cfg, *models), models
+
+
+def test_heterogeneous_pair_skips_the_levels_a_band_cannot_form(capsys):
+    """ResNet18 (maps 8, 4, 2, 1) under a Swin teacher: with k = 3, `high` and `full` exist on the 8×8 and 4×4
+    grids only; the run says so once and matches those two stages, each with the grid both sides share."""
+    low, (student, teacher) = _pair("resnet18", "swin_tiny_patch4_window7_224", **{"method.k": 3})
+    grids = [level_grid(3, s, t)[1] for s, t in zip(student.stage_sizes, teacher.stage_sizes)]
+    assert low.stages == (1, 2, 3, 4) and [f.grid for f in low.ftm] == grids
+    assert "cannot be formed" not in capsys.readouterr().out
+    for band in ("high", "full"):
+        distiller, _ = _pair("resnet18", "swin_tiny_patch4_window7_224", **{"method.k": 3, "method.band": band})
+        out = capsys.readouterr().out
+        assert out.count("cannot be formed") == 1 and "stage 3 (k_eff 2 on a 2x2 grid)" in out and "stage 4" in out
+        assert distiller.stages == (1, 2) and len(distiller.fam) == 2 and distiller.stage_weights == (0.25, 0.25)
+        assert [f.grid for f in distiller.fam] == grids[:2]
+        x = torch.rand(2, 3, 32, 32)
+        _, terms = distiller(x, torch.tensor([1, 2]))
+        assert torch.isfinite(terms["feat"]) and terms["feat"] > 0
+
+
+def test_a_band_formable_nowhere_is_one_error():
+    with pytest.raises(UserError, match="method.band=high cannot be formed at any matched stage with method.k=7"):
+        _pair("resnet18", "swin_tiny_patch4_window7_224", **{"method.band": "high", "method.stages": "3,4"})

@@ -64,8 +64,8 @@ def _script(name: str) -> list[str]:
 def test_schema_is_the_documented_contract():
     trials, epochs = trials_schema(), epochs_schema()
     assert trials.metadata[b"uhkd.schema_version"] == b"1"
-    assert trials.names[:12] == ["schema_version", "sweep", "trial_id", "preset", "tag", "dataset", "teacher",
-                                 "student", "method", "pair", "seed", "split"]
+    assert trials.names[:13] == ["schema_version", "sweep", "trial_id", "preset", "tag", "weights_from", "dataset",
+                                 "teacher", "student", "method", "pair", "seed", "split"]
     assert trials.names[-21:] == [
         "epochs", "epochs_run", "best_top1", "best_top5", "best_epoch", "last_top1", "last_top5", "teacher_top1",
         "student_params", "extra_params", "images_per_s", "wall_time_s", "effective_batch", "status",
@@ -240,6 +240,7 @@ def test_cluster_auto_attaches_to_a_ray_start_cluster(tmp_path, teacher_dir):
     (["--resume"], "nothing to resume: no hetero_pairs-quick-* sweep"),
     (["--preset", "cifar100", "--set", "data.dataset=mnist5k"], "missing teacher checkpoint(s) in"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--num-samples", "2"], "--num-samples 2 is fewer than the 3 pairs; the search splits the samples"),
 ])
 def test_bad_input_fails_before_any_trial_with_one_line(tmp_path, capsys, args, message):
     from sweeps import hetero_pairs
@@ -295,11 +296,16 @@ def test_reproduce_tables_grid_takes_each_pairs_best_uhkd_weights(tmp_path, caps
     assert sweep.cells["scratch resnet18 s1"] == {"pair": ":resnet18", "method.name": "scratch", "seed": 1}
     assert sweep.cells["uhkd swin_tiny_patch4_window7_224:resnet18 s0"] == {
         "pair": "swin_tiny_patch4_window7_224:resnet18", "method.name": "uhkd", "seed": 0, "method.alpha": 0.7,
-        "method.beta": 3.0, "method.temperature": 2.0, "method.spectrum": "complex", "method.k": "2"}
-    # a pair hetero_pairs never tried takes the best UHKD trial overall
-    assert sweep.cells["uhkd convnext_tiny:deit_tiny_patch16_224 s0"]["method.alpha"] == 1.5
+        "method.beta": 3.0, "method.temperature": 2.0, "method.spectrum": "complex", "method.k": "2",
+        "weights_from": "1 swin_tiny_patch4_window7_224:resnet18"}
+    # a pair hetero_pairs never tried takes the best UHKD trial overall, recorded as borrowed from that trial's pair
+    borrowed = sweep.cells["uhkd convnext_tiny:deit_tiny_patch16_224 s0"]
+    assert borrowed["method.alpha"] == 1.5 and borrowed["weights_from"] == "3 convnext_tiny:resmlp_12_224"
+    assert "weights_from" not in sweep.cells["kd convnext_tiny:deit_tiny_patch16_224 s0"]
     assert sweep.force == {"data.split": "final"}
-    assert "uhkd weights for convnext_tiny:deit_tiny_patch16_224" in capsys.readouterr().out
+    assert ("uhkd weights for convnext_tiny:deit_tiny_patch16_224: {'method.alpha': 1.5, 'method.beta': 0.1, "
+            "'method.temperature': 2.0, 'method.spectrum': 'complex'} (trial 3 of convnext_tiny:resmlp_12_224: "
+            "BORROWED") in capsys.readouterr().out
 
 
 def test_ablation_variants_are_tagged_and_skip_points_equal_to_full():

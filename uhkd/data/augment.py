@@ -3,14 +3,17 @@
 Images stay in [0, 1] everywhere: every model normalises its own inputs. A recipe's per-image part (random resized
 crop, flip, RandAugment) runs either per image with PIL in a DataLoader (`image_transform`) or on whole uint8 batches
 on the training device (`uhkd.data.device`); its batch part (random erasing, mixup/cutmix: `mix_and_erase`) always
-runs on the device batch, with per-sample randomness.
+runs on the device batch, drawing its random numbers as timm does (Python's `random` per image for erasing, numpy's
+generator once per batch for mixing), so the trainer's per-epoch seeding makes both reproducible.
 """
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torchvision import transforms as T
 
@@ -67,19 +70,36 @@ def image_transform(recipe: Recipe, img_size: int, train: bool, crop_pct: float 
     return T.Compose([*steps, T.ToTensor()])
 
 
-def random_erase(images: torch.Tensor, prob: float) -> torch.Tensor:
-    """timm-style random erasing, per sample with probability `prob`: one box of 2-33% of the area, aspect ratio
-    0.3-3.3, filled with uniform noise (inputs are in [0, 1], before each model's normalisation)."""
-    n, _, h, w = images.shape
-    dev = images.device
-    area = torch.empty(n, device=dev).uniform_(*ERASE_AREA) * h * w
-    ratio = torch.empty(n, device=dev).uniform_(*ERASE_LOG_RATIO).exp()
-    eh = (area * ratio).sqrt().round().clamp(1, h)
-    ew = (area / ratio).sqrt().round().clamp(1, w)
-    top = (torch.rand(n, device=dev) * (h - eh + 1)).floor()
-    left = (torch.rand(n, device=dev) * (w - ew + 1)).floor()
-    mask = _box_mask(top, left, eh, ew, h, w) & (torch.rand(n, 1, 1, 1, device=dev) < prob)
-    return torch.where(mask, torch.rand_like(images), images)
+def random_erase(images: torch.Tensor, prob: float, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """timm's `RandomErasing(prob, mode="pixel")` on a batch: per image with probability `prob`, one box of 2-33% of
+    the area and aspect ratio 0.3-3.3 (up to 10 tries for one that fits), filled with per-pixel N(0, 1) noise in the
+    normalised space of a student trained on the dataset: mean + std·N(0, 1) in these [0, 1] images (not clipped).
+    The boxes come from Python's `random` in timm's order (a seeded run erases the boxes timm's would), the noise
+    from one batched draw."""
+    n, c, h, w = images.shape
+    boxes = [_erase_box(prob, h, w) for _ in range(n)]
+    if not any(boxes):
+        return images
+    top, left, bh, bw = torch.tensor([b or (0, 0, 0, 0) for b in boxes], dtype=torch.float32).to(images.device).T
+    noise = torch.randn_like(images) * _column(std, images) + _column(mean, images)
+    return torch.where(_box_mask(top, left, bh, bw, h, w), noise, images)
+
+
+def _erase_box(prob: float, h: int, w: int) -> tuple[int, int, int, int] | None:
+    """(top, left, height, width) of one image's erased box, or None; the draws of timm's `RandomErasing._erase`."""
+    if random.random() > prob:
+        return None
+    for _ in range(10):
+        area = random.uniform(*ERASE_AREA) * h * w
+        ratio = math.exp(random.uniform(*ERASE_LOG_RATIO))
+        bh, bw = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+        if bw < w and bh < h:
+            return random.randint(0, h - bh), random.randint(0, w - bw), bh, bw
+    return None
+
+
+def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype).to(like.device).view(1, -1, 1, 1)
 
 
 def _box_mask(top: torch.Tensor, left: torch.Tensor, bh: torch.Tensor, bw: torch.Tensor, h: int, w: int
@@ -94,41 +114,49 @@ def _box_mask(top: torch.Tensor, left: torch.Tensor, bh: torch.Tensor, bw: torch
 
 def mix(images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, num_classes: int
         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample mixup / cutmix with the batch reversed as partner. Returns the images and soft targets (N, C):
-    each target is (1 - w) one_hot(y) + w one_hot(y_partner), w the exact fraction of the partner in the image."""
-    n, _, h, w = images.shape
-    dev = images.device
-    if recipe.mixup > 0 and recipe.cutmix > 0:
-        use_cutmix = torch.rand(n, device=dev) < CUTMIX_SWITCH_PROB
+    """timm's `Mixup` in its default "batch" mode: one draw per batch, from numpy's global generator in timm's order
+    (a seeded run mixes as timm's would). With both on, cutmix with probability 0.5; λ ~ Beta(a, a). Mixup blends
+    the batch with its reverse; cutmix pastes one box of the reversed batch, and λ becomes the share of the image
+    outside the box. Soft targets λ·one_hot(y) + (1 − λ)·one_hot(y reversed); label smoothing is the loss's."""
+    lam, use_cutmix = _batch_draw(recipe)
+    if use_cutmix:
+        h, w = images.shape[-2:]
+        top, bottom, left, right = _cutmix_box(h, w, lam)
+        lam = 1 - (bottom - top) * (right - left) / (h * w)
+        mixed = images.clone()
+        mixed[:, :, top:bottom, left:right] = images.flip(0)[:, :, top:bottom, left:right]
     else:
-        use_cutmix = torch.full((n,), recipe.cutmix > 0, device=dev)
-    lam_mix = _beta(recipe.mixup, n, dev)
-    lam_cut = _beta(recipe.cutmix, n, dev)
-    cut = (1 - lam_cut).sqrt()
-    bh, bw = (cut * h).floor(), (cut * w).floor()
-    cy, cx = (torch.rand(n, device=dev) * h).floor(), (torch.rand(n, device=dev) * w).floor()
-    top, left = (cy - bh // 2).clamp(0, h), (cx - bw // 2).clamp(0, w)
-    bottom, right = (cy + bh // 2).clamp(0, h), (cx + bw // 2).clamp(0, w)
-    box = _box_mask(top, left, bottom - top, right - left, h, w).to(images.dtype)
-    weight = torch.where(use_cutmix.view(-1, 1, 1, 1), box, (1 - lam_mix).view(-1, 1, 1, 1))
-    mixed = images * (1 - weight) + images.flip(0) * weight
-    partner = weight.mean(dim=(1, 2, 3)).unsqueeze(1)
+        mixed = images * lam + images.flip(0) * (1 - lam)
     one_hot = torch.nn.functional.one_hot(labels, num_classes).to(images.dtype)
-    return mixed, one_hot * (1 - partner) + one_hot.flip(0) * partner
+    return mixed, one_hot * lam + one_hot.flip(0) * (1 - lam)
 
 
-def _beta(concentration: float, n: int, device: torch.device) -> torch.Tensor:
-    if concentration <= 0:
-        return torch.ones(n, device=device)
-    c = torch.tensor(float(concentration), device=device)
-    return torch.distributions.Beta(c, c, validate_args=False).sample((n,))
+def _batch_draw(recipe: Recipe) -> tuple[float, bool]:
+    """(λ, cutmix?) of a batch: the draws of timm's `Mixup._params_per_batch` (mixing probability 1)."""
+    np.random.rand()  # timm's draw against its mixing probability, 1 here: kept so the streams stay aligned
+    if recipe.mixup > 0 and recipe.cutmix > 0:
+        use_cutmix = bool(np.random.rand() < CUTMIX_SWITCH_PROB)
+    else:
+        use_cutmix = recipe.cutmix > 0
+    concentration = recipe.cutmix if use_cutmix else recipe.mixup
+    return float(np.random.beta(concentration, concentration)), use_cutmix
 
 
-def mix_and_erase(images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, num_classes: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch part of a recipe; targets are int labels, or soft (N, C) targets when the recipe mixes."""
+def _cutmix_box(h: int, w: int, lam: float) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of timm's cutmix box for λ: sides √(1 − λ) of the image's, a uniform centre,
+    clipped to the image."""
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = np.random.randint(0, h), np.random.randint(0, w)
+    return (int(np.clip(cy - cut_h // 2, 0, h)), int(np.clip(cy + (cut_h + 1) // 2, 0, h)),
+            int(np.clip(cx - cut_w // 2, 0, w)), int(np.clip(cx + (cut_w + 1) // 2, 0, w)))
+
+
+def mix_and_erase(images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, num_classes: int,
+                  mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch part of a recipe, in timm's order (erasing, then mixing); `mean`/`std`: the student's
+    normalisation (erasing's noise is N(0, 1) there). Targets are int labels, or soft (N, C) when the recipe mixes."""
     if recipe.erase > 0:
-        images = random_erase(images, recipe.erase)
+        images = random_erase(images, recipe.erase, mean, std)
     if recipe.mixes:
         return mix(images, labels, recipe, num_classes)
     return images, labels

@@ -113,10 +113,10 @@ def _geometric(x: torch.Tensor, op: str, level: torch.Tensor) -> torch.Tensor:
         angle = torch.deg2rad(level * 30)
         theta[:, 0, 0], theta[:, 0, 1] = angle.cos(), -angle.sin()
         theta[:, 1, 0], theta[:, 1, 1] = angle.sin(), angle.cos()
-    elif op == "ShearX":
-        theta[:, 0, 1] = level * 0.3
+    elif op == "ShearX":  # PIL shears about the top-left corner: x_in = x + f·y in pixels, hence the translation
+        theta[:, 0, 1] = theta[:, 0, 2] = level * 0.3 * x.shape[-2] / x.shape[-1]
     elif op == "ShearY":
-        theta[:, 1, 0] = level * 0.3
+        theta[:, 1, 0] = theta[:, 1, 2] = level * 0.3 * x.shape[-1] / x.shape[-2]
     elif op == "TranslateXRel":
         theta[:, 0, 2] = level * 0.45 * 2
     else:  # TranslateYRel

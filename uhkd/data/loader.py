@@ -63,7 +63,7 @@ class WorkerData:
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """`steps_per_epoch` augmented batches: (images, targets); targets are soft (N, C) when the recipe mixes."""
         for images, labels in self._raw_train(epoch):
-            yield mix_and_erase(images, labels, self.recipe, self.info.num_classes)
+            yield mix_and_erase(images, labels, self.recipe, self.info.num_classes, self.info.mean, self.info.std)
 
     def _raw_train(self, epoch: int) -> Iterator[Batch]:
         if self.on_device:

@@ -122,7 +122,7 @@ class ParquetResults(tune.Callback):
             table.pop(trial.trial_id, None)
 
     def trial_row(self, trial: Any, cfg: RunConfig, reports: list[dict], error: str) -> dict:
-        _, tag = trial_overrides(trial.config)
+        _, labels = trial_overrides(trial.config)
         done = [r for r in reports if r.get("status") != "failed"]
         last = reports[-1] if reports else {}
         if error:
@@ -135,7 +135,7 @@ class ParquetResults(tune.Callback):
         speeds = [r["images_per_s"] for r in done if isinstance(r.get("images_per_s"), (int, float))]
         m = cfg.model
         return {
-            **flatten(cfg), "trial_id": trial.trial_id, "preset": self.preset, "tag": tag,
+            **flatten(cfg), "trial_id": trial.trial_id, "preset": self.preset, **labels,
             "dataset": cfg.data.dataset, "teacher": m.teacher, "student": m.student, "method": cfg.method.name,
             "pair": f"{m.teacher}:{m.student}", "split": cfg.data.split,
             "epochs": cfg.optim.epochs, "epochs_run": max((int(r["epoch"]) for r in done), default=0),

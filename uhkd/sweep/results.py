@@ -28,9 +28,9 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 _ARROW = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
 
 _IDENTITY = [("schema_version", pa.int32()), ("sweep", pa.string()), ("trial_id", pa.string())]
-_TRIAL_HEAD = [("preset", pa.string()), ("tag", pa.string()), ("dataset", pa.string()), ("teacher", pa.string()),
-               ("student", pa.string()), ("method", pa.string()), ("pair", pa.string()), ("seed", pa.int64()),
-               ("split", pa.string())]
+_TRIAL_HEAD = [("preset", pa.string()), ("tag", pa.string()), ("weights_from", pa.string()), ("dataset", pa.string()),
+               ("teacher", pa.string()), ("student", pa.string()), ("method", pa.string()), ("pair", pa.string()),
+               ("seed", pa.int64()), ("split", pa.string())]
 _TRIAL_TAIL = [("epochs", pa.int64()), ("epochs_run", pa.int64()), ("best_top1", pa.float64()),
                ("best_top5", pa.float64()), ("best_epoch", pa.int64()), ("last_top1", pa.float64()),
                ("last_top5", pa.float64()), ("teacher_top1", pa.float64()), ("student_params", pa.int64()),

@@ -180,6 +180,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
 
     from .callbacks import ParquetResults, ReleaseStoppedTrainGroups
     from .console import LiveLines
+    from .search import scheduler, searcher
     from .tracking import callbacks as tracking_callbacks
 
     budget = sweep.preset.budget(sweep.kind)
@@ -193,40 +194,9 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     if sweep.cells:
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, **common)
     else:
-        tune_config = tune.TuneConfig(search_alg=_searcher(sweep, opts, max_concurrent), num_samples=planned,
-                                      scheduler=_scheduler(sweep, budget, max_epochs), **common)
+        tune_config = tune.TuneConfig(search_alg=searcher(sweep, opts.seed, planned, max_concurrent),
+                                      num_samples=planned, scheduler=scheduler(sweep, budget, max_epochs), **common)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-
-
-def _searcher(sweep: Sweep, opts: SweepOptions, max_concurrent: int) -> Any:
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if sweep.objective == "pareto":
-        metric: Any = ["best_top1", sweep.pareto_metric]
-        mode: Any = ["max", "min" if sweep.pareto_metric == "student_params" else "max"]
-    else:
-        metric, mode = "best_top1", "max"
-    storage, study_name = None, None
-    if sweep.study:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(os.path.expanduser(sweep.study))}")
-        study_name = f"{sweep.kind}-{sweep.preset.name}-{sweep.objective}"
-    searcher = OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=opts.seed),
-                            storage=storage, study_name=study_name)
-    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
-
-
-def _scheduler(sweep: Sweep, budget: dict, max_epochs: int) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    if not sweep.asha:
-        return FIFOScheduler()
-    # max_t above the epoch count: ASHA stops a trial that reaches max_t, and a finishing trial must not be killed
-    return ASHAScheduler(time_attr="epoch", metric="top1", mode="max", max_t=max_epochs + 1,
-                         grace_period=int(budget.get("grace_period", 1)),
-                         reduction_factor=float(budget.get("reduction_factor", 2)))
 
 
 def trial_dirname(trial: Any) -> str:

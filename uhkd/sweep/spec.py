@@ -66,8 +66,8 @@ def domain(key: str, spec: Any) -> Any:
 class Sweep:
     """What one sweep script asks the runner for.
 
-    Search sweeps give `space` (Tune domains by dotted config key, and/or `pair`) and are searched by Optuna with
-    ASHA; grid sweeps give `cells` (label -> dotted overrides, optionally `pair` and `tag`), each run once.
+    Search sweeps give `space` (Tune domains by dotted config key, and `pair`) and are searched per pair by Optuna
+    with ASHA (`uhkd.sweep.search`); grid sweeps give `cells` (label -> dotted overrides, optionally `pair` and `tag`), each run once.
     `force` are overrides the sweep's protocol requires (a conflicting `--set` is an error)."""
 
     kind: str

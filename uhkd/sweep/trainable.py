@@ -33,11 +33,15 @@ def teacher_path(teacher_dir: str, teacher: str) -> str:
     return os.path.join(teacher_dir, f"{teacher}.pth")
 
 
-def trial_overrides(config: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """(dotted overrides, tag) of a trial config: fixed overrides < grid cell < sampled values."""
+LABELS = ("tag", "weights_from")  # cell entries that label the trial's row instead of configuring its run
+
+
+def trial_overrides(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(dotted overrides, labels) of a trial config: fixed overrides < grid cell < sampled values; the labels are
+    the cell's `LABELS` ("" when absent)."""
     overrides = dict(config.get("_run", {}))
     cell = dict(config["_cells"][config["cell"]]) if "cell" in config else {}
-    tag = str(cell.pop("tag", ""))
+    labels = {key: str(cell.pop(key, "")) for key in LABELS}
     overrides.update(cell)
     overrides.update({k: v for k, v in config.items() if k in LEAF_TYPES or k == "pair"})
     if "pair" in overrides:
@@ -45,7 +49,7 @@ def trial_overrides(config: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     teacher = overrides.get("model.teacher", "")
     if teacher and config.get("_teacher_dir") and "model.teacher_checkpoint" not in overrides:
         overrides["model.teacher_checkpoint"] = teacher_path(config["_teacher_dir"], teacher)
-    return overrides, tag
+    return overrides, labels
 
 
 def run_config(config: Mapping[str, Any], trial_id: str) -> RunConfig:

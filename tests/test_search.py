@@ -1,0 +1,86 @@
+"""The pair search compares like with like: each pair gets its share of the samples and its own TPE study (kept in
+SQLite under a per-pair name, restored on --resume), and ASHA stops a trial only for trailing trials of its pair."""
+from __future__ import annotations
+
+import re
+
+import optuna
+import pandas as pd
+import pytest
+from ray import tune
+
+from uhkd.sweep.search import PairASHA, PairSearch, scheduler, searcher, split_budget, study_name
+from uhkd.sweep.spec import Sweep, load_preset
+
+PAIRS = ["a:r18", "b:deit", "c:resmlp"]
+
+
+def _sweep(pairs, study=""):
+    space = {"pair": tune.choice(pairs), "x": tune.uniform(0.0, 1.0)}
+    return Sweep("hetero_pairs", load_preset("quick"), space=space, asha=True, study=study)
+
+
+def test_split_budget():
+    assert split_budget(7, PAIRS) == {"a:r18": 3, "b:deit": 2, "c:resmlp": 2}
+    assert split_budget(2, PAIRS) == {"a:r18": 1, "b:deit": 1, "c:resmlp": 0}
+
+
+def _base(limited):
+    return limited.searcher  # the PairSearch inside the ConcurrencyLimiter
+
+
+def test_each_pair_its_share_and_its_own_persistent_study(tmp_path):
+    db = tmp_path / "study.db"
+    sweep = _sweep(PAIRS, study=str(db))
+    search = _base(searcher(sweep, seed=0, planned=7, max_concurrent=7))
+    assert isinstance(search, PairSearch)
+    assert search.set_search_properties(None, None, dict(sweep.space))
+    configs = {f"t{i}": search.suggest(f"t{i}") for i in range(4)}
+    assert [c["pair"] for c in configs.values()] == ["a:r18", "b:deit", "c:resmlp", "a:r18"]
+    assert all(set(c) == {"pair", "x"} for c in configs.values())
+    search.on_trial_complete("t0", {"best_top1": 10.0, "training_iteration": 1})
+
+    # --resume: Tune restores the searcher from its saved state; pending trials complete into their own studies
+    search.save(str(tmp_path / "searcher.pkl"))
+    restored = _base(searcher(sweep, seed=0, planned=7, max_concurrent=7))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    for trial_id in ("t1", "t2", "t3"):
+        restored.on_trial_complete(trial_id, {"best_top1": 20.0, "training_iteration": 1})
+    more = [restored.suggest(f"u{i}") for i in range(4)]
+    assert [c["pair"] for c in more[:3]] == ["b:deit", "c:resmlp", "a:r18"] and more[3] == PairSearch.FINISHED
+    for i in range(3):
+        restored.on_trial_complete(f"u{i}", {"best_top1": 30.0, "training_iteration": 1})
+
+    storage = f"sqlite:///{db}"
+    studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
+    assert studies == {study_name(sweep, "a:r18"): 3, study_name(sweep, "b:deit"): 2,
+                       study_name(sweep, "c:resmlp"): 2}
+    assert study_name(sweep, "a:r18") == "hetero_pairs-quick-accuracy/a:r18"
+    completed = optuna.load_study(study_name=study_name(sweep, "b:deit"), storage=storage).trials
+    assert [t.value for t in completed] == [20.0, 30.0] and all("x" in t.params for t in completed)
+
+
+def test_asha_stops_trials_only_against_their_own_pair(ray_local, tmp_path):
+    """Trials run one at a time, pairs alternating (a, b, a, b): the first trial of the slow pair `b` finds its
+    pair's rungs empty and runs all 4 epochs, though it trails every trial of `a` (one ASHA over both pairs stops it
+    at epoch 1)."""
+    def trainable(config):  # defined here so that Ray ships it by value (the tests folder is no package)
+        base = 50.0 if config["pair"].startswith("a") else 0.0  # a slow-starting pair far below a fast one
+        best = 0.0
+        for epoch in range(1, 5):
+            top1 = base + 10 * config["x"] * epoch  # within a pair, larger x is better
+            best = max(best, top1)
+            tune.report({"epoch": epoch, "top1": top1, "best_top1": best})
+
+    sweep = _sweep(["a:r18", "b:deit"])
+    asha = scheduler(sweep, {"grace_period": 1, "reduction_factor": 2}, max_epochs=4)
+    assert isinstance(asha, PairASHA)
+    tuner = tune.Tuner(trainable, param_space=dict(sweep.space), tune_config=tune.TuneConfig(
+        search_alg=searcher(sweep, seed=1, planned=4, max_concurrent=1), scheduler=asha, num_samples=4,
+        reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="t", verbose=0))
+    results = sorted(tuner.fit(), key=lambda r: int(re.search(r"_(\d+)_pair=", r.path).group(1)))  # creation order
+    frame = pd.DataFrame([{**r.metrics, "config/pair": r.config["pair"]} for r in results])
+    assert frame["config/pair"].tolist() == ["a:r18", "b:deit"] * 2
+    a, b = frame[frame["config/pair"] == "a:r18"], frame[frame["config/pair"] == "b:deit"]
+    assert b.iloc[0]["epoch"] == 4 and b.iloc[0]["top1"] < a["top1"].min()
