@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from typing import Any, Callable
+from typing import Any
 
 from ray import tune
 
@@ -25,10 +25,12 @@ def trial_pair(config: dict) -> str:
 
 class LiveLines(tune.Callback):
     """`trial <id> <pair> epoch e/E loss ... (terms) top1 ...` per report, and a line when a trial starts, is
-    stopped by the scheduler, finishes or fails."""
+    stopped by the scheduler, finishes or fails, on stdout. (Tune pickles its callbacks with the experiment state,
+    so this one holds no reference to an output function.)"""
 
-    def __init__(self, out: Callable[[str], None] = print) -> None:
-        self.out = out
+    @staticmethod
+    def out(line: str) -> None:
+        print(line, flush=True)
 
     def _head(self, trial: Any) -> str:
         return f"trial {trial.trial_id} {trial_pair(trial.config)}"
