@@ -22,7 +22,7 @@ from uhkd.sweep.cli import SweepOptions
 from uhkd.sweep.results import EPOCHS, TRIALS
 from uhkd.sweep.runner import run
 from uhkd.sweep.spec import Sweep, load_preset
-from uhkd.sweep.tracking import TrackOptions, parse_trackers
+from uhkd.track_options import TrackOptions, parse_trackers
 
 PAIR = "convnext_tiny:resnet18"
 SMALL = {"data.limit_train": "192", "data.limit_eval": "64", "data.batch_size": "32",

@@ -17,6 +17,7 @@ from .config import RunConfig, config_hash, flatten, parse_set, unflatten
 from .errors import UserError
 from .hub import HUB
 from .registry import DATASETS, METHODS
+from .track_options import add_track_flags, parse_trackers, track_options
 from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, append_metrics, train_loop
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
@@ -249,13 +250,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained", metavar="hub|FILE",
                    help="student starts from ImageNet weights: hub = timm's from the Hugging Face hub (or its "
                         "cache), FILE = a local weight file (model.pretrained_file)")
-    g = p.add_argument_group("experiment tracking")
-    g.add_argument("--track", action="append", default=[], metavar="tensorboard|mlflow|wandb",
-                   help='log the config and per-epoch metrics (repeatable or a comma list; pip install -e ".[track]")')
-    g.add_argument("--mlflow-uri", default="", help="file store path, sqlite:///FILE or http://HOST:PORT "
-                                                    "(default $MLFLOW_TRACKING_URI, else ./mlruns)")
-    g.add_argument("--wandb-project", default="", help="W&B project (default $WANDB_PROJECT, else uhkd); offline "
-                                                       "unless WANDB_MODE=online")
+    add_track_flags(p.add_argument_group("experiment tracking"))
     return p.parse_args(argv)
 
 
@@ -277,10 +272,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     problems = Problems()
     for item in args.sets:
         overrides.update(problems.check(parse_set, [item]) or {})
-    if args.track:  # the tracker modules import Ray: only when asked for
-        from .sweep.tracking import parse_trackers
-
-        problems.check(parse_trackers, args.track)
+    problems.check(parse_trackers, args.track)
     dataset = overrides.get("data.dataset", RunConfig().data.dataset)
     return checked_config(args.preset or DEFAULT_PRESET.get(str(dataset)), overrides, problems)
 
@@ -288,7 +280,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _tracker(args: argparse.Namespace, cfg: RunConfig, output: Path) -> Any:
     """The run's trackers: config = the resolved flat dotted keys, TensorBoard events in `output`."""
     from .methods import resolve_method
-    from .sweep.tracking import RunTracker, track_options
+    from .sweep.tracking import RunTracker
 
     resolved = dataclasses.replace(cfg, method=resolve_method(cfg))
     return RunTracker(track_options(args, "uhkd.train"), output.name, flatten(resolved), str(output))

@@ -8,9 +8,9 @@ from typing import Sequence
 
 from ..config import parse_set
 from ..errors import UserError
+from ..track_options import TrackOptions, add_track_flags, parse_trackers
 from ..validate import Problems
 from .spec import load_preset, preset_names
-from .tracking import TrackOptions, add_track_flags, parse_trackers
 
 ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import sys
 from typing import Any
 
 from ray import tune
@@ -18,7 +19,8 @@ NOT_SEARCHED = {"name", "output_dir", "model.teacher_checkpoint", "model.teacher
 
 
 def trial_pair(config: dict) -> str:
-    overrides, tag = trial_overrides(config)
+    overrides, labels = trial_overrides(config)
+    tag = labels.get("tag", "")
     pair = f"{overrides.get('model.teacher', '')}:{overrides.get('model.student', '')}"
     return f"{pair} [{tag}]" if tag else pair
 
@@ -26,11 +28,13 @@ def trial_pair(config: dict) -> str:
 class LiveLines(tune.Callback):
     """`trial <id> <pair> epoch e/E loss ... (terms) top1 ...` per report, and a line when a trial starts, is
     stopped by the scheduler, finishes or fails, on stdout. (Tune pickles its callbacks with the experiment state,
-    so this one holds no reference to an output function.)"""
+    so this one holds no output function; and it writes to sys.stdout itself, since Ray Train may replace `print`
+    in a process that ran a TorchTrainer.)"""
 
     @staticmethod
     def out(line: str) -> None:
-        print(line, flush=True)
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
     def _head(self, trial: Any) -> str:
         return f"trial {trial.trial_id} {trial_pair(trial.config)}"

@@ -3,16 +3,14 @@ that each run logs its resolved config as the flat dotted keys (`method.alpha`, 
 every loss term, top-1/top-5, lr, images/s and epoch time with the epoch as the step.
 
 A sweep hands the callbacks to Tune; a single `python -m uhkd.train` run drives the same callbacks through
-`RunTracker` with a `RunTrial` standing in for Tune's trial. The tracker packages are the optional extra
-`pip install -e ".[track]"`."""
+`RunTracker` with a `RunTrial` standing in for Tune's trial. The flags and their checks are `uhkd.track_options`."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Sequence
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
@@ -20,45 +18,9 @@ from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 
 from ..config import flatten
-from ..errors import UserError, choice_error
+from ..track_options import TrackOptions
 
-MODULES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
-EXTRA = 'pip install -e ".[track]"'
 EPOCH_METRICS = ("top1", "top5", "best_top1", "loss", "lr", "images_per_s", "epoch_time_s")
-
-
-def parse_trackers(values: Iterable[str], modules: Mapping[str, str] = MODULES) -> tuple[str, ...]:
-    """`["mlflow,tensorboard", "wandb"]` -> the tracker names, each checked to be known and its package
-    (`modules[name]`) installed."""
-    names = tuple(dict.fromkeys(n.strip() for v in values for n in v.split(",") if n.strip()))
-    for name in names:
-        if name not in modules:
-            raise choice_error("tracker", name, modules)
-        if importlib.util.find_spec(modules[name]) is None:
-            raise UserError(f"--track {name} needs the {modules[name]} package, which is not installed: {EXTRA}")
-    return names
-
-
-@dataclass
-class TrackOptions:
-    trackers: tuple[str, ...] = ()
-    experiment: str = "uhkd"  # MLflow experiment / W&B group: the sweep name, or "uhkd.train"
-    mlflow_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else the file store ./mlruns
-    wandb_project: str = ""  # "" = $WANDB_PROJECT, else "uhkd"
-
-
-def add_track_flags(p: Any) -> None:
-    """`--track`, `--mlflow-uri`, `--wandb-project` on an argparse parser (or argument group)."""
-    p.add_argument("--track", action="append", default=[], metavar="tensorboard|mlflow|wandb",
-                   help=f"log every run's config and per-epoch metrics (repeatable or a comma list; {EXTRA})")
-    p.add_argument("--mlflow-uri", default="", help="MLflow tracking URI: a file store path, sqlite:///FILE or "
-                                                    "http://HOST:PORT (default $MLFLOW_TRACKING_URI, else ./mlruns)")
-    p.add_argument("--wandb-project", default="", help="W&B project (default $WANDB_PROJECT, else uhkd); offline "
-                                                       "unless WANDB_MODE=online")
-
-
-def track_options(args: Any, experiment: str) -> TrackOptions:
-    return TrackOptions(parse_trackers(args.track), experiment, args.mlflow_uri, args.wandb_project)
 
 
 def mlflow_uri(given: str) -> str:
