@@ -241,3 +241,21 @@ def test_heterogeneous_pair_skips_the_levels_a_band_cannot_form(capsys):
 def test_a_band_formable_nowhere_is_one_error():
     with pytest.raises(UserError, match="method.band=high cannot be formed at any matched stage with method.k=7"):
         _pair("resnet18", "swin_tiny_patch4_window7_224", **{"method.band": "high", "method.stages": "3,4"})
+
+
+@pytest.mark.parametrize("spectrum,band", [("amplitude", "low"), ("log_amplitude", "high"), ("complex", "low"),
+                                           ("amplitude", "full"), ("none", "low")])
+def test_constants_built_for_the_map_size_give_the_same_tokens_in_one_graph(spectrum, band):
+    """FTM/FAM built with `size` hold the restricted DFT (and the conjugate-bin expansion) as buffers: the same
+    numbers as computing them per call, out of checkpoints, and no graph break when the step is compiled."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 9, 9)
+    ftm, ftm_sized = FTM(3, spectrum, band), FTM(3, spectrum, band, size=(9, 9))
+    fam = FAM(5, 4, k=3, spectrum=spectrum, band=band)
+    fam_sized = FAM(5, 4, k=3, spectrum=spectrum, band=band, size=(9, 9))
+    fam_sized.load_state_dict(fam.state_dict())  # the buffers are not persistent: the same keys load
+    assert torch.allclose(ftm_sized(x), ftm(x), atol=1e-6)
+    assert torch.allclose(fam_sized(x), fam(x), atol=1e-6)
+    assert torch.allclose(fam_sized(torch.randn(2, 5, 7, 7)).std(), torch.tensor(1.0), atol=0.2)  # other sizes work
+    for module in (ftm_sized, fam_sized):
+        assert torch._dynamo.explain(module)(x).graph_break_count == 0

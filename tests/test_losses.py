@@ -39,11 +39,17 @@ def np_dkd(zs, zt, y, alpha, beta, t):
     return t * t * (alpha * np.mean(tckd) + beta * np.mean(nckd))
 
 
+def np_pearson(a, b):
+    """Pearson correlation with the released DIST guard: centred dot product / (|a|·|b| + 1e-8)."""
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (np.sqrt((a * a).sum()) * np.sqrt((b * b).sum()) + 1e-8))
+
+
 def np_dist(zs, zt, beta, gamma, t):
     ps = np.array([softmax(r, t) for r in zs.tolist()])
     pt = np.array([softmax(r, t) for r in zt.tolist()])
-    inter = 1 - np.mean([np.corrcoef(ps[b], pt[b])[0, 1] for b in range(len(ps))])
-    intra = 1 - np.mean([np.corrcoef(ps[:, c], pt[:, c])[0, 1] for c in range(ps.shape[1])])
+    inter = 1 - np.mean([np_pearson(ps[b], pt[b]) for b in range(len(ps))])
+    intra = 1 - np.mean([np_pearson(ps[:, c], pt[:, c]) for c in range(ps.shape[1])])
     return t * t * (beta * inter + gamma * intra)
 
 
@@ -78,6 +84,23 @@ def test_ofa_golden(gamma, t):
     assert ofa_loss(ZS, ZT, Y, gamma, t).item() == pytest.approx(np_ofa(ZS, ZT, Y, gamma, t), rel=1e-9)
 
 
+def test_dist_pearson_guard_is_the_released_one():
+    """Nearly equal logits across a batch give class columns of tiny spread (|a|·|b| ~ 1e-8): the released
+    `/(|a|·|b| + 1e-8)` damps their correlation where a clamp at 1e-8 would not; a constant column correlates 0."""
+    gen = torch.Generator().manual_seed(3)
+    zs = 3e-4 * torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    zt = 3e-4 * torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    ps, pt = torch.softmax(zs, 1).numpy(), torch.softmax(zt, 1).numpy()
+    released = 1 - np.mean([np_pearson(ps[:, c], pt[:, c]) for c in range(3)])
+    assert dist_loss(zs, zt, 0.0, 1.0, 1.0).item() == pytest.approx(released, rel=1e-9)
+    a, b = ps - ps.mean(0), pt - pt.mean(0)
+    norms = np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0)
+    clamped = 1 - np.mean((a * b).sum(0) / np.maximum(norms, 1e-8))
+    assert 1e-9 < norms.min() and norms.max() < 1e-7 and abs(clamped - released) > 0.05
+    constant = torch.zeros(2, 3, dtype=torch.float64)
+    assert dist_loss(constant, constant, 0.0, 1.0, 1.0).item() == pytest.approx(1.0)  # every column constant: ρ = 0
+
+
 def test_hand_computed_values():
     """Two classes, values worked out by hand."""
     zs = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
@@ -93,7 +116,8 @@ def test_hand_computed_values():
 def test_identical_logits_give_zero():
     assert kd_loss(ZT, ZT, 2.0).item() == pytest.approx(0, abs=1e-12)
     assert dkd_loss(ZT, ZT, Y, 1.0, 2.0, 2.0).item() == pytest.approx(0, abs=1e-12)
-    assert dist_loss(ZT, ZT, 1.0, 1.0, 1.0).item() == pytest.approx(0, abs=1e-7)
+    # the released + 1e-8 leaves 1e-8 / (|a|·|b|) ≈ 1e-6 here
+    assert dist_loss(ZT, ZT, 1.0, 1.0, 1.0).item() == pytest.approx(0, abs=1e-5)
 
 
 def test_confident_models_stay_finite():

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from uhkd.config import RunConfig, apply_overrides, build_config
 from uhkd.errors import UserError
@@ -191,3 +192,78 @@ def test_bad_method_input_is_one_line(overrides, teacher, match):
     with pytest.raises(UserError, match=match) as err:
         build_method(cfg, model("resnet18", "student"), model("vit_small_patch16_224", "teacher") if teacher else None)
     assert "\n" not in str(err.value)
+
+
+def released_token_branch_params(stage, grid, channels, width, classes):
+    """Parameters of one token-student exit branch of the released OFA-KD code, layer by layer: ⌊log2(grid/7)⌋
+    patch merges (LayerNorm over 4·C, bias-free Linear 4·C → width), max(4 − stage, 1) timm blocks of the
+    student's width (two LayerNorms, bias-free qkv, proj, MLP ratio 4), the Linear classifier."""
+    total, cin = 0, channels
+    for _ in range(max(int(math.log2(grid / 7)), 0)):
+        total += 2 * 4 * cin + 4 * cin * width
+        cin = width
+    block = 2 * 2 * width + width * 3 * width + (width * width + width) + (width * 4 * width + 4 * width) \
+        + (4 * width * width + width)
+    return total + max(4 - stage, 1) * block + width * classes + classes
+
+
+def released_cnn_branch_params(stage, channels, width, classes):
+    """One CNN-student exit branch of the released code: (4 − stage) blocks of two depthwise-separable pairs
+    (dw 3×3, pw 1×1, BN each), the width doubling and the last block ending at `width`; at stage 4 a 1×1 conv
+    with bias; then the Linear classifier."""
+    if stage == 4:
+        total = channels * width + width
+    else:
+        total, cin = 0, channels
+        for i in range(4 - stage):
+            cout = width if i == 3 - stage else 2 * cin
+            total += (9 * cin + cin * cin + 2 * cin) + (9 * cin + cin * cout + 2 * cout)
+            cin *= 2
+    return total + width * classes + classes
+
+
+@pytest.mark.parametrize("teacher,student", [("convnext_tiny", "deit_tiny_patch16_224"),
+                                             ("swin_tiny_patch4_window7_224", "resnet18")])
+def test_ofa_branches_have_the_released_layout_at_224(teacher, student):
+    """Real full-size timm models at 224, 100 classes: the branches' parameter count and per-stage structure are
+    those of the released OFA-KD code (before this layout: 52,275,088 and 1,382,992 extra parameters)."""
+    from uhkd.methods.ofa import DownsampleBlock
+
+    torch.manual_seed(0)
+    s = create_stage_model(student, num_classes=100, img_size=224)
+    t = create_stage_model(teacher, num_classes=100, img_size=224)
+    distiller = build_method(build_config("cifar100", {"method.name": "ofa", "model.student": student,
+                                                       "model.teacher": teacher}), s, t)
+    if s.kind == "cnn":
+        width = max(s.num_features, t.num_features)
+        expected = sum(released_cnn_branch_params(i, s.stage_channels[i - 1], width, 100) for i in (1, 2, 3, 4))
+        assert distiller.extra_param_count() == expected == 1_626_256
+        blocks = [[m for m in b if isinstance(m, DownsampleBlock)] for b in distiller.branches]
+        assert [len(b) for b in blocks] == [3, 2, 1, 0]
+        assert [[blk[5].out_channels for blk in b] for b in blocks] == [[128, 256, 768], [256, 768], [768], []]
+        depthwise = [sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in blk) for b in blocks for blk in b]
+        assert depthwise == [2] * 6  # two depthwise-separable pairs per down-sampling block
+        assert distiller.branches[3][0].kernel_size == (1, 1) and distiller.branches[3][0].out_channels == 768
+    else:
+        assert s.has_class_token and s.stage_sizes == [(14, 14)] * 4
+        expected = sum(released_token_branch_params(i, 14, 192, s.num_features, 100) for i in (1, 2, 3, 4))
+        assert distiller.extra_param_count() == expected == 3_783_184
+        assert [len(b.merge) for b in distiller.branches] == [1, 1, 1, 1]
+        assert [len(b.blocks) for b in distiller.branches] == [3, 2, 1, 1]
+        assert {(blk.attn.num_heads, blk.norm1.normalized_shape[0]) for b in distiller.branches for blk in b.blocks} \
+            == {(4, 192)}
+    linears = [m for m in distiller.branches.modules() if isinstance(m, nn.Linear)]
+    assert all(torch.count_nonzero(m.bias) == 0 for m in linears if m.bias is not None)
+    assert abs(torch.cat([m.weight.flatten() for m in linears]).std().item() - 0.02) < 0.002  # trunc-normal 0.02
+    for conv in (m for m in distiller.branches.modules() if isinstance(m, nn.Conv2d) and m.groups == 1):
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.1)  # Kaiming, fan-out
+
+
+def test_ofa_token_branch_reads_the_class_token():
+    distiller = build("ofa", "deit_tiny_patch16_224", "convnext_tiny").eval()
+    logits, feats, tokens = distiller.student.forward_with_class_tokens(X)
+    branch = distiller.branches[0]
+    with torch.no_grad():
+        assert not torch.allclose(branch(feats[0], tokens[0]), branch(feats[0], tokens[0] + 1))
+        assert torch.equal(logits, distiller.student(X)[0])

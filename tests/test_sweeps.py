@@ -66,11 +66,11 @@ def test_schema_is_the_documented_contract():
     assert trials.metadata[b"uhkd.schema_version"] == b"1"
     assert trials.names[:13] == ["schema_version", "sweep", "trial_id", "preset", "tag", "weights_from", "dataset",
                                  "teacher", "student", "method", "pair", "seed", "split"]
-    assert trials.names[-21:] == [
+    assert trials.names[-25:] == [
         "epochs", "epochs_run", "best_top1", "best_top5", "best_epoch", "last_top1", "last_top5", "teacher_top1",
-        "student_params", "extra_params", "images_per_s", "wall_time_s", "effective_batch", "status",
-        "failure_reason", "student_checkpoint", "config_hash", "toolkit_version", "git_commit", "started_at",
-        "finished_at"]
+        "student_params", "extra_params", "images_per_s", "wall_time_s", "batch_per_worker", "train_workers",
+        "accumulation", "effective_batch", "lr_used", "status", "failure_reason", "student_checkpoint", "config_hash",
+        "toolkit_version", "git_commit", "started_at", "finished_at"]
     types = dict(zip(trials.names, trials.types))
     assert types["schema_version"] == pa.int32() and types["seed"] == pa.int64()
     assert types["method.alpha"] == pa.float64() and types["method.k"] == pa.int64()
@@ -107,6 +107,10 @@ def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
     assert set(trials["status"]) <= {"ok", "stopped"} and (trials["status"] == "ok").any()
     assert (trials["split"] == "tune").all() and (trials["method"] == "uhkd").all() and (trials["pair"] == PAIR).all()
     assert (trials["workers"] == 1).all() and (trials["sweep"] == "hp").all() and (trials["preset"] == "quick").all()
+    layout = trials[["batch_per_worker", "train_workers", "accumulation", "effective_batch"]].values.tolist()
+    assert layout == [[row.data_batch_size, 1, 1, row.data_batch_size] for row in
+                      trials.rename(columns={"data.batch_size": "data_batch_size"}).itertuples()]
+    assert trials["lr_used"].tolist() == trials["optim.lr"].tolist()  # no lr scaling unless optim.scale_lr
     assert trials["method.beta"].between(0.05, 20).all() and trials["method.temperature"].isin([1, 2, 4]).all()
     assert (trials["method.w_ce"] == 1.0).all()  # resolved config columns, not only the searched ones
     assert trials["model.teacher_checkpoint"].eq(str(teachers / "convnext_tiny.pth")).all()
@@ -154,8 +158,8 @@ def test_grid_sweep_records_nan_and_crashing_trials_as_failed(tmp_path, ray_loca
     assert nan["status"] == "failed" and nan["failure_reason"].startswith("non-finite loss at epoch 1")
     assert nan["epochs_run"] == 0 and nan["student_checkpoint"] == ""
     crash = trials[trials["model.teacher_checkpoint"] == str(broken)].iloc[0]
-    assert crash["status"] == "failed" and crash["failure_reason"].startswith("UserError: checkpoint file")
-    assert "not readable" in crash["failure_reason"]
+    assert crash["status"] == "failed" and crash["failure_reason"].startswith("teacher checkpoint")
+    assert "is truncated or not a torch checkpoint" in crash["failure_reason"]
     assert any(line.startswith("failed: trial") and "non-finite loss" in line for line in lines)
     assert "3/3 trials recorded (1 ok, 0 stopped, 2 failed)" in "\n".join(lines)
 

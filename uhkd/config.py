@@ -25,7 +25,8 @@ PRESET_DIR = Path(__file__).with_name("presets")
 class ModelConfig:
     student: str = "resnet18"
     teacher: str = "vit_small_patch16_224"  # "" = no teacher (method `scratch`)
-    teacher_checkpoint: str = ""  # local file; "" = random init (tests / quick preset only)
+    teacher_checkpoint: str = ""  # local file; "" = none: a run that distils is refused unless random_teacher
+    random_teacher: bool = False  # distil from a randomly initialised teacher when there is no checkpoint (quick)
     pretrained_file: str = ""  # local ImageNet weight file the student starts from (teacher fine-tuning, SPEC §3)
     scale: str = "full"  # full | tiny (scaled-down widths and depths for tests and the quick preset)
     isotropic_blocks: str = "uhkd"  # stage ends of 12-block isotropic models: uhkd = 3,6,9,12; ofa = 2,4,10,12
@@ -64,7 +65,9 @@ class OptimConfig:
     warmup_epochs: int = 3
     clip_grad: float = 0.0  # 0 = off
     ema_decay: float = 0.0  # 0 = off
-    accumulate: int = 1  # gradient accumulation steps (reach the protocol's effective batch on fewer GPUs)
+    effective_batch: int = 0  # images per optimizer update over all workers (the protocol's); 0 = not fixed
+    accumulate: int = 0  # gradient accumulation steps; 0 = effective_batch / (batch_size x workers), else 1
+    scale_lr: bool = False  # reach effective_batch by linear lr scaling instead of accumulation (batch_plan)
     max_steps_per_epoch: int = 0  # 0 = full epochs
 
 
@@ -90,6 +93,11 @@ class MethodConfig:
     sra: bool = True
 
 
+# Fields that mean different things to different methods (`None` = the method's own default, SPEC §2): a preset
+# never sets them, so a value meant for one method cannot change another (e.g. OFA's gamma is DIST's intra weight).
+PER_METHOD_KEYS: tuple[str, ...] = tuple(f"method.{f.name}" for f in fields(MethodConfig) if f.default is None)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -103,6 +111,7 @@ class RunConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     amp: str = "auto"  # auto (bf16 where supported on GPU, off on CPU) | bf16 | fp16 | off
+    compile: str = "auto"  # torch.compile the training step: auto (on for CUDA, off on CPU) | on | cudagraphs | off
     threads: int = 0  # torch threads per worker; 0 = cpus_per_worker rounded up
     eval_teacher: bool = True
     max_failures: int = 2  # Ray Train worker-group restarts
@@ -119,6 +128,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.band": ("low", "high", "full"),
     "method.sca": ("linear", "conv_bn"),
     "amp": ("auto", "bf16", "fp16", "off"),
+    "compile": ("auto", "on", "cudagraphs", "off"),
 }
 
 
@@ -242,6 +252,14 @@ def load_preset(name: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def _check_preset(name: str, base: Mapping[str, Any], by_family: Mapping[str, Any]) -> None:
+    sections = [base, *(_flatten_mapping(v or {}) for v in by_family.values())]
+    leaked = sorted({k for section in sections for k in section if k in PER_METHOD_KEYS})
+    if leaked:
+        raise UserError(f"preset {name!r} sets {', '.join(leaked)}, which each method reads in its own sense; "
+                        f"leave them to the methods' defaults (uhkd/methods) or --set them for one run")
+
+
 def build_config(preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults <- preset <- the preset's recipe for the student's family (cnn / token) <- overrides.
 
@@ -254,6 +272,8 @@ def build_config(preset: str | None = None, overrides: Mapping[str, Any] | None 
     raw = load_preset(preset) if preset else {}
     by_family = raw.pop("by_student_family", {}) or {}
     base = _flatten_mapping(raw)
+    if preset:
+        _check_preset(preset, base, by_family)
     student = str(overrides.get("model.student", base.get("model.student", ModelConfig.student)))
     family = _flatten_mapping(by_family.get(model_family(student), {}) or {})
     cfg = apply_overrides(RunConfig(), {**base, **family, **overrides})
@@ -290,6 +310,54 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"workers must be >= 0, got {cfg.workers}")
     if cfg.optim.epochs < 1:
         raise UserError(f"optim.epochs must be >= 1, got {cfg.optim.epochs}")
+    if cfg.data.batch_size < 1:
+        raise UserError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    for key in ("optim.effective_batch", "optim.accumulate"):
+        if flat[key] < 0:
+            raise UserError(f"{key} must be >= 0, got {flat[key]}")
+    batch_plan(cfg)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a run reaches its effective batch on the workers it has (README "Protocol")."""
+
+    batch_per_worker: int
+    train_workers: int  # processes that train (1 in-process)
+    accumulation: int  # micro-batches per optimizer update
+    effective_batch: int  # images per update: batch_per_worker x train_workers x accumulation
+    lr_scale: float  # applied to optim.lr and optim.min_lr: achieved / optim.effective_batch with scale_lr, else 1
+
+    def columns(self, cfg: RunConfig) -> dict[str, Any]:
+        """The results-row columns: the batch layout and the peak lr actually used."""
+        return {"batch_per_worker": self.batch_per_worker, "train_workers": self.train_workers,
+                "accumulation": self.accumulation, "effective_batch": self.effective_batch,
+                "lr_used": cfg.optim.lr * self.lr_scale}
+
+
+def batch_plan(cfg: RunConfig, world: int | None = None) -> BatchPlan:
+    """The batch layout of `cfg` on `world` training processes (default: `workers`, 1 in-process).
+
+    With `optim.effective_batch` set, accumulation reaches it: `accumulate` = effective / (batch x workers), which
+    must divide; with `optim.scale_lr` the micro-batches stay as they are (`accumulate` or 1) and the lr schedule
+    is scaled linearly by achieved / effective. Without it, `accumulate` (or 1) is used as is.
+    """
+    o, batch = cfg.optim, cfg.data.batch_size
+    world = world or max(cfg.workers, 1)
+    per_step = batch * world
+    target = o.effective_batch
+    if not target or o.scale_lr:
+        steps = o.accumulate or 1
+        scale = per_step * steps / target if target else 1.0
+        return BatchPlan(batch, world, steps, per_step * steps, scale)
+    steps = o.accumulate or target // per_step
+    if per_step * steps != target:
+        layout = (f"x optim.accumulate={o.accumulate} = {per_step * steps} images per update" if o.accumulate
+                  else f"= {per_step} images per step")
+        raise UserError(f"optim.effective_batch={target} cannot be reached with data.batch_size={batch} x "
+                        f"{world} worker(s) {layout}; choose numbers that divide it, or set optim.scale_lr=true "
+                        f"to scale the lr instead")
+    return BatchPlan(batch, world, steps, target, 1.0)
 
 
 def parse_stages(text: str) -> tuple[int, ...]:

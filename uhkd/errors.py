@@ -12,3 +12,9 @@ def choice_error(what: str, value: object, choices: Iterable[object]) -> UserErr
     """`unknown <what> 'value'; valid choices: a, b, c`."""
     listed = ", ".join(str(c) for c in sorted(choices, key=str))
     return UserError(f"unknown {what} {value!r}; valid choices: {listed}")
+
+
+def one_line(text: object, limit: int = 500) -> str:
+    """The first non-blank line of `text` (an exception's message, a traceback's summary), at most `limit` long."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:limit]

@@ -68,15 +68,16 @@ def _dft_matrix(h: int, w: int, k: int, band: str, tokens: tuple[int, ...] | Non
     return matrix.to(device=device, dtype=torch.float32)
 
 
-def dft_tokens(x: Tensor, k: int, band: str, tokens: tuple[int, ...] | None = None, grid: Grid = None) -> Tensor:
+def dft_tokens(x: Tensor, k: int, band: str, tokens: tuple[int, ...] | None = None, grid: Grid = None,
+               matrix: Tensor | None = None) -> Tensor:
     """The k×k block of `band` on `grid` (or its `tokens`) of the orthonormal 2-D DFT of NCHW map `x`, as float32
-    B×T×2×C: tokens (bins, row-major) × (real, imaginary) × channels.
+    B×T×2×C: tokens (bins, row-major) × (real, imaginary) × channels. `matrix`: that restricted DFT, precomputed.
 
     One matrix product with the DFT restricted to those bins: the same numbers as `fft2` followed by the crop,
     without transforming (and back-propagating through) the bins that are thrown away.
     """
-    h, w = x.shape[-2:]
-    matrix = _dft_matrix(h, w, k, band, tokens, grid, x.device)
+    if matrix is None:
+        matrix = _dft_matrix(*x.shape[-2:], k, band, tokens, grid, x.device)
     return (x.float().flatten(2) @ matrix).unflatten(-1, (-1, 2)).permute(0, 2, 3, 1)
 
 
@@ -125,9 +126,11 @@ def to_sequence(z: Tensor) -> Tensor:
 
 def spectral_tokens(x: Tensor, k: int, spectrum: str, band: str,
                     project: Callable[[Tensor], Tensor] | None = None,
-                    tokens: tuple[int, ...] | None = None, grid: Grid = None) -> Tensor:
+                    tokens: tuple[int, ...] | None = None, grid: Grid = None,
+                    matrix: Tensor | None = None) -> Tensor:
     """SRR + the flattening of SRT: NCHW map -> float32 B×k²×C' (B×len(tokens)×C' with `tokens`, a subset of
-    a low/high block's tokens, see `mirror_bins`), the band taken on `grid` (default the map's size).
+    a low/high block's tokens, see `mirror_bins`), the band taken on `grid` (default the map's size). `matrix`: the
+    restricted DFT of a low/high block (`dft_tokens`), precomputed.
 
     `project` is a channel map (on the last axis) applied where it is cheapest and still equal to projecting `x`
     first: to the cropped complex block, as it commutes with the DFT, cropping and pooling.
@@ -137,7 +140,7 @@ def spectral_tokens(x: Tensor, k: int, spectrum: str, band: str,
         if spectrum == "none":
             return project(to_sequence(F.adaptive_avg_pool2d(x.float(), k)))
         if band != "full":
-            return spectrum_form(project(dft_tokens(x, k, band, tokens, grid)), spectrum)
+            return spectrum_form(project(dft_tokens(x, k, band, tokens, grid, matrix)), spectrum)
         spec = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="ortho"), dim=(-2, -1))
         if grid is not None:  # the grid's frequencies: the centred grid-sized block (DC sits at index side // 2)
             (h, w), (gh, gw) = x.shape[-2:], grid
@@ -149,6 +152,31 @@ def spectral_tokens(x: Tensor, k: int, spectrum: str, band: str,
 def token_norm(z: Tensor) -> Tensor:
     """SRT, second half: LayerNorm of each token without affine, so heterogeneous magnitudes compare."""
     return F.layer_norm(z, z.shape[-1:])
+
+
+class _Constants(nn.Module):
+    """The restricted DFT matrix (and FAM's conjugate-bin expansion) of a map size known at construction, built once
+    as non-persistent buffers: they follow the module's device, stay out of checkpoints, and keep the Python-side
+    bin arithmetic (lru_cache, `.tolist()`) out of a compiled step, which would otherwise break its graph there."""
+
+    def __init__(self, size: tuple[int, int] | None, k: int, spectrum: str, band: str, grid: Grid,
+                 mirror: bool = False) -> None:
+        super().__init__()
+        self.size = tuple(size) if size else None
+        self.mirrored = None
+        if self.size is None or spectrum == "none" or band == "full":
+            return
+        if mirror and spectrum != "complex":
+            self.mirrored = mirror_bins(*self.size, k, band, grid)
+        tokens = self.mirrored and self.mirrored[0]
+        self.register_buffer("dft", _dft_matrix(*self.size, k, band, tokens, grid, torch.device("cpu")),
+                             persistent=False)
+        if self.mirrored is not None:
+            self.register_buffer("expand", torch.tensor(self.mirrored[1]), persistent=False)
+
+    def matrix(self, x: Tensor) -> Tensor | None:
+        """The precomputed matrix when `x` has the size it was built for, else None (computed and cached per call)."""
+        return getattr(self, "dft", None) if tuple(x.shape[-2:]) == self.size else None
 
 
 def _check(spectrum: str, band: str, k: int) -> None:
@@ -163,16 +191,20 @@ def _check(spectrum: str, band: str, k: int) -> None:
 class FTM(nn.Module):
     """Feature Transformation Module (teacher side): NCHW map -> B×k²×C (2C for `complex`). No parameters, no
     gradient, float32 even under autocast. `grid`: the level's common grid (the band's frequencies; default the
-    map's own size)."""
+    map's own size). `size`: the (H, W) of the maps it will see, to build the DFT matrix once (other sizes still
+    work)."""
 
-    def __init__(self, k: int = 7, spectrum: str = "amplitude", band: str = "low", grid: Grid = None) -> None:
+    def __init__(self, k: int = 7, spectrum: str = "amplitude", band: str = "low", grid: Grid = None,
+                 size: tuple[int, int] | None = None) -> None:
         super().__init__()
         _check(spectrum, band, k)
         self.k, self.spectrum, self.band, self.grid = k, spectrum, band, grid
+        self.constants = _Constants(size, k, spectrum, band, grid)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        return token_norm(spectral_tokens(x, self.k, self.spectrum, self.band, grid=self.grid))
+        return token_norm(spectral_tokens(x, self.k, self.spectrum, self.band, grid=self.grid,
+                                          matrix=self.constants.matrix(x)))
 
     def extra_repr(self) -> str:
         return f"k={self.k}, spectrum={self.spectrum}, band={self.band}, grid={self.grid}"
@@ -199,17 +231,20 @@ class FAM(nn.Module):
 
     `sca="linear"` projects the cropped complex spectrum (same weights on real and imaginary parts): equal to
     projecting the full map, at k²/HW of the cost. `sca="conv_bn"` applies 1×1 conv + BatchNorm to the full map
-    before the DFT (the slower ablation; the only order where BN makes sense). `grid` as in FTM. With an amplitude spectrum of a
-    low/high block, SCA and SRA's channel Linear run once per conjugate pair of bins (`mirror_bins`).
+    before the DFT (the slower ablation; the only order where BN makes sense). `grid` and `size` as in FTM. With an
+    amplitude spectrum of a low/high block, SCA and SRA's channel Linear run once per conjugate pair of bins
+    (`mirror_bins`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, k: int = 7, spectrum: str = "amplitude",
-                 band: str = "low", sca: str = "linear", sra: bool = True, grid: Grid = None) -> None:
+                 band: str = "low", sca: str = "linear", sra: bool = True, grid: Grid = None,
+                 size: tuple[int, int] | None = None) -> None:
         super().__init__()
         _check(spectrum, band, k)
         if sca not in SCAS:
             raise choice_error("method.sca", sca, SCAS)
         self.k, self.spectrum, self.band, self.sca, self.grid = k, spectrum, band, sca, grid
+        self.constants = _Constants(size, k, spectrum, band, grid, mirror=True)
         self.proj = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels) if sca == "conv_bn" else None
         width = 2 * out_channels if spectrum == "complex" else out_channels
@@ -220,18 +255,22 @@ class FAM(nn.Module):
         return F.linear(z, self.proj.weight.flatten(1))
 
     def forward(self, x: Tensor) -> Tensor:
-        mirrored = None
-        if self.spectrum in ("amplitude", "log_amplitude") and self.band != "full":
+        matrix, mirrored, expand = self.constants.matrix(x), None, None
+        if matrix is not None:
+            mirrored = self.constants.mirrored
+            expand = mirrored and self.constants.expand
+        elif self.spectrum in ("amplitude", "log_amplitude") and self.band != "full":
             mirrored = mirror_bins(x.shape[-2], x.shape[-1], self.k, self.band, self.grid)
+            expand = mirrored and _index(mirrored[1], x.device)
         if self.bn is not None:
             x, project = self.bn(self.proj(x)), None
         else:
             project = self.project
-        z = spectral_tokens(x, self.k, self.spectrum, self.band, project, mirrored and mirrored[0], self.grid)
+        z = spectral_tokens(x, self.k, self.spectrum, self.band, project, mirrored and mirrored[0], self.grid, matrix)
         if self.sra is not None:
             z = self.sra.channel(z)
-        if mirrored is not None:
-            z = z[:, _index(mirrored[1], z.device)]
+        if expand is not None:
+            z = z[:, expand]
         if self.sra is not None:
             z = self.sra.mix(z)
         return token_norm(z)

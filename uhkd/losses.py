@@ -47,7 +47,8 @@ def dkd_loss(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float, b
 def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
     a = a - a.mean(dim, keepdim=True)
     b = b - b.mean(dim, keepdim=True)
-    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim)).clamp_min(1e-8)  # clamp: constant columns
+    # + 1e-8 as released (not a clamp): a constant column gives 0, and a tiny norm product is damped the same way
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + 1e-8)
 
 
 def dist_loss(logits_s: Tensor, logits_t: Tensor, beta: float, gamma: float, temperature: float) -> Tensor:

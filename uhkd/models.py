@@ -8,6 +8,7 @@ model's depth. Shapes come from a dry forward.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,12 +21,12 @@ from timm.models.mlp_mixer import Affine, ResBlock, _create_mixer
 from timm.models.swin_transformer import _create_swin_transformer
 from torch import Tensor, nn
 
-from .errors import UserError, choice_error
+from .errors import UserError, choice_error, one_line
 from .hub import HUB
 
 # timm's register_model appends the registered entry points to this list.
-__all__ = ["FAMILIES", "StageModel", "create_stage_model", "load_teacher", "model_family", "model_kind",
-           "save_model_checkpoint"]
+__all__ = ["FAMILIES", "StageModel", "check_checkpoint_file", "create_stage_model", "load_teacher", "model_family",
+           "model_kind", "save_model_checkpoint"]
 
 # Architecture families: name prefix -> kind. `swin` is a token model with a hierarchical (4-resolution) layout.
 FAMILIES: dict[str, str] = {
@@ -136,7 +137,8 @@ class StageModel(nn.Module):
     """A timm model on images in [0, 1]: `forward(x) -> (logits, [f1, f2, f3, f4])` with NCHW stage maps.
 
     Attributes (from a dry forward): `stage_channels`, `stage_reductions` (input size / map size), `stage_sizes`
-    ((H, W) per stage), `num_features` (width before the classifier), `num_classes`, `name`, `kind`, `img_size`.
+    ((H, W) per stage), `num_features` (width before the classifier), `num_classes`, `name`, `kind`, `img_size`,
+    `has_class_token`.
     """
 
     def __init__(self, net: nn.Module, name: str, *, img_size: int, scale: str, isotropic_blocks: str,
@@ -148,6 +150,7 @@ class StageModel(nn.Module):
         self.name, self.kind, self.img_size, self.scale = name, model_kind(name), img_size, scale
         self.num_classes = net.num_classes
         self.num_features = net.num_features
+        self.has_class_token = bool(getattr(net, "has_class_token", False))  # ViT/DeiT: the first prefix token
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self._set_stages(_stage_indices(net.feature_info, isotropic_blocks))
@@ -177,6 +180,13 @@ class StageModel(nn.Module):
         final, inter = self.net.forward_intermediates(x, indices=self._take, output_fmt="NCHW")
         return self.net.forward_head(final), [inter[j] for j in self._pick]
 
+    def forward_with_class_tokens(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """`forward` plus each stage's class token (B, 1, C); only for models with one (`has_class_token`)."""
+        final, inter = self.net.forward_intermediates(self.normalize(x), indices=self._take, output_fmt="NCHW",
+                                                      return_prefix_tokens=True)
+        maps, prefix = [inter[j][0] for j in self._pick], [inter[j][1][:, :1] for j in self._pick]
+        return self.net.forward_head(final), maps, prefix
+
     def forward_logits(self, x: Tensor) -> Tensor:
         """Logits only (evaluation); equals the timm model's own forward on the normalised input."""
         if self.pruned_after is not None:
@@ -200,14 +210,27 @@ class StageModel(nn.Module):
         self.pruned_after = stage
 
 
+def check_checkpoint_file(path: str, what: str = "checkpoint file") -> None:
+    """A cheap look before any worker starts: the file exists and its zip directory (torch's format) is whole,
+    so a truncated or foreign file fails in one line here rather than in every trial."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} {path!r} not found")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as err:
+        raise UserError(f"{what} {path!r} is truncated or not a torch checkpoint ({one_line(err)})") from None
+
+
 def _read_checkpoint(path: str, name: str, num_classes: int, img_size: int, scale: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"checkpoint file {path!r} not found")
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a foreign or damaged file
-        raise UserError(f"checkpoint file {path!r} is not readable: {type(err).__name__}") from None
+    except Exception as err:  # torch raises many types for a foreign, truncated or damaged file
+        raise UserError(f"checkpoint file {path!r} is not readable (truncated or corrupted?): "
+                        f"{type(err).__name__}: {one_line(err)}") from None
     if not isinstance(ckpt, dict) or not {"arch", "num_classes", "state_dict"} <= set(ckpt):
         raise UserError(f"checkpoint file {path!r} is not a uhkd model checkpoint (a timm weight file goes to "
                         f"pretrained_file)")

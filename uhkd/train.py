@@ -18,7 +18,7 @@ from .errors import UserError
 from .hub import HUB
 from .registry import DATASETS, METHODS
 from .track_options import add_track_flags, parse_trackers, track_options
-from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, append_metrics, train_loop
+from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, append_metrics, read_checkpoint, train_loop
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
 RAY_TRAIN_ENV = {
@@ -36,17 +36,26 @@ def run_name(cfg: RunConfig) -> str:
     return f"{cfg.method.name}-{cfg.model.student}-{teacher}-{cfg.data.dataset}-{config_hash(cfg)}"
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, teacher_file: bool = True) -> None:
     """Checks that need no model or data loading, run before any worker starts, so a wrong name or path fails
-    once with one line instead of in every worker and every retry."""
-    import uhkd.methods  # noqa: F401  (registers the methods)
+    once with one line instead of in every worker and every retry. A method that distils needs a teacher
+    checkpoint unless `model.random_teacher`; `teacher_file=False` leaves the file's existence to the caller (a
+    sweep that trains missing teachers first)."""
+    from .methods import teacher_use
 
     METHODS.get(cfg.method.name)
     DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
-    for what, path in (("teacher checkpoint", cfg.model.teacher_checkpoint),
-                       ("pretrained weight file", cfg.model.pretrained_file)):
-        if path and path != HUB and not Path(path).is_file():
-            raise UserError(f"{what} {path!r} not found")
+    from .models import check_checkpoint_file
+
+    m = cfg.model
+    if teacher_use(cfg).needed and not m.teacher_checkpoint and not m.random_teacher:
+        raise UserError(f"method {cfg.method.name!r} distils from teacher {m.teacher!r} but no teacher checkpoint "
+                        f"is given: pass --teacher-checkpoint FILE (sweeps: --teacher-dir), or --set "
+                        f"model.random_teacher=true to distil from a randomly initialised teacher")
+    if m.teacher_checkpoint and teacher_file:
+        check_checkpoint_file(m.teacher_checkpoint, "teacher checkpoint")
+    if m.pretrained_file and m.pretrained_file != HUB and not Path(m.pretrained_file).is_file():
+        raise UserError(f"pretrained weight file {m.pretrained_file!r} not found")
 
 
 def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:
@@ -108,7 +117,7 @@ class RayTrainSession(Session):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return torch.load(Path(folder) / CHECKPOINT, map_location="cpu", weights_only=True)
+            return read_checkpoint([Path(folder) / CHECKPOINT])
 
     def report(self, metrics: dict, state: dict) -> None:
         import ray.train
@@ -233,7 +242,8 @@ def _train(cfg: RunConfig, output: Path, tracker: Any) -> dict:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m uhkd.train", description="One distillation run (SPEC protocol).")
     p.add_argument("--teacher", help="timm model name of the teacher")
-    p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); none = random init")
+    p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); required by every method but "
+                   "scratch unless --set model.random_teacher=true")
     p.add_argument("--student", help="timm model name of the student")
     p.add_argument("--method", help=f"one of {', '.join(METHODS.names())}")
     p.add_argument("--dataset", help=" | ".join(DATASETS.names()))
@@ -294,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
         output = Path(cfg.output_dir or os.path.join("runs", run_name(cfg))).expanduser().resolve()
         cfg = dataclasses.replace(cfg, output_dir=str(output))
+        preflight(cfg)  # before Ray starts
         tracker = _tracker(args, cfg, output) if args.track else None
         metrics = _train(cfg, output, tracker)
     except UserError as err:

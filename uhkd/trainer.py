@@ -19,27 +19,30 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import RunConfig, flatten
+from .config import RunConfig, batch_plan, flatten
 from .console import progress
 from .data.loader import WorkerData
-from .errors import UserError
+from .errors import UserError, one_line
 from .methods import Distiller, build_method, teacher_use
 from .models import create_stage_model, load_teacher, save_model_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 STUDENT = "student.pt"
 METRICS_LOG = "metrics.jsonl"
 NAN = float("nan")
 # settings that may change between a run and its resumption (where things are, not what is trained)
 RESUMABLE_CHANGES = frozenset({"name", "output_dir", "data.root", "data.download", "data.loader_workers",
-                               "max_failures", "threads", "cpus_per_worker", "eval_teacher"})
+                               "max_failures", "threads", "cpus_per_worker", "eval_teacher", "compile"})
+# steps between reads of the on-device non-finite record (each read is one host sync, plus an all-reduce on >1 rank)
+NON_FINITE_CHECK_EVERY = 50
 
 
 class Session:
@@ -65,30 +68,62 @@ def append_metrics(output_dir: str | Path, metrics: dict) -> None:
 
 
 class LocalSession(Session):
-    """In-process: checkpoint `<output_dir>/checkpoint.pt`, each epoch's metrics to the `report` callback."""
+    """In-process: checkpoint `<output_dir>/checkpoint.pt` (the one before it kept as `checkpoint.prev.pt`, to fall
+    back to when the latest is unreadable), each epoch's metrics to the `report` callback."""
 
     def __init__(self, output_dir: str, device: torch.device, report: Callable[[dict], None] | None = None,
                  resume: bool = True) -> None:
         self.path = Path(output_dir) / CHECKPOINT
+        self.previous = Path(output_dir) / PREVIOUS_CHECKPOINT
         self.device, self.callback, self.resume = device, report, resume
 
     def load(self) -> dict | None:
-        return torch.load(self.path, map_location="cpu", weights_only=True) if self.resume and self.path.is_file() \
-            else None
+        return read_checkpoint([self.path, self.previous]) if self.resume else None
 
     def report(self, metrics: dict, state: dict) -> None:
-        save_atomic(state, self.path)
+        save_atomic(state, self.path, previous=self.previous)
         append_metrics(self.path.parent, metrics)
         if self.callback is not None:
             self.callback(dict(metrics))
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact."""
+def save_atomic(obj: Any, path: Path, previous: Path | None = None) -> None:
+    """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact (and a full
+    disk leaves no partial file); the file it replaces becomes `previous` when given."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if previous is not None and path.is_file():
+        os.replace(path, previous)  # a crash right here leaves `previous` as the newest: read_checkpoint takes it
     os.replace(tmp, path)
+
+
+def read_checkpoint(candidates: Sequence[Path]) -> dict | None:
+    """The first readable checkpoint of `candidates` (newest first), or None to start from epoch 1. Skipping an
+    unreadable (truncated, corrupted) one is said on stderr, with the checkpoint used instead or the restart."""
+    problems = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "epoch" not in state:
+                raise ValueError("not a uhkd run checkpoint")
+        except Exception as err:  # torch raises many types for a truncated or damaged file
+            problems.append(f"checkpoint {str(path)!r} is unreadable ({type(err).__name__}: {one_line(err, 200)})")
+            continue
+        if problems:
+            print(f"warning: {'; '.join(problems)}; falling back to {path.name} (epoch {state['epoch']})",
+                  file=sys.stderr, flush=True)
+        return state
+    if problems:
+        print(f"warning: {'; '.join(problems)}; no readable checkpoint left: restarting the run from epoch 1",
+              file=sys.stderr, flush=True)
+    return None
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
@@ -106,19 +141,56 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable parameters; biases and norm weights (1-d) get no weight decay."""
+def compiled(model: nn.Module, setting: str, device: torch.device) -> nn.Module:
+    """`model` under `torch.compile` as the `compile` setting says (auto: on CUDA only; on CPU compiling takes
+    minutes for little gain). The compiled module shares the parameters: optimizer and checkpoints are unchanged."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return model
+    return torch.compile(model, mode="reduce-overhead" if setting == "cudagraphs" else None)
+
+
+class NonFinite:
+    """On-device record of the first step of an epoch whose loss terms are not all finite: `add` launches a few
+    tiny kernels and never waits for the device; `reason` reads the record (one host sync) and says what failed.
+    All ranks call `reason` at the same steps, so they agree and stop together."""
+
+    def __init__(self, terms: tuple[str, ...], session: "Session") -> None:
+        self.terms, self.session = terms, session
+        self.step = torch.zeros((), dtype=torch.float64, device=session.device)  # 0: none yet
+        self.values = torch.zeros(len(terms), device=session.device)
+
+    def add(self, values: torch.Tensor, step: int) -> None:
+        first = ~torch.isfinite(values).all() & (self.step == 0)
+        self.step = torch.where(first, float(step), self.step)
+        self.values = torch.where(first, values, self.values)
+
+    def reason(self, epoch: int) -> str:
+        earliest = torch.where(self.step > 0, self.step, math.inf)
+        if self.session.world > 1:
+            dist.all_reduce(earliest, op=dist.ReduceOp.MIN)
+        seen, own = torch.stack([earliest, self.step]).tolist()
+        if math.isinf(seen):
+            return ""
+        names = [f"loss_{t}={v}" for t, v in zip(self.terms, self.values.tolist()) if not math.isfinite(v)]
+        return (f"non-finite loss at epoch {epoch} step {int(seen)}: "
+                f"{', '.join(names) if own == seen else 'on another rank'}")
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD or AdamW at peak `lr` over the trainable parameters; biases and norm weights (1-d) get no weight
+    decay."""
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if o.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
-    return torch.optim.AdamW(groups, lr=o.lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def lr_factor(cfg: RunConfig, updates_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of `optim.lr` after `u` optimizer updates: linear warm-up, then cosine to `min_lr` or steps."""
+    """Multiplier of the peak lr after `u` optimizer updates: linear warm-up, then cosine to `min_lr` or steps
+    (an lr scaled for the batch scales `min_lr` alike, so the ratio is `optim`'s)."""
     o = cfg.optim
     warm = o.warmup_epochs * updates_per_epoch
     total = o.epochs * updates_per_epoch
@@ -187,27 +259,31 @@ class Run:
                                      pretrained_file=m.pretrained_file, **stats)
         use = teacher_use(cfg)
         teacher = None
-        if use.needed or (m.teacher and cfg.eval_teacher):
+        if use.needed:  # a method without a teacher (scratch) builds and evaluates none
             if not m.teacher:
                 raise UserError(f"method {cfg.method.name!r} needs a teacher: set --teacher (model.teacher)")
             teacher = load_teacher(m.teacher, m.teacher_checkpoint, num_classes=info.num_classes,
                                    img_size=cfg.data.img_size, scale=m.scale, isotropic_blocks=m.isotropic_blocks,
                                    stages=use.stages, needs_logits=use.logits or cfg.eval_teacher)
         self.teacher = teacher
-        self.distiller: Distiller = build_method(cfg, student, teacher if use.needed else None).to(dev)
+        self.distiller: Distiller = build_method(cfg, student, teacher).to(dev)
         if teacher is not None:
             teacher.to(dev)
         self.channels_last = dev.type == "cuda" and m.channels_last
         if self.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
         self.model = session.wrap(self.distiller)
+        self.step_model = compiled(self.model, cfg.compile, dev)  # the training forward (backward follows it)
         self.dtype = amp_dtype(cfg.amp, dev)
         o = cfg.optim
-        if self.data.steps_per_epoch < o.accumulate:
-            raise UserError(f"optim.accumulate={o.accumulate} exceeds the {self.data.steps_per_epoch} steps of "
-                            f"an epoch")
-        self.updates_per_epoch = self.data.steps_per_epoch // o.accumulate
-        self.optimizer = build_optimizer(cfg, self.distiller)
+        self.plan = batch_plan(cfg, session.world)
+        self.accumulate = self.plan.accumulation
+        if self.data.steps_per_epoch < self.accumulate:
+            raise UserError(f"{self.accumulate} accumulation steps (optim.effective_batch={o.effective_batch}, "
+                            f"optim.accumulate={o.accumulate}) exceed the {self.data.steps_per_epoch} steps of an "
+                            f"epoch")
+        self.updates_per_epoch = self.data.steps_per_epoch // self.accumulate
+        self.optimizer = build_optimizer(cfg, self.distiller, o.lr * self.plan.lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.updates_per_epoch))
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
         self.ema = None
@@ -255,7 +331,7 @@ class Run:
     def base_metrics(self) -> dict:
         return {"teacher_top1": self.teacher_top1, "student_params": self.distiller.student_param_count(),
                 "extra_params": self.distiller.extra_param_count(),
-                "effective_batch": self.cfg.data.batch_size * self.session.world * self.cfg.optim.accumulate}
+                "effective_batch": self.plan.effective_batch}
 
     def fit(self) -> dict:
         metrics: dict = {}
@@ -293,35 +369,40 @@ class Run:
             print(line, file=file, flush=True)
 
     def _train_epoch(self, epoch: int) -> dict:
-        cfg, o, dev = self.cfg, self.cfg.optim, self.session.device
+        cfg, dev, accumulate = self.cfg, self.session.device, self.accumulate
         seed_everything(cfg.seed, epoch, self.session.rank)
         self.distiller.train()
         sums = torch.zeros(len(self.terms) + 1, device=dev, dtype=torch.float64)
+        non_finite = NonFinite(self.terms, self.session)
         steps = images_seen = 0
         start = time.perf_counter()
         # whole accumulation rounds only: a partial last round's gradients would leak into the next epoch's first
         # update (and be lost on resumption)
-        steps_planned = self.updates_per_epoch * o.accumulate
+        steps_planned = self.updates_per_epoch * accumulate
         batches = progress(itertools.islice(self.data.train_batches(epoch), steps_planned), steps_planned,
-                           f"epoch {epoch}/{o.epochs}", enabled=self.session.rank == 0)
+                           f"epoch {epoch}/{cfg.optim.epochs}", enabled=self.session.rank == 0)
         for step, (images, target) in enumerate(batches):
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            update = (step + 1) % o.accumulate == 0
+            update = (step + 1) % accumulate == 0
             sync = contextlib.nullcontext() if update or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype is not None):
-                    _, losses = self.model(images, target, epoch - 1)
+                    _, losses = self.step_model(images, target, epoch - 1)
                 values = torch.stack([losses[t].float() for t in self.terms])
-                reason = self._non_finite(values, epoch, step + 1)
-                if reason:
-                    return self._failure(epoch, reason, time.perf_counter() - start)
-                self.scaler.scale(values.sum() / o.accumulate).backward()
+                self.scaler.scale(values.sum() / accumulate).backward()
             if update:
                 self._update()
-            sums += torch.cat([values.detach().sum().view(1), values.detach()]).double()
+            values = values.detach()
+            non_finite.add(values, step + 1)
+            sums += torch.cat([values.sum().view(1), values]).double()
             steps += 1
             images_seen += len(images)
+            # no host sync per step: the record is read every NON_FINITE_CHECK_EVERY steps and at the epoch's end
+            if steps % NON_FINITE_CHECK_EVERY == 0 and (reason := non_finite.reason(epoch)):
+                return self._failure(epoch, reason, time.perf_counter() - start)
+        if reason := non_finite.reason(epoch):
+            return self._failure(epoch, reason, time.perf_counter() - start)
         train_time = time.perf_counter() - start
         with eval_mode(self.eval_student) as student:
             top1, top5 = evaluate(student.forward_logits, self.data, self.session, self.dtype)
@@ -333,7 +414,7 @@ class Run:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "images_per_s": images_seen * self.session.world / max(train_time, 1e-9),
                 "epoch_time_s": time.perf_counter() - start, **self.base_metrics(),
-                "status": "ok" if epoch == o.epochs else "running", "failure_reason": ""}
+                "status": "ok" if epoch == cfg.optim.epochs else "running", "failure_reason": ""}
 
     def _update(self) -> None:
         o = self.cfg.optim
@@ -346,17 +427,6 @@ class Run:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.distiller.student, step=self.scheduler.last_epoch)
-
-    def _non_finite(self, values: torch.Tensor, epoch: int, step: int) -> str:
-        """A reason string when any rank's loss terms are NaN/inf (all ranks agree, so all stop together)."""
-        bad = (~torch.isfinite(values.detach())).float()
-        if self.session.world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if not bad.any():
-            return ""
-        local = values.detach().tolist()
-        names = [f"loss_{t}={v}" for t, v, b in zip(self.terms, local, bad.tolist()) if b]
-        return f"non-finite loss at epoch {epoch} step {step}: {', '.join(names)}"
 
     def _failure(self, epoch: int, reason: str, elapsed: float) -> dict:
         return {"epoch": epoch, "top1": NAN, "top5": NAN, **self.best, "loss": NAN,

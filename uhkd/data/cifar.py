@@ -1,7 +1,12 @@
-"""CIFAR-100 from the official python archive (SPEC §5), read with our own loader."""
+"""CIFAR-100 from the official python archive (SPEC §5), read with our own loader.
+
+The archive is a pickle, and unpickling can run any code a crafted file names: `_SafeUnpickler` admits only the
+globals the format needs to rebuild numpy arrays (dicts, lists, str/bytes and ints need none), and refuses the rest.
+"""
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import shutil
 import tarfile
@@ -20,6 +25,28 @@ MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 ARCHIVE = "cifar-100-python.tar.gz"
 FOLDER = "cifar-100-python"
 EXPECTED = f"{FOLDER}/ (with train, test) or {ARCHIVE}"
+# (module, name) a numpy array's pickle refers to; numpy < 2 writes `numpy.core`, numpy >= 2 `numpy._core`; Python 3
+# pickles of protocol <= 2 spell bytes as `_codecs.encode(text, "latin1")`
+_ALLOWED_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                    ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global outside `_ALLOWED_GLOBALS` (a crafted file trying to run code)."""
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise RefusedGlobal(f"{module}.{name}")
+        if module == "numpy.core.multiarray":  # the numpy >= 2 home of the same function
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def safe_loads(raw: bytes) -> object:
+    """Unpickle a CIFAR-100 batch (Python 2 strings as bytes), admitting only what the format needs."""
+    return _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
 
 
 class CIFAR100(ArrayDataset):
@@ -64,9 +91,12 @@ def read_cifar100(root: str, train: bool = True) -> tuple[np.ndarray, np.ndarray
                 if member is None:
                     raise UserError(f"CIFAR-100 archive {str(path)!r} has no {part!r} file; expected {EXPECTED}")
                 raw = tar.extractfile(member).read()
-        batch = pickle.loads(raw, encoding="bytes")
+        batch = safe_loads(raw)
     except UserError:
         raise
+    except RefusedGlobal as exc:
+        raise UserError(f"refusing CIFAR-100 {part!r} from {str(path)!r}: its pickle calls {exc}, but the format holds "
+                        f"only numpy arrays, lists, dicts, strings and ints (a crafted or foreign file)") from None
     except Exception as exc:  # any unreadable archive or pickle is a corrupted dataset, reported in one line
         reason = " ".join(str(exc).split())  # one line even for tarfile's multi-line messages
         raise UserError(f"cannot read CIFAR-100 {part!r} from {str(path)!r} ({type(exc).__name__}: {reason}); "

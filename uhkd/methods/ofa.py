@@ -1,9 +1,14 @@
 """OFA-KD (Hao et al. 2023): an exit branch per matched student stage maps its features to logits; the head and
-every branch learn the teacher's logits with `ofa_loss`. Branch shapes follow SPEC §2."""
+every branch learn the teacher's logits with `ofa_loss`. The branches have the layout of the authors' released code
+(Hao840/OFAKD): see `CNNBranch` and `TokenBranch`, and README "Protocol" for where ours differs."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -13,44 +18,90 @@ from ..models import StageModel, model_kind
 from ..registry import METHODS
 from .base import Distiller, hard_labels
 
+FINAL_GRID = 7  # token branches merge patches down towards a 7×7 grid
+BRANCH_HEADS = 4
 
-def _sep_conv(cin: int, cout: int) -> nn.Sequential:
-    """Depthwise-separable down-sampling block: depthwise 3×3 stride 2, pointwise 1×1."""
-    return nn.Sequential(nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-                         nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+class DownsampleBlock(nn.Sequential):
+    """Two depthwise-separable pairs, each a depthwise 3×3 then a pointwise 1×1, BN and ReLU; the first depthwise
+    conv halves the map, the last pointwise conv changes the width to `cout`."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.Conv2d(cin, cin, 1, bias=False),
+            nn.BatchNorm2d(cin), nn.ReLU(),
+            nn.Conv2d(cin, cin, 3, 1, 1, groups=cin, bias=False), nn.Conv2d(cin, cout, 1, bias=False),
+            nn.BatchNorm2d(cout), nn.ReLU())
 
 
 class CNNBranch(nn.Sequential):
-    """(4 − stage) down-sampling blocks doubling the width, the last to `width` (a 1×1 conv at stage 4), then
-    global pooling and a Linear classifier."""
+    """CNN students: (4 − stage) down-sampling blocks doubling the width, the last one to `width` (a 1×1 conv at
+    stage 4), then global pooling and a Linear classifier. `width` = max(student, teacher) final width."""
 
     def __init__(self, channels: int, stage: int, width: int, num_classes: int) -> None:
-        blocks: list[nn.Module] = []
-        for i in range(4 - stage):
-            out = width if i == 3 - stage else channels * 2
-            blocks.append(_sep_conv(channels, out))
-            channels = out
-        if not blocks:
-            blocks.append(nn.Conv2d(channels, width, 1))
+        n = 4 - stage
+        outs = [channels * 2 ** (i + 1) for i in range(n - 1)] + [width]
+        blocks = [DownsampleBlock(channels * 2 ** i, out) for i, out in enumerate(outs[:n])] or [
+            nn.Conv2d(channels, width, 1)]
         super().__init__(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
 
+class PatchMerge(nn.Module):
+    """2×2 neighbourhoods of an NHWC grid stacked on channels (an odd side is zero-padded first), LayerNorm, a
+    bias-free Linear to `cout`, then GELU or nothing."""
+
+    def __init__(self, cin: int, cout: int, gelu: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * cin)
+        self.reduction = nn.Linear(4 * cin, cout, bias=False)
+        self.act = nn.GELU() if gelu else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        h, w = x.shape[1] // 2, x.shape[2] // 2
+        x = x.reshape(b, h, 2, w, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, 4 * c)
+        return self.act(self.reduction(self.norm(x)))
+
+
 class TokenBranch(nn.Module):
-    """Patch merging to a (at most) 7×7 grid, max(4 − stage, 1) transformer blocks, mean token, Linear."""
+    """Token students: ⌊log2(side / 7)⌋ patch merges to the student's final width (GELU after each but the last of
+    two or more), max(4 − stage, 1) transformer blocks of that width with 4 heads, then the class token where the
+    student has one (it joins the merged patches before the blocks), else the mean token, and a Linear classifier.
+    A map already at ≤ 7×7 whose width differs (reduced inputs only, never at 224) gets a bias-free Linear instead."""
 
     def __init__(self, channels: int, size: tuple[int, int], stage: int, width: int, num_classes: int) -> None:
         super().__init__()
-        grid = min(7, *size)
-        stride = min(size) // grid
-        self.merge = nn.Sequential(nn.Conv2d(channels, width, stride, stride), nn.AdaptiveAvgPool2d(grid))
-        heads = max(h for h in range(1, max(1, width // 64) + 1) if width % h == 0)
-        self.blocks = nn.Sequential(*(Block(width, heads) for _ in range(max(4 - stage, 1))))
-        self.norm = nn.LayerNorm(width)
+        merges = max(int(math.log2(min(size) / FINAL_GRID)), 0)
+        layers: list[nn.Module] = [
+            PatchMerge(channels if i == 0 else width, width, gelu=i == 0 or i < merges - 1) for i in range(merges)]
+        if not layers and channels != width:
+            layers.append(nn.Linear(channels, width, bias=False))
+        self.merge = nn.Sequential(*layers)
+        self.blocks = nn.Sequential(*(Block(width, BRANCH_HEADS) for _ in range(max(4 - stage, 1))))
         self.head = nn.Linear(width, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.blocks(self.merge(x).flatten(2).transpose(1, 2))
-        return self.head(self.norm(x).mean(1))
+    def forward(self, x: Tensor, class_token: Tensor | None = None) -> Tensor:
+        tokens = self.merge(x.permute(0, 2, 3, 1)).flatten(1, 2)
+        if class_token is not None:
+            tokens = torch.cat([class_token, tokens], 1)
+        tokens = self.blocks(tokens)
+        return self.head(tokens[:, 0] if class_token is not None else tokens.mean(1))
+
+
+def init_branch(module: nn.Module) -> None:
+    """The released initialisation: convolutions Kaiming-normal (fan-out, ReLU), BN weight 1 / bias 0, Linear
+    weights truncated-normal with std 0.02 and zero bias (LayerNorms keep PyTorch's)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 @METHODS.register("ofa")
@@ -71,19 +122,28 @@ class OFA(Distiller):
 
     def __init__(self, cfg: MethodConfig, student: StageModel, teacher: StageModel | None) -> None:
         super().__init__(cfg, student, teacher)
-        width = max(student.num_features, teacher.num_features)
         n = student.num_classes
-        self.branches = nn.ModuleList(
-            CNNBranch(student.stage_channels[s - 1], s, width, n) if student.kind == "cnn"
-            else TokenBranch(student.stage_channels[s - 1], student.stage_sizes[s - 1], s, width, n)
-            for s in self.stages)
+        if student.kind == "cnn":
+            width = max(student.num_features, teacher.num_features)
+            branches = [CNNBranch(student.stage_channels[s - 1], s, width, n) for s in self.stages]
+        else:
+            branches = [TokenBranch(student.stage_channels[s - 1], student.stage_sizes[s - 1], s,
+                                    student.num_features, n) for s in self.stages]
+        self.branches = nn.ModuleList(branches)
+        self.branches.apply(init_branch)
 
     def forward(self, images: Tensor, target: Tensor, epoch: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.cfg
-        logits, feats = self.student(images)
+        class_tokens: list[Tensor | None] = [None] * 4
+        if self.student.has_class_token and self.stages:
+            logits, feats, class_tokens = self.student.forward_with_class_tokens(images)
+        else:
+            logits, feats = self.student(images)
         logits_t = self.teacher_logits(images)
         labels = hard_labels(target)
         head = ofa_loss(logits.float(), logits_t, labels, c.gamma, c.temperature)
-        branches = sum((ofa_loss(branch(feats[s - 1]).float(), logits_t, labels, c.gamma, c.temperature)
-                        for s, branch in zip(self.stages, self.branches)), head.new_zeros(()))
+        branch_logits = (branch(feats[s - 1]) if isinstance(branch, CNNBranch) else
+                         branch(feats[s - 1], class_tokens[s - 1]) for s, branch in zip(self.stages, self.branches))
+        branches = sum((ofa_loss(z.float(), logits_t, labels, c.gamma, c.temperature) for z in branch_logits),
+                       head.new_zeros(()))
         return logits, {"ce": self.ce(logits, target), "ofa": head, "ofa_branches": c.branch_weight * branches}

@@ -20,10 +20,11 @@ class UHKD(FeatureKD):
         if cfg.spectrum != "none":
             self._keep_formable_levels(cfg, levels)
         self.ks = [levels[s][0] for s in self.stages]
-        self.ftm = nn.ModuleList(FTM(levels[s][0], cfg.spectrum, cfg.band, levels[s][1]) for s in self.stages)
+        self.ftm = nn.ModuleList(FTM(levels[s][0], cfg.spectrum, cfg.band, levels[s][1], teacher.stage_sizes[s - 1])
+                                 for s in self.stages)
         self.fam = nn.ModuleList(
             FAM(student.stage_channels[s - 1], teacher.stage_channels[s - 1], levels[s][0], cfg.spectrum, cfg.band,
-                cfg.sca, cfg.sra, levels[s][1])
+                cfg.sca, cfg.sra, levels[s][1], student.stage_sizes[s - 1])
             for s in self.stages)
 
     def _keep_formable_levels(self, cfg: MethodConfig, levels: dict[int, tuple[int, tuple[int, int]]]) -> None:

@@ -2,8 +2,10 @@
 placement groups that early-stopped Ray Train trials leave behind."""
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -15,11 +17,13 @@ from ray import tune
 
 import uhkd
 
-from ..config import RunConfig, config_hash, flatten
+from ..config import RunConfig, batch_plan, config_hash, flatten
+from ..errors import one_line
 from ..trainer import STUDENT
 from .results import SweepTables
 from .trainable import logged_metrics, run_config, trial_overrides
 
+MIN_FREE_BYTES = 32 * 2**20  # below this on a local results disk the sweep stops (checked every Tune step)
 EPOCH_KEYS = ("epoch", "top1", "top5", "loss", "lr", "images_per_s", "epoch_time_s")
 
 
@@ -37,11 +41,6 @@ def git_commit() -> str:
         return head.stdout.strip() + ("-dirty" if git("diff", "--quiet", "HEAD").returncode else "")
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return (lines[0] if lines else "")[:limit]
 
 
 def error_reason(trial: Any) -> str:
@@ -83,9 +82,37 @@ class ParquetResults(tune.Callback):
         self._active: dict[str, float] = {}  # seconds run in earlier sessions (before an interruption)
         self._session: dict[str, float] = {}  # monotonic start of the current session
         self._tables: SweepTables | None = None
+        self._finished_ok: set[str] | None = None  # trials with an "ok" row before this session: final
 
     def setup(self, **info: Any) -> None:
         self._tables = SweepTables(self.results, self.sweep).load()
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self._reconcile(trials)
+        self._check_space()
+
+    def _check_space(self) -> None:
+        """Stop the sweep while its saved state is still whole: Tune's own sync of that state to a full disk
+        truncates it (and then --resume cannot read it)."""
+        if "://" in self.results:
+            return
+        free = shutil.disk_usage(self._tables.folder if os.path.isdir(self._tables.folder) else self.results).free
+        if free < MIN_FREE_BYTES:
+            raise OSError(errno.ENOSPC, f"No space left on device: {free // 2**20} MiB free under {self.results}")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._reconcile(trials)  # a resumed sweep with nothing left to run takes no step
+
+    def _reconcile(self, trials: list) -> None:
+        """Once, before this session runs anything: write the rows of trials that ended in an earlier session
+        without their row reaching the tables (the driver killed in between, a full disk)."""
+        if self._finished_ok is not None:
+            return
+        written = SweepTables(self.results, self.sweep).load().trials
+        self._finished_ok = {t for t, row in written.items() if row["status"] == "ok"}
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in written:
+                self._finish(trial, error_reason(trial) if trial.status == "ERROR" else "")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._started.setdefault(trial.trial_id, datetime.now(timezone.utc))
@@ -107,6 +134,9 @@ class ParquetResults(tune.Callback):
 
     def _finish(self, trial: Any, error: str) -> None:
         assert self._tables is not None
+        if trial.trial_id in (self._finished_ok or ()):
+            # finished before a driver crash that Tune's saved state does not know of: its row stands as written
+            return
         cfg = run_config(trial.config, trial.trial_id)
         # Epochs the run checkpointed but Tune never received (an interruption between the two) are in the run's
         # own log, where the driver can read it.
@@ -124,7 +154,7 @@ class ParquetResults(tune.Callback):
     def trial_row(self, trial: Any, cfg: RunConfig, reports: list[dict], error: str) -> dict:
         _, labels = trial_overrides(trial.config)
         done = [r for r in reports if r.get("status") != "failed"]
-        last = reports[-1] if reports else {}
+        last = reports[-1] if reports else dict(trial.last_result or {})  # a failure before the first epoch
         if error:
             status, reason = "failed", error
         elif last.get("status") in ("ok", "failed"):
@@ -146,7 +176,7 @@ class ParquetResults(tune.Callback):
             "teacher_top1": _num(last.get("teacher_top1")), "student_params": _num(last.get("student_params"), int),
             "extra_params": _num(last.get("extra_params"), int),
             "images_per_s": sum(speeds) / len(speeds) if speeds else None,
-            "wall_time_s": self._elapsed(trial.trial_id), "effective_batch": _num(last.get("effective_batch"), int),
+            "wall_time_s": self._elapsed(trial.trial_id), **batch_plan(cfg).columns(cfg),
             "status": status, "failure_reason": reason,
             "student_checkpoint": str(student) if status != "failed" and student.is_file() else "",
             "config_hash": config_hash(cfg), "toolkit_version": self.version, "git_commit": self.commit,

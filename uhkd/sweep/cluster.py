@@ -52,7 +52,10 @@ def _init(address: str) -> None:
 
 
 def _start_local() -> None:
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    # Ray's token authentication stays as Ray sets it (on by default for local clusters since 2.59; tests and CI
+    # turn it off with RAY_AUTH_MODE=disabled), and a dashboard never listens beyond this machine
+    ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
+             logging_level=logging.WARNING)
 
 
 def connect(cluster: str) -> str:

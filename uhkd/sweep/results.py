@@ -35,9 +35,11 @@ _TRIAL_TAIL = [("epochs", pa.int64()), ("epochs_run", pa.int64()), ("best_top1",
                ("best_top5", pa.float64()), ("best_epoch", pa.int64()), ("last_top1", pa.float64()),
                ("last_top5", pa.float64()), ("teacher_top1", pa.float64()), ("student_params", pa.int64()),
                ("extra_params", pa.int64()), ("images_per_s", pa.float64()), ("wall_time_s", pa.float64()),
-               ("effective_batch", pa.int64()), ("status", pa.string()), ("failure_reason", pa.string()),
-               ("student_checkpoint", pa.string()), ("config_hash", pa.string()), ("toolkit_version", pa.string()),
-               ("git_commit", pa.string()), ("started_at", TIMESTAMP), ("finished_at", TIMESTAMP)]
+               ("batch_per_worker", pa.int64()), ("train_workers", pa.int64()), ("accumulation", pa.int64()),
+               ("effective_batch", pa.int64()), ("lr_used", pa.float64()), ("status", pa.string()),
+               ("failure_reason", pa.string()), ("student_checkpoint", pa.string()), ("config_hash", pa.string()),
+               ("toolkit_version", pa.string()), ("git_commit", pa.string()), ("started_at", TIMESTAMP),
+               ("finished_at", TIMESTAMP)]
 
 
 def _arrow_type(tp: Any) -> pa.DataType:
@@ -90,10 +92,25 @@ def join(location: str, *parts: str) -> str:
 def write_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        pq.write_table(table, tmp, filesystem=fs)
+        try:
+            pq.write_table(table, tmp, filesystem=fs)
+        except BaseException:  # e.g. a full disk: leave the previous file as it was, and no partial file
+            if fs.get_file_info(tmp).type == pafs.FileType.File:
+                fs.delete_file(tmp)
+            raise
         fs.move(tmp, path)  # rename(2): readers see the old file or the new one
     else:  # object stores publish an object only once its upload completes
         pq.write_table(table, path, filesystem=fs)
+
+
+def read_table(fs: pafs.FileSystem, path: str) -> pa.Table:
+    """A results table, or one `UserError` line when the file is truncated or corrupted."""
+    try:
+        return pq.read_table(path, filesystem=fs)
+    except (pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"results table {path!r} is unreadable ({type(exc).__name__}: {reason}); move it aside "
+                        f"and run --resume: the rows are rebuilt from the trials' own records") from None
 
 
 class SweepTables:
@@ -112,7 +129,7 @@ class SweepTables:
         for name, rows, key in ((TRIALS, self.trials, ("trial_id",)), (EPOCHS, self.epochs, ("trial_id", "epoch"))):
             path = f"{self.folder}/{name}"
             if self.fs.get_file_info(path).type == pafs.FileType.File:
-                for row in pq.read_table(path, filesystem=self.fs).to_pylist():
+                for row in read_table(self.fs, path).to_pylist():
                     rows[row[key[0]] if len(key) == 1 else tuple(row[k] for k in key)] = row
         return self
 

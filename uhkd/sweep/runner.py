@@ -4,10 +4,11 @@ compact summary. Every sweep script is `main(parser, build)` with its own `build
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import errno
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -15,13 +16,17 @@ from datetime import datetime
 from typing import Any, Callable, Sequence
 
 from ..config import LEAF_TYPES, RunConfig, coerce
-from ..errors import UserError, choice_error
+from ..errors import UserError, choice_error, one_line
+from . import lock
 from .cli import SweepOptions, parse
 from .results import SweepTables, join, open_location
 from .spec import Sweep, SweepPreset
 from .trainable import split_pair, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
+# Tune restarts a trial killed by a lost node or worker (from its run's checkpoint) up to this many times; a
+# configuration error never raises (the trainable reports it as status=failed), so it is not retried
+TUNE_RETRIES = 2
 ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
@@ -29,6 +34,9 @@ ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's classic output, silent at verbose=0: the console is uhkd.sweep.console's lines
+    # Tune's saved state must know a trial before its first epoch ends: a driver killed without warning (no final
+    # save) would otherwise resume without it and train a replacement from scratch (Tune's "auto" waits >= 10 s)
+    "TUNE_GLOBAL_CHECKPOINT_S": "2",
 }
 
 
@@ -139,8 +147,8 @@ def check_configs(configs: list[dict[str, Any]]) -> tuple[list[RunConfig], set[s
         cfg = build_config(config["_preset"], overrides)
         if cfg.model.teacher:
             model_kind(cfg.model.teacher)
-        preflight(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher_checkpoint="")))
-        if cfg.model.teacher and (teacher_use(cfg).needed or cfg.eval_teacher):
+        preflight(cfg, teacher_file=False)  # missing teachers are listed (or trained) below
+        if cfg.model.teacher and teacher_use(cfg).needed:
             teachers.add(cfg.model.teacher)
         runs.append(cfg)
     return runs, teachers
@@ -188,7 +196,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
         name="tune", storage_path=join(opts.results, name), verbose=0,  # the console is LiveLines' lines
         callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainGroups(), LiveLines(),
                    *tracking_callbacks(dataclasses.replace(opts.track, experiment=name))],
-        failure_config=tune.FailureConfig(max_failures=0))  # worker crashes are retried inside Ray Train
+        failure_config=tune.FailureConfig(max_failures=TUNE_RETRIES))
     # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
     common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process)
     if sweep.cells:
@@ -217,13 +225,21 @@ def write_manifest(opts: SweepOptions, name: str, manifest: dict) -> None:
         f.write(json.dumps(manifest, indent=1).encode())
 
 
+MANIFEST_KEYS = ("kind", "preset", "planned", "concurrent", "resources")
+
+
 def read_manifest(opts: SweepOptions, name: str) -> dict:
     fs, root = open_location(join(opts.results, name))
     try:
         with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
-            return json.loads(f.readall())
-    except (OSError, ValueError):
-        raise UserError(f"sweep {name!r} under {opts.results!r} has no readable {MANIFEST}; cannot resume it") from None
+            manifest = json.loads(f.readall())
+        missing = [k for k in MANIFEST_KEYS if k not in manifest]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot resume sweep {name!r}: {root}/{MANIFEST} is missing or corrupted "
+                        f"({one_line(exc, 200)}); it is written when the sweep starts") from None
+    return manifest
 
 
 @dataclass
@@ -251,7 +267,11 @@ def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
         base["_run"]["seed"] = run_seeds[0]
         planned = opts.num_samples or int(sweep.preset.budget(sweep.kind).get("num_samples", 1))
     runs, teachers = check_configs(trial_configs(sweep, base))
+    from ..models import check_checkpoint_file
+
     missing = missing_teachers(teachers, teacher_dir)
+    for teacher in sorted(teachers - set(missing)):
+        check_checkpoint_file(teacher_path(teacher_dir, teacher), "teacher checkpoint")
     if missing and not sweep.preset.section("teachers").get("auto"):
         raise UserError(f"missing teacher checkpoint(s) in {teacher_dir}: {', '.join(f'{t}.pth' for t in missing)}; "
                         f"write them with python sweeps/teachers.py --preset {sweep.preset.name} (or point "
@@ -260,27 +280,40 @@ def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
 
 
 def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) -> SweepOutcome:
-    """Check, then run (or resume) `sweep`; returns where its tables are and whether it was interrupted."""
+    """Check, then run (or resume) `sweep`; returns where its tables are and whether it was interrupted. The sweep
+    is locked while it runs here: a second driver on the same sweep refuses (`uhkd.sweep.lock`)."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    name, resuming = sweep_name(sweep, opts)
+    try:
+        return _run(sweep, opts, name, resuming, out)
+    finally:
+        lock.release(join(opts.results, name))
+
+
+def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Callable[[str], None]) -> SweepOutcome:
     import ray
     from ray import tune
 
     from .cluster import connect
 
-    for key, value in ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    name, resuming = sweep_name(sweep, opts)
     if resuming:
+        lock.hold(join(opts.results, name), name)
         manifest = read_manifest(opts, name)
         if manifest["kind"] != sweep.kind:
             raise UserError(f"sweep {name!r} is a {manifest['kind']} sweep; resume it with sweeps/{manifest['kind']}.py")
+        SweepTables(opts.results, name).load()  # an unreadable table fails here, in one line
         out(connect(opts.cluster))
         out(f"sweep {name}: resuming with its stored trials and settings")
         trainable = tune.with_resources(train_trial, manifest["resources"])
+        # errored trials crashed on infrastructure (a configuration error ends as status=failed, not errored):
+        # they continue from their checkpoints too
         tuner = tune.Tuner.restore(join(opts.results, name, "tune"), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+                                   resume_errored=True, restart_errored=False)
         return _fit(tuner, opts, name, manifest["planned"], manifest["concurrent"], out)
 
     p = plan(sweep, opts, name)
+    lock.hold(join(opts.results, name), name)
     out(connect(opts.cluster))
     budget = sweep.preset.budget(sweep.kind)
     gpus = opts.gpus_per_trial
@@ -311,13 +344,37 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
 def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: int,
          out: Callable[[str], None]) -> SweepOutcome:
     started = time.monotonic()
-    grid = tuner.fit()
+    # SIGTERM (ray job stop, Slurm, Kubernetes) stops the sweep like Ctrl-C: Tune saves its state and the resume
+    # hint is printed. Set here, after ray.init, which installs its own SIGTERM handler (exit at once).
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        grid = tuner.fit()
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        written = len(SweepTables(opts.results, name).load().trials)
+        raise UserError(f"the results disk is full (no space left on device): the sweep stopped; the {written} "
+                        f"trial row(s) written before are intact in {join(opts.results, name)}; free some space, "
+                        f"then continue with --resume --name {name}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     tables = SweepTables(opts.results, name).load()
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
     outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
                            interrupted=len(tables.trials) < planned, grid=grid)
     summarize(outcome, time.monotonic() - started, out)
     return outcome
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` or one of its causes is "no space left on device" (Tune, Ray and pyarrow wrap it)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def summarize(outcome: SweepOutcome, seconds: float, out: Callable[[str], None]) -> None:

@@ -72,6 +72,16 @@ def train_trial(config: dict) -> None:
     """Tune function trainable. Each epoch's metrics become one Tune result (so ASHA can stop the trial)."""
     from ray import tune
 
+    try:
+        _train(config)
+    except UserError as err:  # a configuration error: retrying cannot help, so the trial ends failed at once
+        # NaN scores: Tune's reporter sorts ended trials by them (a missing one breaks the sort)
+        tune.report({"status": "failed", "failure_reason": str(err), "top1": math.nan, "best_top1": math.nan})
+
+
+def _train(config: dict) -> None:
+    from ray import tune
+
     from ..train import fit_ray_train, run_in_process
 
     cfg = run_config(config, tune.get_context().get_trial_id())
