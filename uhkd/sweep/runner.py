@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
@@ -195,7 +195,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     run_config = tune.RunConfig(
         name="tune", storage_path=join(opts.results, name), verbose=0,  # the console is LiveLines' lines
         callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainGroups(), LiveLines(),
-                   *tracking_callbacks(dataclasses.replace(opts.track, experiment=name))],
+                   *tracking_callbacks(replace(opts.track, experiment=name))],
         failure_config=tune.FailureConfig(max_failures=TUNE_RETRIES))
     # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
     common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process)
