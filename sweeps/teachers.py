@@ -1,4 +1,5 @@
-"""Teacher checkpoints `<teacher-dir>/<timm name>.pth`, which the other sweeps load by name.
+"""Teacher checkpoints `<teacher-dir>/<timm name>.pth`, which the other sweeps load by name (`--teacher-dir` may be
+a URI such as s3://bucket/teachers: the teachers are uploaded there and every node fetches them once).
 
 cifar100: fine-tunes ImageNet-pretrained timm teachers on CIFAR-100 (SPEC §3: AdamW 5e-5, cosine, warm-up 20, clip
 5) from local weight files `<pretrained-dir>/<timm name>.{safetensors,pth,bin}`, each teacher one Ray Train trial.
@@ -11,10 +12,12 @@ when the checkpoints are missing).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import tempfile
+from pathlib import Path
 
 from uhkd.errors import UserError
+from uhkd.storage import copy, join
 from uhkd.sweep.cli import SweepOptions, parse, sweep_parser
 from uhkd.sweep.runner import main, seeds
 from uhkd.sweep.spec import Sweep, SweepPreset, load_preset
@@ -59,13 +62,15 @@ def convert(args: argparse.Namespace, opts: SweepOptions, preset: SweepPreset) -
         raise UserError("give --pretrained-dir DIR holding <timm name>.safetensors|.pth|.bin ImageNet weight files")
     cfg = build_config(preset.run_preset, {**preset.run("teachers"), **opts.sets})
     classes = get_dataset(cfg.data.dataset, cfg.data.root).num_classes
-    teacher_dir = os.path.abspath(os.path.expanduser(opts.teacher_dir))
+    teacher_dir = join(opts.teacher_dir)
     for name in models(args, preset):
         weights = pretrained_file(args.pretrained_dir, name)
         model = create_stage_model(name, num_classes=classes, img_size=cfg.data.img_size, scale=cfg.model.scale,
                                    pretrained_file=weights)
         target = teacher_path(teacher_dir, name)
-        save_model_checkpoint(target, model, source=weights)
+        with tempfile.TemporaryDirectory(prefix="uhkd-teacher-") as tmp:  # the teacher dir may be a URI
+            save_model_checkpoint(Path(tmp) / f"{name}.pth", model, source=weights)
+            copy(str(Path(tmp) / f"{name}.pth"), target)
         print(f"teacher {name}: {target}")
     return 0
 
@@ -80,8 +85,8 @@ def run(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return main(p, build, argv, after=lambda outcome, o: install(
-        list(outcome.tables.trials.values()), os.path.abspath(os.path.expanduser(o.teacher_dir))))
+    return main(p, build, argv, after=lambda outcome, o: install(list(outcome.tables.trials.values()),
+                                                                 join(o.teacher_dir)))
 
 
 if __name__ == "__main__":

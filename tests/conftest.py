@@ -24,3 +24,36 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on free local ports for the session (`tests/realstack.py`: `S3Server` with `endpoint`,
+    `access_key`, `secret_key`, `bucket`, `uri(path)`, `env`, `filesystem()`, `listing(path)`). Its credentials are
+    put into this process's environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), which Ray nodes started
+    afterwards inherit."""
+    from realstack import s3
+
+    with s3(tmp_path_factory.mktemp("s3")) as server:
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory, s3_server):
+    """A `ray start --head` node plus a second node that shares no disk with it (`tests/realstack.py`:
+    `TwoNodes` with `address`, `env`, `hidden`). The second node sees `hidden[0]` (a fresh folder: put results,
+    teachers and runs there) as an empty tmpfs and alone holds the custom resource `worker_node`, so trials that
+    request `{"worker_node": 1}` run there. Both nodes have the S3 credentials."""
+    from realstack import two_nodes as start
+
+    with start([tmp_path_factory.mktemp("work")], env=s3_server.env) as cluster:
+        yield cluster

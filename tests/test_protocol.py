@@ -101,7 +101,7 @@ def protocol_cells(sweep_preset: str):
     preset = load_preset(sweep_preset)
     sweep = Sweep("reproduce_tables", preset, force={"data.split": "final"})
     base = {"_preset": preset.run_preset, "_run": run_overrides(sweep, SweepOptions(preset=sweep_preset)),
-            "_train_storage": "/tmp/unused", "_teacher_dir": "/tmp/unused"}
+            "_sweep_dir": "/tmp/unused", "_teacher_dir": "/tmp/unused"}
     section = preset.section("reproduce_tables")
     pairs = sorted(set(section["pairs"]) | set(preset.section("hetero_pairs")["pairs"]))
     for pair in pairs:

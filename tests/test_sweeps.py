@@ -83,8 +83,8 @@ def test_schema_is_the_documented_contract():
 
 
 def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
-    """hetero_pairs on the embedded cluster, teachers missing: they are trained first; every trial is a Ray Train
-    run, and the Parquet rows match what Tune itself recorded."""
+    """hetero_pairs on the embedded cluster, teachers missing: they are trained first; every 1-worker trial runs
+    in its own process with its checkpoints in its Tune folder, and the Parquet rows match what Tune recorded."""
     from sweeps import hetero_pairs
 
     results, teachers = tmp_path / "results", tmp_path / "teachers"
@@ -131,8 +131,10 @@ def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
         assert row.student_params == last["student_params"] and row.extra_params == last["extra_params"] > 0
         assert row.epochs == 2 and (row.status == "ok") == (row.epochs_run == 2)
         assert 0 <= row.teacher_top1 <= 100 and row.wall_time_s > 0 and row.finished_at > row.started_at
-        if row.status == "ok":
-            assert Path(row.student_checkpoint).is_file()
+        if row.status == "ok":  # exported into the trial's last checkpoint, in the sweep's folder
+            student = Path(row.student_checkpoint)
+            assert student.is_file() and student.parent.parent == folder / "tune" / row.trial_id
+    assert not (folder / "train").exists()  # no Ray Train run for 1-worker trials
 
 
 def test_grid_sweep_records_nan_and_crashing_trials_as_failed(tmp_path, ray_local, teacher_dir):
@@ -200,10 +202,10 @@ def test_interrupt_then_resume_records_every_trial_once(tmp_path, teacher_dir):
     for row in before.itertuples():  # recorded before the interruption: not run again
         again = after.set_index("trial_id").loc[row.trial_id]
         assert again["finished_at"] == row.finished_at and again["best_top1"] == row.best_top1
-    for trial_id in after["trial_id"]:
-        logged = [json.loads(line)["epoch"] for line in
-                  (results / "sw" / "train" / trial_id / "metrics.jsonl").read_text().splitlines()]
-        assert logged == sorted(set(logged)) and logged[0] == 1  # never restarted from scratch
+    for trial_id in after["trial_id"]:  # each trial's checkpoints are in its Tune folder, the last one's log in full
+        last = sorted((results / "sw" / "tune" / trial_id).glob("checkpoint_*"))[-1]
+        logged = [json.loads(line)["epoch"] for line in (last / "metrics.jsonl").read_text().splitlines()]
+        assert logged == list(range(1, len(logged) + 1))
         assert epochs[epochs["trial_id"] == trial_id]["epoch"].tolist() == logged
 
 
@@ -333,7 +335,8 @@ def test_concurrency_from_cluster_resources():
     node = {"CPU": 16.0, "GPU": 1.0}
     assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25) == 4  # 4 trials share a GPU
     assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0.25, cap=3) == 3
-    assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0) == 7  # 7 x (2 + 0.01) <= 16
+    assert concurrency(node, [node], workers=1, cpus_per_worker=2, gpus_per_trial=0) == 8  # in-process: 8 x 2
+    assert concurrency(node, [node], workers=2, cpus_per_worker=2, gpus_per_trial=0) == 3  # 3 x (2 x 2 + 0.01)
     assert concurrency(node, [node], workers=0, cpus_per_worker=4, gpus_per_trial=0.5) == 2
     two = {"CPU": 2.0}
     assert concurrency(two, [two], workers=1, cpus_per_worker=0.95, gpus_per_trial=0) == 2  # the quick preset

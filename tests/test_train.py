@@ -100,28 +100,43 @@ def test_non_finite_loss_fails_the_run_with_its_reason(tmp_path):
 
 
 def test_ray_train_run(tmp_path, ray_local):
+    """Everything the run produces is in its Ray Train storage: checkpoints carrying the metrics log, and the
+    exported student in the last one; nothing in the output folder of the worker's node."""
     cfg = quick(tmp_path, workers=1)
     metrics = fit_ray_train(cfg, storage_path=str(tmp_path / "ray"), run_name="one")
     assert metrics["status"] == "ok" and metrics["epoch"] == 2 and METRIC_KEYS <= set(metrics)
-    out = Path(cfg.output_dir)
-    assert (out / STUDENT).is_file() and (out / "rank0.pid").is_file()
-    assert len([p for p in (tmp_path / "ray" / "one").glob("checkpoint_*") if p.is_dir()]) == 2
+    checkpoints = sorted(p for p in (tmp_path / "ray" / "one").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2 and metrics["checkpoint"] == str(checkpoints[-1])
+    assert (checkpoints[-1] / STUDENT).is_file() and not (checkpoints[0] / STUDENT).exists()
+    logged = [json.loads(line) for line in (checkpoints[-1] / METRICS_LOG).read_text().splitlines()]
+    assert [m["epoch"] for m in logged] == [1, 2] and logged[-1]["top1"] == metrics["top1"]
+    assert not (tmp_path / "run").exists()
+
+
+def _train_worker_pids() -> set[int]:
+    """Pids of the live Ray Train worker actors of this cluster (from the GCS actor table)."""
+    from ray._private.state import state
+
+    return {a["Pid"] for a in state.actor_table(None).values()
+            if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]}
 
 
 def test_ray_train_restarts_a_killed_worker_from_its_checkpoint(tmp_path, ray_local):
     cfg = quick(tmp_path, workers=1, max_failures=1, eval_teacher=False,
                 **{"optim.epochs": 4, "optim.max_steps_per_epoch": 30})
-    out = Path(cfg.output_dir)
     snapshot = tmp_path / "ray" / "killed" / "checkpoint_manager_snapshot.json"
     killed: list[int] = []
+    first: list[dict] = []
 
     def kill_after_first_checkpoint() -> None:
-        deadline = time.time() + 120
+        deadline = time.time() + 400  # Ray Train start-up on loaded cores
         while time.time() < deadline:
             if snapshot.is_file():  # the controller has registered the checkpoint of epoch 1
-                pid = int((out / "rank0.pid").read_text())
+                (pid,) = _train_worker_pids()
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
+                checkpoint = min(snapshot.parent.glob("checkpoint_*"))  # epoch 1's
+                first.extend(json.loads(line) for line in (checkpoint / METRICS_LOG).read_text().splitlines())
                 return
             time.sleep(0.05)
 
@@ -129,12 +144,14 @@ def test_ray_train_restarts_a_killed_worker_from_its_checkpoint(tmp_path, ray_lo
     killer.start()
     metrics = fit_ray_train(cfg, storage_path=str(tmp_path / "ray"), run_name="killed")
     killer.join()
-    assert killed and int((out / "rank0.pid").read_text()) != killed[0]  # a new worker took over
-    assert metrics["status"] == "ok" and metrics["epoch"] == 4
-    epochs = [json.loads(line)["epoch"] for line in (out / METRICS_LOG).read_text().splitlines()]
-    # continued from a checkpoint, not from scratch (an epoch whose checkpoint the controller had not registered
-    # yet when the worker died is trained again)
-    assert epochs.count(1) == 1 and set(epochs) == {1, 2, 3, 4} and epochs[-1] == 4
+    assert killed and metrics["status"] == "ok" and metrics["epoch"] == 4
+    last = Path(metrics["checkpoint"])
+    logged = [json.loads(line) for line in (last / METRICS_LOG).read_text().splitlines()]
+    assert [m["epoch"] for m in logged] == [1, 2, 3, 4]
+    # continued from the checkpoint of epoch 1, not from scratch: its record of epoch 1 is the one from before
+    assert first and (logged[0]["loss"], logged[0]["epoch_time_s"]) == (first[0]["loss"], first[0]["epoch_time_s"])
+    state = torch.load(last / CHECKPOINT, weights_only=True)
+    assert [m["epoch"] for m in state["history"]] == [1, 2, 3, 4]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -1,5 +1,7 @@
-"""One distillation run: in-process (`run_in_process`), on a Ray Train `TorchTrainer` (`fit_ray_train`), or from the
-command line (`python -m uhkd.train`). The loop itself is `uhkd.trainer`."""
+"""One distillation run: in-process (`run_in_process`), in a Tune trial's own process (`run_in_trial`), on a Ray Train
+`TorchTrainer` (`fit_ray_train`), or from the command line (`python -m uhkd.train`). The loop itself is
+`uhkd.trainer`; the Ray paths store every checkpoint (state, metrics log, exported student) through Tune or Ray Train
+on the run's storage location, so nothing a run produces stays on the disk of the node it ran on."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +9,7 @@ import dataclasses
 import math
 import os
 import sys
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,8 +20,9 @@ from .config import RunConfig, config_hash, flatten, parse_set, unflatten
 from .errors import UserError
 from .hub import HUB
 from .registry import DATASETS, METHODS
+from .storage import exists, is_uri, join, location_of, ray_storage
 from .track_options import add_track_flags, parse_trackers, track_options
-from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, append_metrics, read_checkpoint, train_loop
+from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, read_checkpoint, train_loop
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
 RAY_TRAIN_ENV = {
@@ -36,15 +40,20 @@ def run_name(cfg: RunConfig) -> str:
     return f"{cfg.method.name}-{cfg.model.student}-{teacher}-{cfg.data.dataset}-{config_hash(cfg)}"
 
 
-def preflight(cfg: RunConfig, teacher_file: bool = True) -> None:
+def preflight(cfg: RunConfig, teacher_file: bool = True, dataset: bool = True, node: str = "") -> None:
     """Checks that need no model or data loading, run before any worker starts, so a wrong name or path fails
     once with one line instead of in every worker and every retry. A method that distils needs a teacher
     checkpoint unless `model.random_teacher`; `teacher_file=False` leaves the file's existence to the caller (a
-    sweep that trains missing teachers first)."""
+    sweep that trains missing teachers first). The dataset is checked only where the run trains (`dataset`);
+    `node` names that machine in the message of a missing one."""
     from .methods import teacher_use
 
     METHODS.get(cfg.method.name)
-    DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
+    try:
+        if dataset:
+            DATASETS.get(cfg.data.dataset).check(cfg.data.root, cfg.data.download)
+    except UserError as err:
+        raise UserError(f"node {node}: {err}" if node else str(err)) from None
     from .models import check_checkpoint_file
 
     m = cfg.model
@@ -53,15 +62,29 @@ def preflight(cfg: RunConfig, teacher_file: bool = True) -> None:
                         f"is given: pass --teacher-checkpoint FILE (sweeps: --teacher-dir), or --set "
                         f"model.random_teacher=true to distil from a randomly initialised teacher")
     if m.teacher_checkpoint and teacher_file:
-        check_checkpoint_file(m.teacher_checkpoint, "teacher checkpoint")
-    if m.pretrained_file and m.pretrained_file != HUB and not Path(m.pretrained_file).is_file():
+        if is_uri(m.teacher_checkpoint):
+            if not exists(m.teacher_checkpoint):
+                raise UserError(f"teacher checkpoint {m.teacher_checkpoint!r} not found")
+        else:
+            check_checkpoint_file(m.teacher_checkpoint, "teacher checkpoint")
+    if m.pretrained_file and m.pretrained_file != HUB and not exists(m.pretrained_file):
         raise UserError(f"pretrained weight file {m.pretrained_file!r} not found")
+
+
+def node_name() -> str:
+    """This machine as Ray knows it (its node IP address), else its host name."""
+    try:
+        import ray.util
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # Ray not installed or not started here
+        return socket.gethostname()
 
 
 def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:
     """Ray workers change their working directory: every path must be absolute."""
     def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve()) if path else path
+        return str(Path(path).expanduser().resolve()) if path and not is_uri(path) else path
 
     return dataclasses.replace(
         cfg, output_dir=absolute(cfg.output_dir or output_dir),
@@ -83,53 +106,67 @@ def run_in_process(cfg: RunConfig, report: Callable[[dict], None] | None = None,
     process's torch threads (`set_threads`)."""
     cfg = _absolute(cfg, os.path.join("runs", run_name(cfg)))
     preflight(cfg)
+    return train_loop(cfg, LocalSession(cfg.output_dir, _this_process(cfg), report, resume))
+
+
+def _this_process(cfg: RunConfig) -> torch.device:
+    """Set this process up to train `cfg` (torch threads) and return its device."""
     if cfg.gpus_per_worker > 0 and not torch.cuda.is_available():
         raise UserError(f"gpus_per_worker={cfg.gpus_per_worker} but no CUDA device is available here")
     set_threads(cfg)
-    device = torch.device("cuda" if cfg.gpus_per_worker > 0 else "cpu")
-    return train_loop(cfg, LocalSession(cfg.output_dir, device, report, resume))
+    return torch.device("cuda" if cfg.gpus_per_worker > 0 else "cpu")
 
 
-class RayTrainSession(Session):
-    """Inside a TorchTrainer worker: DDP via `prepare_model`, checkpoints through `ray.train.report` (rank 0
-    writes it, every rank reports). Each worker writes its pid to `<output_dir>/rank<r>.pid`."""
+def run_in_trial(cfg: RunConfig) -> dict:
+    """Train in this Tune trial's own process (a sweep trial of at most one worker): no Ray Train actors; each
+    epoch is one Tune result whose checkpoint Tune stores in the trial's folder on the sweep's storage."""
+    cfg = _absolute(cfg, cfg.output_dir)
+    preflight(cfg, node=node_name())
+    return train_loop(cfg, TuneSession(_this_process(cfg)))
 
-    def __init__(self, output_dir: str) -> None:
-        import ray.train
-        import ray.train.torch
 
-        self.output_dir = output_dir
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / f"rank{self.rank}.pid").write_text(str(os.getpid()))
+class TuneSession(Session):
+    """In a Tune trial's own process: checkpoints through `tune.report(metrics, checkpoint=...)`, which uploads the
+    folder to the trial's storage before it returns; `tune.get_checkpoint()` brings the last one back."""
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
+    def __init__(self, device: torch.device) -> None:
+        from ray import tune
 
-        return ray.train.torch.prepare_model(model, move_to_device=False)
+        self.api, self.device = tune, device
 
     def load(self) -> dict | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self.api.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
             return read_checkpoint([Path(folder) / CHECKPOINT])
 
-    def report(self, metrics: dict, state: dict) -> None:
-        import ray.train
-
+    def report(self, metrics: dict, save: Callable[[Path], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="uhkd-ckpt-") as folder:
             checkpoint = None
             if self.rank == 0:
-                torch.save(state, Path(folder) / CHECKPOINT)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if self.rank == 0:
-            append_metrics(self.output_dir, metrics)
+                save(Path(folder))
+                checkpoint = self.api.Checkpoint.from_directory(folder)
+            self.api.report(metrics, checkpoint=checkpoint)
+
+
+class RayTrainSession(TuneSession):
+    """Inside a TorchTrainer worker: DDP via `prepare_model`, checkpoints through `ray.train.report` (every rank
+    reports, rank 0 gives the folder) into the Ray Train run's storage."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.api = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
 
 
 def _worker(config: dict) -> dict:
@@ -138,17 +175,22 @@ def _worker(config: dict) -> dict:
     cfg = unflatten(config["cfg"])
     set_threads(cfg)
     try:
-        return train_loop(cfg, RayTrainSession(cfg.output_dir))
+        preflight(cfg, node=node_name())  # the dataset must be on every worker's node
+        return train_loop(cfg, RayTrainSession())
     except UserError as err:
         return {"status": "failed", "failure_reason": str(err), "user_error": True}
 
 
-def fit_ray_train(cfg: RunConfig, *, storage_path: str, run_name: str, callbacks: Sequence[Any] = ()) -> dict:
-    """Run `cfg` on a TorchTrainer with `cfg.workers` workers and return the final metrics.
+def fit_ray_train(cfg: RunConfig, *, storage_path: str, run_name: str, callbacks: Sequence[Any] = (),
+                  resources: dict[str, float] | None = None) -> dict:
+    """Run `cfg` on a TorchTrainer with `cfg.workers` workers and return the final metrics, with `checkpoint`: the
+    location of the last checkpoint (its `student.pt` is the exported student of a finished run).
 
-    The Ray Train run is `<storage_path>/<run_name>` (also the output folder unless `cfg.output_dir` is set): a
-    fit with the same name resumes from its latest checkpoint, and a worker failure restarts the group from it up
-    to `cfg.max_failures` times. Connects to Ray (`ray.init()`) if this process has not.
+    The Ray Train run is `<storage_path>/<run_name>`, where `storage_path` is a local or shared folder or a URI
+    (`s3://bucket/path?endpoint_override=HOST:PORT&scheme=http`): a fit with the same name resumes from its
+    latest checkpoint, and a worker failure restarts the group from it up to `cfg.max_failures` times. Each
+    worker also reserves the custom `resources` (e.g. `{"gpu_node": 1}`). Connects to Ray (`ray.init()`) if this
+    process has not.
     """
     import ray
     import ray.train
@@ -156,9 +198,9 @@ def fit_ray_train(cfg: RunConfig, *, storage_path: str, run_name: str, callbacks
 
     if cfg.workers < 1:
         raise UserError(f"fit_ray_train needs workers >= 1, got {cfg.workers} (use run_in_process for 0)")
-    storage_path = str(Path(storage_path).expanduser().resolve())
-    cfg = _absolute(cfg, os.path.join(storage_path, run_name))
-    preflight(cfg)
+    storage_path = join(storage_path)
+    cfg = _absolute(cfg, join(storage_path, run_name))
+    preflight(cfg, dataset=False)  # the workers check the dataset on their own nodes
     if not ray.is_initialized():
         ray.init()
     use_gpu = cfg.gpus_per_worker > 0
@@ -167,22 +209,24 @@ def fit_ray_train(cfg: RunConfig, *, storage_path: str, run_name: str, callbacks
                         f"the Ray cluster has ({ray.cluster_resources().get('GPU', 0):g})")
     for key, value in RAY_TRAIN_ENV.items():  # Ray Train passes these on to its controller and workers
         os.environ.setdefault(key, value)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {}), **(resources or {})}
+    path, filesystem = ray_storage(storage_path)
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": flatten(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path, callbacks=list(callbacks),
+            name=run_name, storage_path=path, storage_filesystem=filesystem, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=3),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
-    metrics = result.return_value or result.metrics or {}
+    metrics = dict(result.return_value or result.metrics or {})
     if metrics.pop("user_error", False):
         raise UserError(metrics["failure_reason"])
+    metrics["checkpoint"] = location_of(result.checkpoint.path, storage_path) if result.checkpoint else ""
     return metrics
 
 
@@ -314,8 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracker.end(failed=metrics.get("status") == "failed")
     if metrics.get("status") == "failed":  # the reason was printed already
         return 1
+    folder = metrics.get("checkpoint") or cfg.output_dir  # Ray Train: the student is in the last checkpoint
     print(f"done: top1 {metrics['top1']:.2f} (best {metrics['best_top1']:.2f} at epoch {metrics['best_epoch']}), "
-          f"teacher top1 {metrics['teacher_top1']:.2f}; student saved as {Path(cfg.output_dir) / STUDENT}")
+          f"teacher top1 {metrics['teacher_top1']:.2f}; student saved as {join(folder, STUDENT)}")
     return 0
 
 

@@ -1,8 +1,12 @@
-"""The training loop of one run, the same function in-process and inside Ray Train workers.
+"""The training loop of one run, the same function in-process, in a Tune trial's own process and inside Ray Train
+workers.
 
 A `Session` says where the loop runs: its rank, world size and device, how a model is wrapped for data parallelism,
-where the last checkpoint comes from and where each epoch's metrics and checkpoint go. `LocalSession` keeps the
-checkpoint in the run's output folder; `RayTrainSession` uses `ray.train.report` / `ray.train.get_checkpoint`.
+where the last checkpoint comes from and where each epoch's checkpoint goes. A checkpoint is a folder: `checkpoint.pt`
+(the run's state, every report so far included), `metrics.jsonl` (those reports, one JSON line each, for readers that
+should not load the state) and, in the checkpoint of the run's last epoch, `student.pt` (the exported student).
+`LocalSession` keeps one in the run's output folder; the Ray sessions (`uhkd.train`) hand each to Tune or Ray Train,
+which store it on the run's storage (a local, shared or object-store location).
 
 Randomness is re-seeded at the start of every epoch from (seed, epoch, rank), so a run resumed from the checkpoint of
 epoch e draws the same crops, mixes and drop-path masks as an uninterrupted run, on every rank, without the checkpoint
@@ -17,9 +21,10 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from typing import Callable, Iterator, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -32,6 +37,7 @@ from .data.loader import WorkerData
 from .errors import UserError, one_line
 from .methods import Distiller, build_method, teacher_use
 from .models import create_stage_model, load_teacher, save_model_checkpoint
+from .storage import local_file
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
@@ -54,52 +60,40 @@ class Session:
         return model
 
     def load(self) -> dict | None:
+        """The state of the run's last checkpoint, None when there is none."""
         raise NotImplementedError
 
-    def report(self, metrics: dict, state: dict) -> None:
-        """Called by every rank once per epoch (and once for a failure); `state` matters on rank 0 only. Once
-        the checkpoint is stored, rank 0 appends the metrics to `<output_dir>/metrics.jsonl`."""
+    def report(self, metrics: dict, save: Callable[[Path], None]) -> None:
+        """Called by every rank once per epoch, once for a failure and once when a resumed run had already ended;
+        on rank 0, `save(folder)` writes the checkpoint's files into `folder` for the session to store."""
         raise NotImplementedError
-
-
-def append_metrics(output_dir: str | Path, metrics: dict) -> None:
-    with open(Path(output_dir) / METRICS_LOG, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
 
 
 class LocalSession(Session):
-    """In-process: checkpoint `<output_dir>/checkpoint.pt` (the one before it kept as `checkpoint.prev.pt`, to fall
-    back to when the latest is unreadable), each epoch's metrics to the `report` callback."""
+    """In-process: the checkpoint's files in `<output_dir>` (the state before the latest kept as
+    `checkpoint.prev.pt`, to fall back to when the latest is unreadable), each epoch's metrics to the `report`
+    callback."""
 
     def __init__(self, output_dir: str, device: torch.device, report: Callable[[dict], None] | None = None,
                  resume: bool = True) -> None:
-        self.path = Path(output_dir) / CHECKPOINT
-        self.previous = Path(output_dir) / PREVIOUS_CHECKPOINT
+        self.folder = Path(output_dir)
         self.device, self.callback, self.resume = device, report, resume
 
     def load(self) -> dict | None:
-        return read_checkpoint([self.path, self.previous]) if self.resume else None
+        return read_checkpoint([self.folder / CHECKPOINT, self.folder / PREVIOUS_CHECKPOINT]) if self.resume \
+            else None
 
-    def report(self, metrics: dict, state: dict) -> None:
-        save_atomic(state, self.path, previous=self.previous)
-        append_metrics(self.path.parent, metrics)
+    def report(self, metrics: dict, save: Callable[[Path], None]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # written beside, then renamed into place: a crash mid-write leaves the previous checkpoint intact
+        with tempfile.TemporaryDirectory(dir=self.folder, prefix=".checkpoint-") as tmp:
+            save(Path(tmp))
+            if (self.folder / CHECKPOINT).is_file():
+                os.replace(self.folder / CHECKPOINT, self.folder / PREVIOUS_CHECKPOINT)
+            for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == CHECKPOINT):  # the state last
+                os.replace(path, self.folder / path.name)
         if self.callback is not None:
             self.callback(dict(metrics))
-
-
-def save_atomic(obj: Any, path: Path, previous: Path | None = None) -> None:
-    """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact (and a full
-    disk leaves no partial file); the file it replaces becomes `previous` when given."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if previous is not None and path.is_file():
-        os.replace(path, previous)  # a crash right here leaves `previous` as the newest: read_checkpoint takes it
-    os.replace(tmp, path)
 
 
 def read_checkpoint(candidates: Sequence[Path]) -> dict | None:
@@ -256,13 +250,13 @@ class Run:
         stats = {} if m.pretrained_file else {"mean": info.mean, "std": info.std}
         student = create_stage_model(m.student, num_classes=info.num_classes, img_size=cfg.data.img_size,
                                      scale=m.scale, isotropic_blocks=m.isotropic_blocks,
-                                     pretrained_file=m.pretrained_file, **stats)
+                                     pretrained_file=local_file(m.pretrained_file), **stats)
         use = teacher_use(cfg)
         teacher = None
         if use.needed:  # a method without a teacher (scratch) builds and evaluates none
             if not m.teacher:
                 raise UserError(f"method {cfg.method.name!r} needs a teacher: set --teacher (model.teacher)")
-            teacher = load_teacher(m.teacher, m.teacher_checkpoint, num_classes=info.num_classes,
+            teacher = load_teacher(m.teacher, local_file(m.teacher_checkpoint), num_classes=info.num_classes,
                                    img_size=cfg.data.img_size, scale=m.scale, isotropic_blocks=m.isotropic_blocks,
                                    stages=use.stages, needs_logits=use.logits or cfg.eval_teacher)
         self.teacher = teacher
@@ -295,7 +289,7 @@ class Run:
         self.best = {"best_top1": NAN, "best_top5": NAN, "best_epoch": 0}
         self.teacher_top1 = NAN
         self.epoch = 0
-        self.output_dir = Path(cfg.output_dir) if cfg.output_dir else None
+        self.history: list[dict] = []  # every report so far, carried by each checkpoint
 
     @property
     def eval_student(self) -> nn.Module:
@@ -303,8 +297,8 @@ class Run:
 
     def state(self, metrics: dict, trainable: bool = True) -> dict:
         """The checkpoint; without `trainable` only the record of how the run ended (a failure)."""
-        state = {"epoch": self.epoch, "metrics": metrics, "config": flatten(self.cfg), "best": dict(self.best),
-                 "teacher_top1": self.teacher_top1, "model": None}
+        state = {"epoch": self.epoch, "metrics": metrics, "history": list(self.history), "config": flatten(self.cfg),
+                 "best": dict(self.best), "teacher_top1": self.teacher_top1, "model": None}
         if trainable:
             state.update(model=self.distiller.trainable_state_dict(), optimizer=self.optimizer.state_dict(),
                          scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
@@ -319,6 +313,7 @@ class Run:
                             f"settings ({', '.join(changed)}); use another output folder/run name, or remove it")
         self.epoch = state["epoch"]
         self.best, self.teacher_top1 = dict(state["best"]), state["teacher_top1"]
+        self.history = list(state["history"])
         if state["model"] is None:  # a failure record: nothing to train from
             return
         self.distiller.load_trainable_state_dict(state["model"])
@@ -339,30 +334,40 @@ class Run:
         if state is not None:
             self.restore(state)
             metrics = state["metrics"]
-            if metrics["status"] == "failed":
-                self._log(f"run already failed: {metrics['failure_reason']}")
+            if metrics["status"] in ("ok", "failed"):
+                self._log(f"run already failed: {metrics['failure_reason']}" if metrics["status"] == "failed"
+                          else f"run already finished at epoch {self.epoch}")
+                # reported again, so that whoever drives the run (Tune, Ray Train) learns how it ended and where
+                # its files are even when the first report of its end was lost to an interruption
+                self.session.report(metrics, self.saver(state, export=metrics["status"] == "ok"))
                 return metrics
-            self._log(f"resuming after epoch {self.epoch}" if self.epoch < self.cfg.optim.epochs
-                      else f"run already finished at epoch {self.epoch}")
+            self._log(f"resuming after epoch {self.epoch}")
         elif self.teacher is not None and self.cfg.eval_teacher:
             self.teacher_top1 = evaluate(self.teacher.forward_logits, self.data, self.session, self.dtype)[0]
             self._log(f"teacher {self.cfg.model.teacher} top1 {self.teacher_top1:.2f} on the evaluation set")
-        if self.session.rank == 0 and self.output_dir:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
         while self.epoch < self.cfg.optim.epochs:
             metrics = self._train_epoch(self.epoch + 1)
+            self.history.append(metrics)
             if metrics["status"] == "failed":
-                self.session.report(metrics, self.state(metrics, trainable=False))
+                self.session.report(metrics, self.saver(self.state(metrics, trainable=False)))
                 self._log(f"run failed: {metrics['failure_reason']}", sys.stderr)
                 return metrics
             self.epoch += 1
             self._log(epoch_line(metrics, self.cfg.optim.epochs, self.terms))
-            self.session.report(metrics, self.state(metrics))
-        if self.session.rank == 0 and self.output_dir:
-            save_model_checkpoint(self.output_dir / STUDENT, self.eval_student, epoch=self.epoch,
-                                  top1=metrics["top1"], method=self.cfg.method.name, teacher=self.cfg.model.teacher,
-                                  dataset=self.cfg.data.dataset)
+            self.session.report(metrics, self.saver(self.state(metrics), export=self.epoch == self.cfg.optim.epochs))
         return metrics
+
+    def saver(self, state: dict, export: bool = False) -> Callable[[Path], None]:
+        """Writes a checkpoint folder holding `state` (with `export`: and the exported student)."""
+        def save(folder: Path) -> None:
+            torch.save(state, folder / CHECKPOINT)
+            (folder / METRICS_LOG).write_text("".join(json.dumps(m) + "\n" for m in state["history"]))
+            if export:
+                save_model_checkpoint(folder / STUDENT, self.eval_student, epoch=self.epoch,
+                                      top1=state["metrics"]["top1"], method=self.cfg.method.name,
+                                      teacher=self.cfg.model.teacher, dataset=self.cfg.data.dataset)
+
+        return save
 
     def _log(self, line: str, file: TextIO = sys.stdout) -> None:
         if self.session.rank == 0:

@@ -19,9 +19,8 @@ import uhkd
 
 from ..config import RunConfig, batch_plan, config_hash, flatten
 from ..errors import one_line
-from ..trainer import STUDENT
 from .results import SweepTables
-from .trainable import logged_metrics, run_config, trial_overrides
+from .trainable import run_config, trial_checkpoint, trial_overrides
 
 MIN_FREE_BYTES = 32 * 2**20  # below this on a local results disk the sweep stops (checked every Tune step)
 EPOCH_KEYS = ("epoch", "top1", "top5", "loss", "lr", "images_per_s", "epoch_time_s")
@@ -138,20 +137,21 @@ class ParquetResults(tune.Callback):
             # finished before a driver crash that Tune's saved state does not know of: its row stands as written
             return
         cfg = run_config(trial.config, trial.trial_id)
-        # Epochs the run checkpointed but Tune never received (an interruption between the two) are in the run's
-        # own log, where the driver can read it.
-        by_epoch = {int(m["epoch"]): m for m in logged_metrics(cfg.output_dir)}
+        # Epochs the run checkpointed but Tune never received (an interruption between the two) are in the log its
+        # last checkpoint carries, on the results filesystem.
+        logged, student = trial_checkpoint(self.results, trial)
+        by_epoch = {int(m["epoch"]): m for m in logged}
         by_epoch.update(self._epochs.get(trial.trial_id, {}))
         if not by_epoch and trial.last_result.get("epoch") is not None:
             by_epoch = {int(trial.last_result["epoch"]): trial.last_result}
         reports = [by_epoch[e] for e in sorted(by_epoch)]
-        row = self.trial_row(trial, cfg, reports, error)
+        row = self.trial_row(trial, cfg, reports, error, student)
         self._tables.put(row, [self.epoch_row(r) for r in reports])
         self._tables.write()
         for table in (self._epochs, self._started, self._active, self._session):
             table.pop(trial.trial_id, None)
 
-    def trial_row(self, trial: Any, cfg: RunConfig, reports: list[dict], error: str) -> dict:
+    def trial_row(self, trial: Any, cfg: RunConfig, reports: list[dict], error: str, student: str) -> dict:
         _, labels = trial_overrides(trial.config)
         done = [r for r in reports if r.get("status") != "failed"]
         last = reports[-1] if reports else dict(trial.last_result or {})  # a failure before the first epoch
@@ -161,7 +161,6 @@ class ParquetResults(tune.Callback):
             status, reason = last["status"], last.get("failure_reason", "")
         else:  # ended without finishing or failing: stopped early by the scheduler
             status, reason = "stopped", ""
-        student = Path(cfg.output_dir) / STUDENT
         speeds = [r["images_per_s"] for r in done if isinstance(r.get("images_per_s"), (int, float))]
         m = cfg.model
         return {
@@ -178,7 +177,7 @@ class ParquetResults(tune.Callback):
             "images_per_s": sum(speeds) / len(speeds) if speeds else None,
             "wall_time_s": self._elapsed(trial.trial_id), **batch_plan(cfg).columns(cfg),
             "status": status, "failure_reason": reason,
-            "student_checkpoint": str(student) if status != "failed" and student.is_file() else "",
+            "student_checkpoint": student if status != "failed" else "",
             "config_hash": config_hash(cfg), "toolkit_version": self.version, "git_commit": self.commit,
             "started_at": self._started.get(trial.trial_id), "finished_at": datetime.now(timezone.utc),
         }

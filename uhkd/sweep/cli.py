@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -37,6 +39,7 @@ class SweepOptions:
     sets: dict[str, str] = field(default_factory=dict)
     pairs: tuple[str, ...] | None = None
     track: TrackOptions = field(default_factory=TrackOptions)  # its experiment is set to the sweep name
+    trial_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per trial and worker
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -47,6 +50,21 @@ def _seeds(text: str) -> tuple[int, ...]:
     if not seeds:
         raise argparse.ArgumentTypeError("expected at least one seed")
     return seeds
+
+
+def _resources(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in value.values()):
+        raise argparse.ArgumentTypeError(f'expected a JSON object of resource name -> positive number such as '
+                                         f'\'{{"worker_node": 1}}\', got {text!r}')
+    taken = sorted(set(value) & {"CPU", "GPU", "cpu", "gpu", "memory"})
+    if taken:
+        raise argparse.ArgumentTypeError(f"{', '.join(taken)}: use --cpus-per-worker / --gpus-per-trial instead")
+    return {str(k): float(v) for k, v in value.items()}
 
 
 def _pairs(text: str) -> tuple[str, ...]:
@@ -70,9 +88,14 @@ def sweep_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial; 0 = the trial's own process")
     g.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker, fractions allowed")
     g.add_argument("--data-root", default="", help="dataset folder (cifar100 archive folder, ImageNet root)")
-    g.add_argument("--teacher-dir", default="teachers", help="teacher checkpoints, <timm name>.pth (default teachers)")
+    g.add_argument("--teacher-dir", default="teachers", metavar="DIR_OR_URI",
+                   help="teacher checkpoints, <timm name>.pth: a folder or a URI (default teachers)")
     g.add_argument("--results", default="results", metavar="DIR_OR_URI",
-                   help="results root: a folder or a pyarrow filesystem URI such as s3://bucket/path")
+                   help="results root: a folder or a pyarrow filesystem URI such as s3://bucket/path; every "
+                        "table, checkpoint and exported student of a sweep goes under <results>/<sweep name>/")
+    g.add_argument("--trial-resources", type=_resources, default={}, metavar="JSON",
+                   help='custom Ray resources each trial (and each of its Ray Train workers) reserves, e.g. '
+                        '\'{"gpu_node": 1}\' to run trials only on nodes started with --resources=\'{"gpu_node": 8}\'')
     g.add_argument("--name", default="", help="sweep name (default <sweep>-<preset>-<timestamp>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep --name (default: the latest of this sweep and preset)")
@@ -114,7 +137,7 @@ def options(args: argparse.Namespace) -> SweepOptions:
         epochs=args.epochs, seeds=args.seeds, gpus_per_trial=args.gpus_per_trial,
         workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, data_root=args.data_root,
         teacher_dir=args.teacher_dir, results=args.results, name=args.name, resume=args.resume, seed=args.seed,
-        sets=sets, pairs=getattr(args, "pairs", None),
+        sets=sets, pairs=getattr(args, "pairs", None), trial_resources=args.trial_resources,
         track=TrackOptions(trackers, mlflow_uri=args.mlflow_uri, wandb_project=args.wandb_project))
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import uuid
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable, Union, get_args, get_origin
 
 import pyarrow as pa
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 from ..config import LEAF_TYPES
 from ..errors import UserError
 from ..registry import METHODS
+from ..storage import open_location
 
 SCHEMA_VERSION = 1
 TRIALS = "trials.parquet"
@@ -70,23 +70,6 @@ def epochs_schema() -> pa.Schema:
 
 def _schema(columns: list[tuple[str, pa.DataType]]) -> pa.Schema:
     return pa.schema(columns, metadata={"uhkd.schema_version": str(SCHEMA_VERSION)})
-
-
-def open_location(location: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of a local folder or a pyarrow filesystem URI (file://, s3://, gs://, hdfs://)."""
-    if "://" not in location:
-        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
-    try:
-        return pafs.FileSystem.from_uri(location)
-    except Exception as exc:  # pyarrow raises several types for unknown schemes and unreachable stores
-        raise UserError(f"cannot open results location {location!r}: {exc}") from None
-
-
-def join(location: str, *parts: str) -> str:
-    """`location/part/...` for a local path (made absolute) or a URI."""
-    if "://" in location:
-        return "/".join([location.rstrip("/"), *parts])
-    return str(Path(location).expanduser().resolve().joinpath(*parts))
 
 
 def write_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:

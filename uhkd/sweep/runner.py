@@ -17,11 +17,12 @@ from typing import Any, Callable, Sequence
 
 from ..config import LEAF_TYPES, RunConfig, coerce
 from ..errors import UserError, choice_error, one_line
+from ..storage import exists, is_uri, join, open_location, ray_storage
 from . import lock
 from .cli import SweepOptions, parse
-from .results import SweepTables, join, open_location
+from .results import SweepTables
 from .spec import Sweep, SweepPreset
-from .trainable import split_pair, teacher_path, train_trial, trial_overrides
+from .trainable import in_process, split_pair, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
 # Tune restarts a trial killed by a lost node or worker (from its run's checkpoint) up to this many times; a
@@ -67,7 +68,8 @@ def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
     from ray import tune
 
     def restorable(name: str) -> bool:
-        return tune.Tuner.can_restore(join(opts.results, name, "tune"))
+        path, filesystem = ray_storage(join(opts.results, name, "tune"))
+        return tune.Tuner.can_restore(path, storage_filesystem=filesystem)
 
     prefix = f"{sweep.kind}-{sweep.preset.name}"
     if opts.name:
@@ -88,14 +90,6 @@ def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
             raise UserError(f"nothing to resume: no {prefix}-* sweep under {opts.results!r}")
         return found[-1], True
     return f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", False
-
-
-def train_storage(opts: SweepOptions, name: str) -> str:
-    """Local folder of the trials' Ray Train runs (checkpoints, exported students): beside the tables for a local
-    results folder, under ./runs/sweeps for a URI (the training loop writes its checkpoints to a local path)."""
-    if "://" in opts.results:
-        return os.path.abspath(os.path.join("runs", "sweeps", name))
-    return join(opts.results, name, "train")
 
 
 def run_overrides(sweep: Sweep, opts: SweepOptions) -> dict[str, Any]:
@@ -132,8 +126,9 @@ def trial_configs(sweep: Sweep, base: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**base, **({"pair": p} if p else {})} for p in candidates]
 
 
-def check_configs(configs: list[dict[str, Any]]) -> tuple[list[RunConfig], set[str]]:
-    """Build every representative run (names, values, dataset presence) and list the teachers they load."""
+def check_configs(configs: list[dict[str, Any]], dataset: bool = True) -> tuple[list[RunConfig], set[str]]:
+    """Build every representative run (names, values, with `dataset` the dataset's presence here) and list the
+    teachers they load."""
     from ..config import build_config
     from ..methods import teacher_use
     from ..models import model_kind
@@ -147,17 +142,19 @@ def check_configs(configs: list[dict[str, Any]]) -> tuple[list[RunConfig], set[s
         cfg = build_config(config["_preset"], overrides)
         if cfg.model.teacher:
             model_kind(cfg.model.teacher)
-        preflight(cfg, teacher_file=False)  # missing teachers are listed (or trained) below
+        preflight(cfg, teacher_file=False, dataset=dataset)  # missing teachers are listed (or trained) below
         if cfg.model.teacher and teacher_use(cfg).needed:
             teachers.add(cfg.model.teacher)
         runs.append(cfg)
     return runs, teachers
 
 
-def trial_resources(workers: int, cpus_per_worker: float, gpus_per_trial: float) -> dict[str, float]:
-    if workers == 0:
-        return {"cpu": cpus_per_worker, **({"gpu": gpus_per_trial} if gpus_per_trial else {})}
-    return {"cpu": TRIAL_CPU}
+def trial_resources(workers: int, cpus_per_worker: float, gpus_per_trial: float,
+                    custom: dict[str, float] | None = None) -> dict[str, float]:
+    """The trial's own bundle: the whole run for in-process trials, a sliver beside Ray Train's workers."""
+    if in_process(workers):
+        return {"cpu": cpus_per_worker, **({"gpu": gpus_per_trial} if gpus_per_trial else {}), **(custom or {})}
+    return {"cpu": TRIAL_CPU, **(custom or {})}
 
 
 def concurrency(total: dict[str, float], nodes: list[dict[str, float]], workers: int, cpus_per_worker: float,
@@ -170,7 +167,7 @@ def concurrency(total: dict[str, float], nodes: list[dict[str, float]], workers:
     if per_worker["GPU"] > 1 and not per_worker["GPU"].is_integer():
         raise UserError(f"{gpus_per_trial:g} GPUs over {workers} workers is {per_worker['GPU']:g} per worker; above 1 "
                         f"a worker needs whole GPUs")
-    cpu = max(workers, 1) * cpus_per_worker + (TRIAL_CPU if workers else 0)
+    cpu = max(workers, 1) * cpus_per_worker + (0 if in_process(workers) else TRIAL_CPU)
     if cpu > total.get("CPU", 0) or not any(all(n.get(k, 0) >= v for k, v in per_worker.items()) for n in nodes):
         gpu_text = f" + {per_worker['GPU']:g} GPUs" if per_worker["GPU"] else ""
         raise UserError(f"a trial needs {max(workers, 1)} worker(s) x {cpus_per_worker:g} CPUs{gpu_text}; the Ray "
@@ -183,7 +180,7 @@ def concurrency(total: dict[str, float], nodes: list[dict[str, float]], workers:
 
 
 def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, trainable: Any, planned: int,
-           max_concurrent: int, max_epochs: int, in_process: bool) -> Any:
+           max_concurrent: int, max_epochs: int, in_process_trials: bool) -> Any:
     from ray import tune
 
     from .callbacks import ParquetResults, ReleaseStoppedTrainGroups
@@ -192,13 +189,15 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     from .tracking import callbacks as tracking_callbacks
 
     budget = sweep.preset.budget(sweep.kind)
+    storage_path, filesystem = ray_storage(join(opts.results, name))
     run_config = tune.RunConfig(
-        name="tune", storage_path=join(opts.results, name), verbose=0,  # the console is LiveLines' lines
+        name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=0,  # the console: LiveLines
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainGroups(), LiveLines(),
                    *tracking_callbacks(replace(opts.track, experiment=name))],
         failure_config=tune.FailureConfig(max_failures=TUNE_RETRIES))
     # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
-    common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process)
+    common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process_trials)
     if sweep.cells:
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, **common)
     else:
@@ -212,7 +211,7 @@ def trial_dirname(trial: Any) -> str:
 
 
 def missing_teachers(teachers: set[str], teacher_dir: str) -> list[str]:
-    return sorted(t for t in teachers if not os.path.isfile(teacher_path(teacher_dir, t)))
+    return sorted(t for t in teachers if not exists(teacher_path(teacher_dir, t)))
 
 
 MANIFEST = "sweep.json"
@@ -254,9 +253,9 @@ class Plan:
 
 
 def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
-    teacher_dir = os.path.abspath(os.path.expanduser(opts.teacher_dir))
+    teacher_dir = join(opts.teacher_dir)
     base = {"_preset": sweep.preset.run_preset, "_run": run_overrides(sweep, opts),
-            "_train_storage": train_storage(opts, name), "_teacher_dir": teacher_dir}
+            "_sweep_dir": join(opts.results, name), "_teacher_dir": teacher_dir, "_resources": opts.trial_resources}
     if sweep.cells:
         planned = len(sweep.cells)
     else:
@@ -266,11 +265,12 @@ def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
                             f"reproduce_tables runs configs over several seeds")
         base["_run"]["seed"] = run_seeds[0]
         planned = opts.num_samples or int(sweep.preset.budget(sweep.kind).get("num_samples", 1))
-    runs, teachers = check_configs(trial_configs(sweep, base))
+    # the dataset must be where trials train: checked here when that is this machine, else by each trial
+    runs, teachers = check_configs(trial_configs(sweep, base), dataset=opts.cluster == "local")
     from ..models import check_checkpoint_file
 
     missing = missing_teachers(teachers, teacher_dir)
-    for teacher in sorted(teachers - set(missing)):
+    for teacher in sorted(teachers - set(missing)) if not is_uri(teacher_dir) else ():  # a URI's: by the trials
         check_checkpoint_file(teacher_path(teacher_dir, teacher), "teacher checkpoint")
     if missing and not sweep.preset.section("teachers").get("auto"):
         raise UserError(f"missing teacher checkpoint(s) in {teacher_dir}: {', '.join(f'{t}.pth' for t in missing)}; "
@@ -308,7 +308,8 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
         trainable = tune.with_resources(train_trial, manifest["resources"])
         # errored trials crashed on infrastructure (a configuration error ends as status=failed, not errored):
         # they continue from their checkpoints too
-        tuner = tune.Tuner.restore(join(opts.results, name, "tune"), trainable=trainable, resume_unfinished=True,
+        path, filesystem = ray_storage(join(opts.results, name, "tune"))
+        tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=filesystem, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
         return _fit(tuner, opts, name, manifest["planned"], manifest["concurrent"], out)
 
@@ -329,15 +330,16 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
         from .teachers import train_teachers
 
         train_teachers(sweep.preset, p.missing, opts, out)
-    resources = trial_resources(cfg.workers, cfg.cpus_per_worker, gpus)
+    resources = trial_resources(cfg.workers, cfg.cpus_per_worker, gpus, opts.trial_resources)
     write_manifest(opts, name, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": p.planned,
                                 "concurrent": max_concurrent, "resources": resources})
     space = {**p.base, **sweep.space} if not sweep.cells else {
         **p.base, "_cells": sweep.cells, "cell": tune.grid_search(list(sweep.cells))}
     out(f"sweep {name}: {p.planned} trial(s), {max_concurrent} at once, "
-        f"{cfg.workers or 'no'} Ray Train worker(s) per trial; results in {join(opts.results, name)}")
+        f"{'no' if in_process(cfg.workers) else cfg.workers} Ray Train worker(s) per trial; results in "
+        f"{join(opts.results, name)}")
     tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), p.planned, max_concurrent,
-                   max(r.optim.epochs for r in p.runs), in_process=cfg.workers == 0)
+                   max(r.optim.epochs for r in p.runs), in_process_trials=in_process(cfg.workers))
     return _fit(tuner, opts, name, p.planned, max_concurrent, out)
 
 

@@ -1,4 +1,5 @@
-"""Teacher checkpoints `<teacher dir>/<timm name>.pth`, the files every other sweep loads by name.
+"""Teacher checkpoints `<teacher dir>/<timm name>.pth`, the files every other sweep loads by name (the teacher
+dir is a folder or a URI; trials fetch a URI's teachers into their node's cache).
 
 A teacher trains like a student of method `scratch` (starting from local ImageNet weights where the preset
 fine-tunes, SPEC §3); its exported student becomes the teacher checkpoint. Presets that do not fine-tune (ImageNet)
@@ -7,12 +8,11 @@ convert the local weight files directly.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import UserError
+from ..storage import copy, join
 from .cli import SweepOptions
 from .spec import Sweep, SweepPreset
 from .trainable import teacher_path
@@ -44,15 +44,14 @@ def teachers_sweep(preset: SweepPreset, models: Sequence[str], seed: int, pretra
 
 
 def install(rows: Sequence[dict], teacher_dir: str, out: Callable[[str], None] = print) -> None:
-    """Copy each finished teacher trial's exported student to `<teacher dir>/<model>.pth` (atomically)."""
+    """Copy each finished teacher trial's exported student (a location on the results filesystem) to
+    `<teacher dir>/<model>.pth`; each target appears whole."""
     failed = [r for r in rows if r["status"] != "ok" or not r["student_checkpoint"]]
     for row in rows:
         if row in failed:
             continue
         target = teacher_path(teacher_dir, row["student"])
-        os.makedirs(teacher_dir, exist_ok=True)
-        shutil.copyfile(row["student_checkpoint"], target + ".tmp")
-        os.replace(target + ".tmp", target)
+        copy(row["student_checkpoint"], target)
         out(f"teacher {row['student']}: top-1 {row['best_top1']:.2f} -> {target}")
     if failed:
         reasons = "; ".join(f"{r['student']}: {r['failure_reason'] or r['status']}" for r in failed)
@@ -64,7 +63,7 @@ def train_teachers(preset: SweepPreset, models: Sequence[str], opts: SweepOption
     """Train the missing teachers of `preset` on the cluster this process is connected to (before a sweep)."""
     from .runner import run, seeds
 
-    teacher_dir = os.path.abspath(os.path.expanduser(opts.teacher_dir))
+    teacher_dir = join(opts.teacher_dir)
     out(f"teachers: training the missing {', '.join(models)} into {teacher_dir} first")
     # the students' data, model scale and step limits carry over (the checkpoint must match them); not their recipe
     sets = {k: v for k, v in opts.sets.items() if k in CARRIED or (k.startswith("data.") and k != "data.split")}

@@ -1,24 +1,36 @@
-"""The Tune function trainable: one sweep trial = one run of `uhkd.train` (a Ray Train `TorchTrainer`, or the same
-loop in the trial's own process when `workers=0`).
+"""The Tune function trainable: one sweep trial = one run of `uhkd.train`, in the trial's own process for runs of at
+most one worker (checkpoints through `tune.report`), on a Ray Train `TorchTrainer` for two or more.
 
 A trial's Tune config holds everything the trial needs (module globals do not reach trial actors):
-`_preset` (run preset), `_run` (fixed overrides), `_train_storage` (absolute folder of the trials' runs),
-`_teacher_dir`, optionally `cell` + `_cells` (grid sweeps: label -> overrides) and the sampled hyperparameters
-under their dotted config keys, plus `pair` ("teacher:student"). `run_config` turns it into the `RunConfig`, on the
-trial and on the driver (for the Parquet row) alike.
+`_preset` (run preset), `_run` (fixed overrides), `_sweep_dir` (the sweep's location: a folder or a URI),
+`_teacher_dir` (a location), `_resources` (custom Ray resources each worker reserves), optionally `cell` +
+`_cells` (grid sweeps: label -> overrides) and the sampled hyperparameters under their dotted config keys, plus
+`pair` ("teacher:student"). `run_config` turns it into the `RunConfig`, on the trial and on the driver (for the
+Parquet row) alike.
+
+Where a trial's checkpoints go: `<sweep>/tune/<trial id>/checkpoint_*` (Tune's trial folder) in-process,
+`<sweep>/train/<trial id>/checkpoint_*` (its Ray Train run) otherwise. Each is a `uhkd.trainer` checkpoint folder; the
+driver finds the last one from the trial's Tune results (`trial_checkpoint`), never on a worker's disk.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Mapping
+
+import pyarrow.fs as pafs
 
 from ..config import LEAF_TYPES, RunConfig, build_config
 from ..errors import UserError
-from ..trainer import METRICS_LOG
+from ..storage import join, location_of, open_location
+from ..trainer import METRICS_LOG, STUDENT
+
+RAY_TRAIN_MIN_WORKERS = 2  # fewer: the trial trains in its own process, without Ray Train's actors
+
+
+def in_process(workers: int) -> bool:
+    return workers < RAY_TRAIN_MIN_WORKERS
 
 
 def split_pair(pair: str) -> tuple[str, str]:
@@ -30,7 +42,7 @@ def split_pair(pair: str) -> tuple[str, str]:
 
 
 def teacher_path(teacher_dir: str, teacher: str) -> str:
-    return os.path.join(teacher_dir, f"{teacher}.pth")
+    return join(teacher_dir, f"{teacher}.pth")
 
 
 LABELS = ("tag", "weights_from")  # cell entries that label the trial's row instead of configuring its run
@@ -58,14 +70,27 @@ def run_config(config: Mapping[str, Any], trial_id: str) -> RunConfig:
 
     overrides, _ = trial_overrides(config)
     cfg = build_config(config["_preset"], overrides)
+    runs = "tune" if in_process(cfg.workers) else "train"
     return dataclasses.replace(cfg, name=trial_id, method=resolve_method(cfg),
-                               output_dir=os.path.join(config["_train_storage"], trial_id))
+                               output_dir=join(config["_sweep_dir"], runs, trial_id))
 
 
-def logged_metrics(output_dir: str) -> list[dict]:
-    """The metrics lines the run appended to `<output_dir>/metrics.jsonl` once each epoch was checkpointed."""
-    path = Path(output_dir) / METRICS_LOG
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+def trial_checkpoint(results: str, trial: Any) -> tuple[list[dict], str]:
+    """(every report logged in the trial's last checkpoint, the location of its exported student or "") from the
+    checkpoint the trial's Tune results name: Tune's own for in-process trials, `checkpoint_path` (what Ray
+    Train's TuneReportCallback adds) for Ray Train trials. Read on the results filesystem; ([], "") when the
+    trial reported no checkpoint."""
+    path = trial.last_result.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else "")
+    if not path:
+        return [], ""
+    fs, _ = open_location(results)
+    try:
+        with fs.open_input_stream(f"{path}/{METRICS_LOG}") as f:
+            reports = [json.loads(line) for line in f.readall().decode().splitlines()]
+    except OSError:
+        reports = []
+    student = f"{path}/{STUDENT}"
+    return reports, location_of(student, results) if fs.get_file_info(student).type == pafs.FileType.File else ""
 
 
 def train_trial(config: dict) -> None:
@@ -82,21 +107,13 @@ def train_trial(config: dict) -> None:
 def _train(config: dict) -> None:
     from ray import tune
 
-    from ..train import fit_ray_train, run_in_process
+    from ..train import fit_ray_train, run_in_trial
 
     cfg = run_config(config, tune.get_context().get_trial_id())
-    ended = (logged_metrics(cfg.output_dir) or [{}])[-1]
-    if ended.get("status") in ("ok", "failed"):
-        # A resumed trial whose run ended just before the interruption: the run returns without reporting again,
-        # so hand Tune its final metrics here (else the trial would look stopped early).
-        tune.report(ended)
-        return
-    if cfg.workers == 0:
-        import torch
-
-        torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_worker)))
-        run_in_process(cfg, report=tune.report, resume=True)
+    if in_process(cfg.workers):
+        run_in_trial(cfg)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    fit_ray_train(cfg, storage_path=config["_train_storage"], run_name=cfg.name, callbacks=[TuneReportCallback()])
+    fit_ray_train(cfg, storage_path=join(config["_sweep_dir"], "train"), run_name=cfg.name,
+                  callbacks=[TuneReportCallback()], resources=config.get("_resources"))
