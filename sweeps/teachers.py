@@ -61,7 +61,7 @@ def convert(args: argparse.Namespace, opts: SweepOptions, preset: SweepPreset) -
     if not args.pretrained_dir:
         raise UserError("give --pretrained-dir DIR holding <timm name>.safetensors|.pth|.bin ImageNet weight files")
     cfg = build_config(preset.run_preset, {**preset.run("teachers"), **opts.sets})
-    classes = get_dataset(cfg.data.dataset).num_classes
+    classes = get_dataset(cfg.data.dataset, cfg.data.root).num_classes
     teacher_dir = join(opts.teacher_dir)
     for name in models(args, preset):
         weights = pretrained_file(args.pretrained_dir, name)

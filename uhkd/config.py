@@ -47,6 +47,8 @@ class DataConfig:
     limit_train: int = 0  # 0 = all images; >0 keeps a seeded random N (tests, smoke runs)
     limit_eval: int = 0
     download: bool = False
+    mean: str = ""  # per-channel statistics, comma lists in [0, 1] units; "" = the dataset's (computed for `folder`)
+    std: str = ""
 
 
 @dataclass

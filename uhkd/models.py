@@ -22,6 +22,7 @@ from timm.models.swin_transformer import _create_swin_transformer
 from torch import Tensor, nn
 
 from .errors import UserError, choice_error, one_line
+from .hub import HUB
 
 # timm's register_model appends the registered entry points to this list.
 __all__ = ["FAMILIES", "StageModel", "check_checkpoint_file", "create_stage_model", "load_teacher", "model_family",
@@ -98,8 +99,9 @@ _TINY: dict[str, dict[str, Any]] = {
 def _build_timm(name: str, family: str, *, num_classes: int, img_size: int, scale: str,
                 pretrained_file: str) -> nn.Module:
     kwargs: dict[str, Any] = dict(num_classes=num_classes)
-    if pretrained_file:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained_file))
+    if pretrained_file:  # "hub": timm fetches the default ImageNet weights from the Hugging Face hub (or its cache)
+        kwargs.update(pretrained=True, **({} if pretrained_file == HUB else dict(
+            pretrained_cfg_overlay=dict(file=pretrained_file))))
     tiny = scale == "tiny"
     small = img_size < 224  # small inputs: patch/window sizes of stack notes
     if FAMILIES[family] != "cnn":
@@ -247,13 +249,14 @@ def create_stage_model(name: str, *, num_classes: int, img_size: int = 224, scal
     """A `StageModel` for timm model `name`.
 
     `checkpoint`: a file written by `save_model_checkpoint` (arch, class count, img_size and scale must match).
-    `pretrained_file`: a local timm/ImageNet weight file, loaded by timm with the classifier reset to `num_classes`.
+    `pretrained_file`: a local timm/ImageNet weight file, or "hub" for timm's default weights from the Hugging Face
+    hub, loaded by timm with the classifier reset to `num_classes`.
     `mean`/`std` default to the checkpoint's, else the model's timm pretrained_cfg.
     """
     family = _family(name)
     if scale not in SCALES:
         raise choice_error("model.scale", scale, SCALES)
-    if pretrained_file and not Path(pretrained_file).is_file():
+    if pretrained_file and pretrained_file != HUB and not Path(pretrained_file).is_file():
         raise UserError(f"pretrained weight file {pretrained_file!r} not found")
     ckpt = _read_checkpoint(checkpoint, name, num_classes, img_size, scale) if checkpoint else {}
     net = _build_timm(name, family, num_classes=num_classes, img_size=img_size, scale=scale,

@@ -13,6 +13,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._prefixes: dict[str, Callable[[str], T]] = {}  # open-ended names: "prefix/<anything>" -> built item
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(item: T) -> T:
@@ -23,16 +24,24 @@ class Registry(Generic[T]):
 
         return add
 
+    def register_prefix(self, prefix: str, build: Callable[[str], T]) -> None:
+        """Names starting with `prefix` (e.g. "torch/") are built on lookup by `build(name)`."""
+        self._prefixes[prefix] = build
+
     def get(self, name: str) -> T:
-        if name not in self._items:
-            raise choice_error(self.kind, name, self._items)
-        return self._items[name]
+        if name in self._items:
+            return self._items[name]
+        prefix = next((p for p in self._prefixes if name.startswith(p) and len(name) > len(p)), None)
+        if prefix is None:
+            raise choice_error(self.kind, name, self.names())
+        return self._prefixes[prefix](name)
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        """Registered names, then `prefix<name>` for each open-ended prefix."""
+        return sorted(self._items) + [f"{p}<name>" for p in self._prefixes]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or (isinstance(name, str) and any(name.startswith(p) for p in self._prefixes))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

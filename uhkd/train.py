@@ -16,10 +16,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import RunConfig, build_config, config_hash, flatten, parse_set, unflatten
+from .config import RunConfig, config_hash, flatten, parse_set, unflatten
 from .errors import UserError
+from .hub import HUB
 from .registry import DATASETS, METHODS
 from .storage import exists, is_uri, join, location_of, ray_storage
+from .track_options import add_track_flags, parse_trackers, track_options
 from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, read_checkpoint, train_loop
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
@@ -65,7 +67,7 @@ def preflight(cfg: RunConfig, teacher_file: bool = True, dataset: bool = True, n
                 raise UserError(f"teacher checkpoint {m.teacher_checkpoint!r} not found")
         else:
             check_checkpoint_file(m.teacher_checkpoint, "teacher checkpoint")
-    if m.pretrained_file and not exists(m.pretrained_file):
+    if m.pretrained_file and m.pretrained_file != HUB and not exists(m.pretrained_file):
         raise UserError(f"pretrained weight file {m.pretrained_file!r} not found")
 
 
@@ -88,7 +90,8 @@ def _absolute(cfg: RunConfig, output_dir: str) -> RunConfig:
         cfg, output_dir=absolute(cfg.output_dir or output_dir),
         data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
         model=dataclasses.replace(cfg.model, teacher_checkpoint=absolute(cfg.model.teacher_checkpoint),
-                                  pretrained_file=absolute(cfg.model.pretrained_file)))
+                                  pretrained_file=cfg.model.pretrained_file if cfg.model.pretrained_file == HUB
+                                  else absolute(cfg.model.pretrained_file)))
 
 
 def set_threads(cfg: RunConfig) -> None:
@@ -228,15 +231,56 @@ def fit_ray_train(cfg: RunConfig, *, storage_path: str, run_name: str, callbacks
 
 
 def _connect_ray(cfg: RunConfig) -> None:
-    """RAY_ADDRESS if set (an existing cluster), else a fresh local one sized for the workers."""
+    """RAY_ADDRESS if set (an existing cluster), else a fresh local one sized for the workers. Worker and Ray
+    output stays in the Ray session logs: the driver prints each epoch itself (`uhkd.console.FollowMetrics`)."""
+    import logging
+
     import ray
 
+    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         return
     cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+
+
+def _driver_lines(cfg: RunConfig) -> Callable[[dict], None]:
+    """Prints what the loop prints in its rank-0 worker, from the reports in metrics.jsonl."""
+    from .trainer import epoch_line
+
+    def show(m: dict) -> None:
+        if m.get("status") == "failed":
+            print(f"run failed: {m.get('failure_reason')}", file=sys.stderr, flush=True)
+            return
+        terms = tuple(k[len("loss_"):] for k in m if k.startswith("loss_"))
+        print(epoch_line(m, cfg.optim.epochs, terms), flush=True)
+
+    return show
+
+
+def _train(cfg: RunConfig, output: Path, tracker: Any) -> dict:
+    """In-process, or on Ray Train with the driver following the run's metrics; each epoch also to `tracker`."""
+    from .console import FollowMetrics
+    from .trainer import METRICS_LOG
+
+    if cfg.workers:
+        _connect_ray(cfg)
+    if tracker is not None:
+        tracker.start()
+    report = tracker.result if tracker is not None else None
+    if cfg.workers == 0:
+        return run_in_process(cfg, report=report)
+    show = _driver_lines(cfg)
+
+    def on_report(m: dict) -> None:
+        show(m)
+        if report is not None:
+            report(m)
+
+    with FollowMetrics(output / METRICS_LOG, on_report):
+        return fit_ray_train(cfg, storage_path=str(output.parent), run_name=output.name)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -257,23 +301,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="any config field by its dotted key, e.g. --set optim.lr=0.1 (repeatable)")
     p.add_argument("--output", help="output folder (checkpoint, student.pt); default runs/<run name>")
     p.add_argument("--download", action="store_true", help="download the dataset if missing (CIFAR-100)")
+    p.add_argument("--pretrained", metavar="hub|FILE",
+                   help="student starts from ImageNet weights: hub = timm's from the Hugging Face hub (or its "
+                        "cache), FILE = a local weight file (model.pretrained_file)")
+    add_track_flags(p.add_argument_group("experiment tracking"))
     return p.parse_args(argv)
 
 
 FLAG_KEYS = {"teacher": "model.teacher", "teacher_checkpoint": "model.teacher_checkpoint",
              "student": "model.student", "method": "method.name", "dataset": "data.dataset",
              "data_root": "data.root", "workers": "workers", "gpus_per_worker": "gpus_per_worker",
-             "epochs": "optim.epochs", "split": "data.split", "output": "output_dir"}
+             "epochs": "optim.epochs", "split": "data.split", "output": "output_dir",
+             "pretrained": "model.pretrained_file"}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's config, with every flag, --set, name and path checked together (`uhkd.validate`)."""
+    from .validate import Problems, checked_config
+
     overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
                                  if getattr(args, flag) is not None}
     if args.download:
         overrides["data.download"] = True
-    overrides.update(parse_set(args.sets))
+    problems = Problems()
+    for item in args.sets:
+        overrides.update(problems.check(parse_set, [item]) or {})
+    problems.check(parse_trackers, args.track)
     dataset = overrides.get("data.dataset", RunConfig().data.dataset)
-    return build_config(args.preset or DEFAULT_PRESET.get(str(dataset)), overrides)
+    return checked_config(args.preset or DEFAULT_PRESET.get(str(dataset)), overrides, problems)
+
+
+def _tracker(args: argparse.Namespace, cfg: RunConfig, output: Path) -> Any:
+    """The run's trackers: config = the resolved flat dotted keys, TensorBoard events in `output`."""
+    from .methods import resolve_method
+    from .sweep.tracking import RunTracker
+
+    resolved = dataclasses.replace(cfg, method=resolve_method(cfg))
+    return RunTracker(track_options(args, "uhkd.train"), output.name, flatten(resolved), str(output))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -285,15 +349,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = Path(cfg.output_dir or os.path.join("runs", run_name(cfg))).expanduser().resolve()
         cfg = dataclasses.replace(cfg, output_dir=str(output))
         preflight(cfg)  # before Ray starts
-        if cfg.workers == 0:
-            metrics = run_in_process(cfg)
-        else:
-            _connect_ray(cfg)
-            metrics = fit_ray_train(cfg, storage_path=str(output.parent), run_name=output.name)
+        tracker = _tracker(args, cfg, output) if args.track else None
+        metrics = _train(cfg, output, tracker)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if metrics.get("status") == "failed":  # the reason was printed by the loop
+    if tracker is not None:
+        tracker.end(failed=metrics.get("status") == "failed")
+    if metrics.get("status") == "failed":  # the reason was printed already
         return 1
     folder = metrics.get("checkpoint") or cfg.output_dir  # Ray Train: the student is in the last checkpoint
     print(f"done: top1 {metrics['top1']:.2f} (best {metrics['best_top1']:.2f} at epoch {metrics['best_epoch']}), "

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import RunConfig, batch_plan, flatten
+from .console import progress
 from .data.loader import WorkerData
 from .errors import UserError, one_line
 from .methods import Distiller, build_method, teacher_use
@@ -382,7 +383,9 @@ class Run:
         start = time.perf_counter()
         # whole accumulation rounds only: a partial last round's gradients would leak into the next epoch's first
         # update (and be lost on resumption)
-        batches = itertools.islice(self.data.train_batches(epoch), self.updates_per_epoch * accumulate)
+        steps_planned = self.updates_per_epoch * accumulate
+        batches = progress(itertools.islice(self.data.train_batches(epoch), steps_planned), steps_planned,
+                           f"epoch {epoch}/{cfg.optim.epochs}", enabled=self.session.rank == 0)
         for step, (images, target) in enumerate(batches):
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -1,9 +1,8 @@
-"""Datasets (CIFAR-100, ImageNet-1K folders, the offline MNIST-5k), their registry entries, the tune/final split
-and the per-worker batch pipelines (`uhkd.data.loader`)."""
+"""Datasets (CIFAR-100, ImageNet-1K folders, the offline MNIST-5k, any class-folder tree, timm's dataset-factory
+names), their registry entries, the tune/final split and the per-worker batch pipelines (`uhkd.data.loader`)."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,23 +12,14 @@ from torch.utils.data import Dataset, Subset
 from ..errors import UserError
 from ..registry import DATASETS
 from .cifar import CIFAR100, download_cifar100, read_cifar100, require as require_cifar100
+from .folder import FOLDER, check_folders
 from .imagenet import ImageNet
+from .info import DatasetInfo
 from .memory import ArrayDataset
 from .offline import MNIST5k, mnist5k_path
+from .timm_factory import PREFIXES, factory_info
 
 SPLIT_SEED = 0  # the tune split is the same for every trial and seed, so configs are compared on the same images
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    num_classes: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    in_memory: bool  # small uint8 arrays: eligible for the on-device batch path
-    eval_crop_pct: float  # evaluation: resize to img_size / crop_pct, centre crop img_size
-    load: Callable[[str, bool, bool], Any]  # (root, train, download) -> map-style dataset of (PIL image, label)
-    check: Callable[[str, bool], None]  # (root, download): cheap presence check, UserError if missing
 
 
 def _check_cifar(root: str, download: bool) -> None:
@@ -38,10 +28,7 @@ def _check_cifar(root: str, download: bool) -> None:
 
 
 def _check_imagenet(root: str, download: bool) -> None:
-    for part in ("train", "val"):
-        if not (Path(root) / part).is_dir():
-            raise UserError(f"ImageNet-1K not found at {root!r}: expected {Path(root) / part}/<class>/<image> "
-                            f"folders of JPEG/PNG files")
+    check_folders("ImageNet-1K", root)
 
 
 def _check_mnist5k(root: str, download: bool) -> None:
@@ -58,10 +45,16 @@ DATASETS.register("imagenet1k")(DatasetInfo(
 DATASETS.register("mnist5k")(DatasetInfo(
     "mnist5k", 10, (0.1307, 0.1307, 0.1307), (0.3081, 0.3081, 0.3081), True, 1.0,
     lambda root, train, download: MNIST5k(root, train), _check_mnist5k))
+DATASETS.register("folder")(FOLDER)
+for _prefix in PREFIXES:
+    DATASETS.register_prefix(_prefix, factory_info)
 
 
-def get_dataset(name: str) -> DatasetInfo:
-    return DATASETS.get(name)
+def get_dataset(name: str, root: str | None = None, mean: str = "", std: str = "") -> DatasetInfo:
+    """The registry entry of `name`; with `root`, resolved for the files there (class count and statistics of a
+    `folder` or timm-factory dataset; `mean`/`std` comma lists replace the statistics)."""
+    info = DATASETS.get(name)
+    return info if root is None else info.at(str(Path(root).expanduser()) if root else root, mean, std)
 
 
 def split_indices(n: int, val_fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -88,8 +81,8 @@ def load_split(dataset: str, root: str, split: str, val_fraction: float = 0.1, d
                limit_train: int = 0, limit_eval: int = 0) -> tuple[Dataset, Dataset]:
     """(train, eval) datasets without transforms. `final`: the train and test sets; `tune`: a seeded
     (1 - val_fraction, val_fraction) split of the training set. Limits keep a seeded N images of each."""
-    info = get_dataset(dataset)
     root = str(Path(root).expanduser()) if root else root
+    info = get_dataset(dataset)
     info.check(root, download)
     train = info.load(root, True, download)
     if split == "tune":

@@ -29,7 +29,7 @@ class WorkerData:
     def __init__(self, data_cfg: DataConfig, seed: int, device: torch.device, rank: int = 0, world: int = 1,
                  max_steps_per_epoch: int = 0) -> None:
         d = data_cfg
-        self.info = get_dataset(d.dataset)
+        self.info = get_dataset(d.dataset, d.root, d.mean, d.std)
         self.recipe = get_recipe(d.augment)
         self.img_size, self.batch_size, self.seed = d.img_size, d.batch_size, seed
         self.device, self.rank, self.world = device, rank, world

@@ -10,6 +10,8 @@ from typing import Sequence
 
 from ..config import parse_set
 from ..errors import UserError
+from ..track_options import TrackOptions, add_track_flags, parse_trackers
+from ..validate import Problems
 from .spec import load_preset, preset_names
 
 ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -36,6 +38,7 @@ class SweepOptions:
     seed: int = 0
     sets: dict[str, str] = field(default_factory=dict)
     pairs: tuple[str, ...] | None = None
+    track: TrackOptions = field(default_factory=TrackOptions)  # its experiment is set to the sweep name
     trial_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per trial and worker
 
 
@@ -99,6 +102,7 @@ def sweep_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the search (Optuna sampler)")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a config field for every trial by its dotted key, e.g. --set optim.lr=0.01 (repeatable)")
+    add_track_flags(g)
     return p
 
 
@@ -107,27 +111,34 @@ def pairs_flag(p: argparse.ArgumentParser) -> None:
 
 
 def options(args: argparse.Namespace) -> SweepOptions:
-    """Validated shared options (one `UserError` line for the first bad value)."""
-    load_preset(args.preset)
+    """Validated shared options; every bad value is listed (one `UserError`, one line per problem)."""
+    problems = Problems()
+    problems.check(load_preset, args.preset)
     cluster = args.cluster.strip()
     if cluster not in ("auto", "local") and not ADDRESS.match(cluster):
-        raise UserError(f"--cluster must be auto, local, HOST:PORT or ray://HOST:PORT, got {cluster!r}")
+        problems.add(f"--cluster must be auto, local, HOST:PORT or ray://HOST:PORT, got {cluster!r}")
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--max-concurrent", args.max_concurrent, 1),
                              ("--epochs", args.epochs, 1), ("--workers-per-trial", args.workers_per_trial, 0)):
         if value is not None and value < low:
-            raise UserError(f"{flag} must be >= {low}, got {value}")
+            problems.add(f"{flag} must be >= {low}, got {value}")
     if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial < float("inf"):
-        raise UserError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+        problems.add(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.cpus_per_worker is not None and not 0 < args.cpus_per_worker < float("inf"):
-        raise UserError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
+        problems.add(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
     if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=+\-]*", args.name):
-        raise UserError(f"--name may hold letters, digits and _.=+- only, got {args.name!r}")
+        problems.add(f"--name may hold letters, digits and _.=+- only, got {args.name!r}")
+    sets: dict[str, str] = {}
+    for item in args.sets:
+        sets.update(problems.check(parse_set, [item]) or {})
+    trackers = problems.check(parse_trackers, args.track) or ()
+    problems.raise_any()
     return SweepOptions(
         preset=args.preset, cluster=cluster, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
         epochs=args.epochs, seeds=args.seeds, gpus_per_trial=args.gpus_per_trial,
         workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, data_root=args.data_root,
         teacher_dir=args.teacher_dir, results=args.results, name=args.name, resume=args.resume, seed=args.seed,
-        sets=parse_set(args.sets), pairs=getattr(args, "pairs", None), trial_resources=args.trial_resources)
+        sets=sets, pairs=getattr(args, "pairs", None), trial_resources=args.trial_resources,
+        track=TrackOptions(trackers, mlflow_uri=args.mlflow_uri, wandb_project=args.wandb_project))
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, SweepOptions]:

@@ -42,7 +42,7 @@ ENV_DEFAULTS = {
     # failing after 4 x 60 s; the concurrency check has made sure a trial fits the cluster at all
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600),
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's classic reporter: one status table with the best trial, no per-trial boxes
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's classic output, silent at verbose=0: the console is uhkd.sweep.console's lines
     # Tune's saved state must know a trial before its first epoch ends: a driver killed without warning (no final
     # save) would otherwise resume without it and train a replacement from scratch (Tune's "auto" waits >= 10 s)
     "TUNE_GLOBAL_CHECKPOINT_S": "2",
@@ -247,18 +247,17 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     from ray import tune
 
     from .callbacks import ParquetResults, ReleaseStoppedTrainRuns
+    from .console import LiveLines
     from .search import scheduler, searcher
+    from .tracking import callbacks as tracking_callbacks
 
     budget = sweep.preset.budget(sweep.kind)
-    reporter = tune.CLIReporter(
-        metric_columns={"epoch": "epoch", "top1": "top1", "best_top1": "best top1", "images_per_s": "img/s"},
-        parameter_columns=["cell/label"] if sweep.cells else list(sweep.space), max_column_length=40,
-        max_report_frequency=30, metric="best_top1", mode="max", sort_by_metric=True)
     storage_path, filesystem = ray_storage(join(opts.results, name))
     run_config = tune.RunConfig(
-        name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=1, progress_reporter=reporter,
+        name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=0,  # the console: LiveLines
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainRuns()],
+        callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainRuns(), LiveLines(),
+                   *tracking_callbacks(replace(opts.track, experiment=name))],
         failure_config=tune.FailureConfig(max_failures=TUNE_RETRIES))
     # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
     common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process_trials)
@@ -462,20 +461,11 @@ def disk_full(exc: BaseException | None) -> bool:
 
 
 def summarize(outcome: SweepOutcome, seconds: float, out: Callable[[str], None]) -> None:
-    rows = list(outcome.tables.trials.values())
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stopped", "failed")}
-    out(f"sweep {outcome.name}: {len(rows)}/{outcome.planned} trials recorded "
-        f"({', '.join(f'{n} {s}' for s, n in counts.items())}) in {seconds / 60:.1f} min")
-    scored = [r for r in rows if r["status"] != "failed" and math.isfinite(r.get("best_top1") or math.nan)]
-    if scored:
-        best = max(scored, key=lambda r: r["best_top1"])
-        tag = f" [{best['tag']}]" if best["tag"] else ""
-        out(f"best: top-1 {best['best_top1']:.2f} at epoch {best['best_epoch']}: trial {best['trial_id']} "
-            f"{best['pair']} {best['method']}{tag}")
-    for r in rows:
-        if r["status"] == "failed":
-            out(f"failed: trial {r['trial_id']} {r['pair']} {r['method']}: {r['failure_reason']}")
-    out(f"tables: {outcome.folder}/trials.parquet, {outcome.folder}/epochs.parquet")
+    from .console import summary_lines
+
+    for line in summary_lines(list(outcome.tables.trials.values()), outcome.folder, outcome.planned, seconds / 60,
+                              outcome.name):
+        out(line)
 
 
 def main(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, SweepOptions], Sweep],

@@ -1,0 +1,63 @@
+"""Bad input is found before Ray starts or any data loads, every problem listed in one block."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uhkd.errors import UserError
+from uhkd.train import main
+from uhkd.validate import checked_config
+
+
+def test_a_model_typo_on_the_ray_path_fails_before_ray_starts(tmp_path):
+    ray_tmp = tmp_path / "ray"
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "uhkd.train", "--preset", "quick", "--teacher", "typo"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: unknown or unsupported model 'typo'")
+    assert not ray_tmp.exists() and not (tmp_path / "runs").exists()  # no Ray session, no run folder
+
+
+def test_every_problem_is_listed_together(tmp_path, capsys):
+    """Default preset (CIFAR-100, not on disk): the missing dataset no longer hides the other problems."""
+    code = main(["--teacher", "typo", "--student", "resnt18", "--method", "magic", "--set", "optim.lr=fast",
+                 "--set", "optim.lrr=1", "--teacher-checkpoint", str(tmp_path / "t.pth"),
+                 "--data-root", str(tmp_path / "none"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert code == 2 and lines[0] == "error: 7 problems:"
+    assert [line.split()[0:3] for line in lines[1:]] == [
+        ["unknown", "config", "key"], ["config", "key", "'optim.lr'"], ["unknown", "or", "unsupported"],
+        ["unknown", "or", "unsupported"], ["unknown", "method", "'magic';"], ["CIFAR-100", "not", "found"],
+        ["teacher", "checkpoint", f"'{tmp_path / 't.pth'}'"]]
+    assert "'typo'" in lines[4] and "'resnt18'" in lines[3] and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_level_problems_join_the_name_problems():
+    with pytest.raises(UserError) as err:
+        checked_config("quick", {"model.student": "nope", "data.split": "sideways", "data.dataset": "mnist"})
+    lines = str(err.value).splitlines()
+    assert lines[0] == "3 problems:" and len(lines) == 4
+    assert any(line.startswith("  unknown or unsupported model 'nope'") for line in lines)
+    assert "  unknown data.split 'sideways'; valid choices: final, tune" in lines
+    assert any(line.startswith("  unknown dataset 'mnist'; valid choices: cifar100, folder, hfds/<name>, "
+                               "imagenet1k, mnist5k, torch/<name>") for line in lines)
+
+
+def test_sweep_flags_are_listed_together(tmp_path, capsys):
+    from sweeps import hetero_pairs
+
+    argv = ["--results", str(tmp_path / "r"), "--epochs", "0", "--cluster", "no address", "--set", "optim.lrr=1",
+            "--track", "mlfow"]
+    assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error: 4 problems:" and len(lines) == 5
+    assert "--cluster must be" in lines[1] and "--epochs must be >= 1" in lines[2]
+    assert "unknown config key 'optim.lrr'" in lines[3] and "unknown tracker 'mlfow'" in lines[4]
+    assert not Path(tmp_path / "r").exists()

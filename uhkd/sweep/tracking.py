@@ -1,0 +1,182 @@
+"""Experiment tracking (`--track tensorboard|mlflow|wandb`) through Ray Tune's own logger callbacks, adapted so
+that each run logs its resolved config as the flat dotted keys (`method.alpha`, `optim.lr`, ...) and, per epoch,
+every loss term, top-1/top-5, lr, images/s and epoch time with the epoch as the step.
+
+A sweep hands the callbacks to Tune; a single `python -m uhkd.train` run drives the same callbacks through
+`RunTracker` with a `RunTrial` standing in for Tune's trial. The flags and their checks are `uhkd.track_options`."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.result import TRAINING_ITERATION
+
+from ..config import flatten
+from ..track_options import TrackOptions
+
+EPOCH_METRICS = ("top1", "top5", "best_top1", "loss", "lr", "images_per_s", "epoch_time_s")
+
+
+def mlflow_uri(given: str) -> str:
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
+    if "://" in uri or uri.startswith("sqlite:"):
+        if uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        return uri
+    # a plain path: MLflow's file store, which MLflow 3 keeps in maintenance mode behind this opt-in
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return Path(uri).expanduser().resolve().as_uri()
+
+
+def trial_params(trial: Any) -> dict[str, Any]:
+    """The trial's resolved run config as flat dotted keys (what `trials.parquet` holds), plus `pair`."""
+    if isinstance(trial, RunTrial):
+        flat = dict(trial.config)
+    else:
+        from .trainable import run_config
+
+        flat = flatten(run_config(trial.config, trial.trial_id))
+    flat["pair"] = f"{flat['model.teacher']}:{flat['model.student']}"
+    return {k: ("" if v is None else v) for k, v in flat.items()}
+
+
+def epoch_metrics(result: dict) -> dict[str, float]:
+    """The finite per-epoch numbers of one report."""
+    keys = [*EPOCH_METRICS, *sorted(k for k in result if k.startswith("loss_"))]
+    return {k: float(result[k]) for k in keys if isinstance(result.get(k), (int, float))
+            and not isinstance(result.get(k), bool) and math.isfinite(result[k])}
+
+
+def _step_result(result: dict) -> tuple[int, dict] | None:
+    """(epoch, metrics with the epoch as Tune's iteration), None for a report without an epoch."""
+    if result.get("epoch") is None:
+        return None
+    epoch = int(result["epoch"])
+    return epoch, {**epoch_metrics(result), "epoch": epoch, TRAINING_ITERATION: epoch}
+
+
+class MLflowTracking(MLflowLoggerCallback):
+    def log_trial_start(self, trial: Any) -> None:
+        if trial not in self._trial_runs:
+            tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
+            run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
+            self._trial_runs[trial] = run.info.run_id
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial_params(trial))
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        stepped = _step_result(result)
+        if stepped is not None:
+            if trial not in self._trial_runs:
+                self.log_trial_start(trial)
+            epoch, metrics = stepped
+            metrics.pop(TRAINING_ITERATION)
+            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=metrics, step=epoch)
+
+
+class _WandbRunActor(_WandbLoggingActor):
+    def run(self) -> None:
+        super().run()
+        # wait for wandb's service to write the run's files: Ray kills this actor as soon as `run` returns
+        self._wandb.teardown()
+
+
+class WandbTracking(WandbLoggerCallback):
+    _logger_actor_cls = _WandbRunActor
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        if self.kwargs.get("mode") != "offline":  # offline runs need no account (Ray's setup insists on a key)
+            super().setup(*args, **kwargs)
+
+    def log_trial_start(self, trial: Any) -> None:
+        self._start_logging_actor(
+            trial, [*self._exclude_results, *self.excludes, "config"], id=trial.trial_id, name=str(trial),
+            resume=False, reinit=True, allow_val_change=True, group=self.group or trial.experiment_dir_name,
+            project=self.project, config=trial_params(trial), **self.kwargs)
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        stepped = _step_result(result)
+        if stepped is not None:
+            super().log_trial_result(iteration, trial, stepped[1])
+
+
+class TensorBoardTracking(TBXLoggerCallback):
+    """Event files in each trial's folder (`<results>/<sweep>/tune/<trial>/`, or the run's output folder), the
+    metrics under `ray/tune/<name>` by epoch, the searched values as hparams."""
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        stepped = _step_result(result)
+        if stepped is not None:
+            super().log_trial_result(iteration, trial, stepped[1])
+
+
+def callbacks(options: TrackOptions) -> list[Any]:
+    """One Tune logger callback per tracker of `options`."""
+    out: list[Any] = []
+    for name in options.trackers:
+        if name == "tensorboard":
+            out.append(TensorBoardTracking())
+        elif name == "mlflow":
+            out.append(MLflowTracking(mlflow_uri(options.mlflow_uri), experiment_name=options.experiment))
+        else:
+            out.append(WandbTracking(
+                project=options.wandb_project or os.environ.get("WANDB_PROJECT") or "uhkd", group=options.experiment,
+                mode=os.environ.get("WANDB_MODE", "offline"), dir=os.environ.get("WANDB_DIR") or os.getcwd()))
+    return out
+
+
+@dataclass(eq=False)
+class RunTrial:
+    """What Ray's logger callbacks read of a Tune trial, for one `uhkd.train` run: `config` is already flat."""
+
+    trial_id: str
+    config: dict[str, Any]
+    local_path: str
+    experiment_dir_name: str
+    evaluated_params: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Any = None
+
+    def init_local_path(self) -> None:
+        os.makedirs(self.local_path, exist_ok=True)
+
+    def __str__(self) -> str:
+        return self.trial_id
+
+
+class RunTracker:
+    """The tracking callbacks of one run outside Tune: `start`, `result(metrics)` per epoch, `end(failed)`."""
+
+    def __init__(self, options: TrackOptions, run_name: str, flat_config: dict[str, Any], output_dir: str) -> None:
+        self.trial = RunTrial(run_name, flat_config, output_dir, options.experiment)
+        self.callbacks: Sequence[Any] = callbacks(options)
+
+    def start(self) -> None:
+        if any(isinstance(c, WandbTracking) for c in self.callbacks):
+            _ensure_ray()  # W&B logs from a Ray actor
+        for c in self.callbacks:
+            c.setup()
+            c.log_trial_start(self.trial)
+
+    def result(self, metrics: dict) -> None:
+        for c in self.callbacks:
+            c.log_trial_result(int(metrics.get("epoch") or 0), self.trial, metrics)
+
+    def end(self, failed: bool) -> None:
+        for c in self.callbacks:
+            c.log_trial_end(self.trial, failed=failed)
+            c.on_experiment_end([self.trial])
+
+
+def _ensure_ray() -> None:
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
