@@ -131,10 +131,19 @@ def rows(results: Path, name: str) -> "list[dict]":
 
 
 def run_logs(results: Path, name: str) -> dict[str, list[dict]]:
-    """Per trial, the metrics its run logged once each epoch was checkpointed (in order; a repeat = retrained)."""
+    """Per trial, every epoch report Tune logged (`tune/<trial>/result.json`, appended across resumes, in order).
+    A resumed run that had already ended reports its last epoch again unchanged: only a report of an epoch with
+    other numbers (trained again) counts as a repeat."""
     out = {}
-    for log in sorted((results / name / "train").glob("*/metrics.jsonl")):
-        out[log.parent.name] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    for log in sorted((results / name / "tune").glob("*/result.json")):
+        seen, reports = set(), []
+        for line in log.read_text().splitlines():
+            report = json.loads(line) if line.strip() else {}
+            key = (report.get("epoch"), report.get("epoch_time_s"), report.get("loss"))
+            if report.get("epoch") and key not in seen:
+                seen.add(key)
+                reports.append(report)
+        out[log.parent.name] = reports
     return out
 
 
@@ -221,11 +230,11 @@ def trial_checkpoint_corrupted(bench: Bench) -> Outcome:
     """Interrupted with a trial half-way; its latest checkpoint is then truncated: the resumed trial falls back
     to the checkpoint before it (one epoch trained again) and says so."""
     def truncate_latest() -> None:
-        unfinished = [t for t, e in logged_epochs(bench.results, "sw").items()
-                      if t not in {r["trial_id"] for r in rows(bench.results, "sw")}]
+        unfinished = [t for t, log in run_logs(bench.results, "sw").items() if log[-1].get("status") == "running"]
         for trial in unfinished:
-            ckpt = bench.results / "sw" / "train" / trial / "checkpoint.pt"
-            if ckpt.is_file():
+            checkpoints = sorted((bench.results / "sw" / "tune" / trial).glob("checkpoint_*/checkpoint.pt"))
+            if checkpoints:
+                ckpt = checkpoints[-1]
                 ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
 
     result, second, _ = interrupt_then_resume(bench, "trial checkpoint truncated, then --resume", signal.SIGINT,

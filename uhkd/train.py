@@ -135,11 +135,27 @@ class TuneSession(Session):
         self.api, self.device = tune, device
 
     def load(self) -> dict | None:
+        """The last checkpoint, or the one before it (kept beside it in the trial's storage) when the last is
+        unreadable."""
+        import pyarrow.fs as pafs
+
         checkpoint = self.api.get_checkpoint()
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as folder:
-            return read_checkpoint([Path(folder) / CHECKPOINT])
+        fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+        siblings = fs.get_file_info(pafs.FileSelector(os.path.dirname(latest)))
+        older = sorted((i.path for i in siblings if i.type == pafs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_") and i.path < latest), reverse=True)
+        with tempfile.TemporaryDirectory(prefix="uhkd-restore-") as folder:
+            candidates = []
+            for path in (latest, *older):
+                local = Path(folder) / os.path.basename(path)
+                local.mkdir()
+                if fs.get_file_info(f"{path}/{CHECKPOINT}").type == pafs.FileType.File:
+                    pafs.copy_files(f"{path}/{CHECKPOINT}", str(local / CHECKPOINT), source_filesystem=fs,
+                                    destination_filesystem=pafs.LocalFileSystem())
+                candidates.append(local / CHECKPOINT)
+            return read_checkpoint(candidates)
 
     def report(self, metrics: dict, save: Callable[[Path], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="uhkd-ckpt-") as folder:
