@@ -57,3 +57,14 @@ def two_nodes(tmp_path_factory, s3_server):
 
     with start([tmp_path_factory.mktemp("work")], env=s3_server.env) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> str:
+    """Random-init tiny teacher checkpoints for the test pairs (teacher quality does not matter here)."""
+    from uhkd.models import create_stage_model, save_model_checkpoint
+
+    folder = tmp_path_factory.mktemp("teachers")
+    save_model_checkpoint(folder / "convnext_tiny.pth",
+                          create_stage_model("convnext_tiny", num_classes=10, img_size=32, scale="tiny"))
+    return str(folder)

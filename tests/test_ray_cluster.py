@@ -17,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from uhkd.models import create_stage_model, save_model_checkpoint
 from uhkd.sweep.results import TRIALS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,14 +89,6 @@ def head():
     finally:
         stop_head(started)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("teachers")
-    save_model_checkpoint(folder / "convnext_tiny.pth",
-                          create_stage_model("convnext_tiny", num_classes=10, img_size=32, scale="tiny"))
-    return str(folder)
 
 
 def sweep(head: Head, cluster: str, results: Path, teacher_dir: str, *args: str, env: dict | None = None,

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from uhkd.errors import UserError
-from uhkd.models import create_stage_model, save_model_checkpoint
 from uhkd.sweep.cli import SweepOptions
 from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, SweepTables, epochs_schema, loss_terms, merged_table, \
     trials_schema
@@ -31,15 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAIR = "convnext_tiny:resnet18"  # the two fastest tiny models
 SMALL = ["--set", "data.limit_train=192", "--set", "data.limit_eval=64", "--set", "data.batch_size=32"]
 SMALL_SETS = {"data.limit_train": "192", "data.limit_eval": "64", "data.batch_size": "32"}
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> str:
-    """Random-init tiny teacher checkpoints for the test pairs (teacher quality does not matter here)."""
-    folder = tmp_path_factory.mktemp("teachers")
-    model = create_stage_model("convnext_tiny", num_classes=10, img_size=32, scale="tiny")
-    save_model_checkpoint(folder / "convnext_tiny.pth", model)
-    return str(folder)
 
 
 def _free_port() -> int:

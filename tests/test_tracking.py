@@ -29,16 +29,6 @@ SMALL = {"data.limit_train": "192", "data.limit_eval": "64", "data.batch_size": 
          "optim.max_steps_per_epoch": "3"}
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> str:
-    from uhkd.models import create_stage_model, save_model_checkpoint
-
-    folder = tmp_path_factory.mktemp("teachers")
-    save_model_checkpoint(folder / "convnext_tiny.pth",
-                          create_stage_model("convnext_tiny", num_classes=10, img_size=32, scale="tiny"))
-    return str(folder)
-
-
 def tracked_sweep(tmp_path: Path, teacher_dir: str, track: TrackOptions, cells: dict,
                   out: list | None = None) -> tuple[str, pd.DataFrame]:
     opts = SweepOptions(results=str(tmp_path / "res"), teacher_dir=teacher_dir, workers_per_trial=0, epochs=2,
