@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -194,13 +195,16 @@ def error_lines(text: str) -> list[str]:
 
 
 def interrupt_then_resume(bench: Bench, scenario: str, sig: int, *, between: Callable[[], None] = lambda: None,
-                          samples: int = 3, epochs: int = 3) -> tuple[Outcome, subprocess.CompletedProcess, str]:
-    """Start a sweep, send `sig` to its driver once a trial has a row and another has logged an epoch, run
-    `between`, then --resume it. Returns the measurement, the resume's process and the first driver's stderr."""
+                          samples: int = 3, epochs: int = 3, ready: Callable[[], bool] | None = None,
+                          ) -> tuple[Outcome, subprocess.CompletedProcess, str]:
+    """Start a sweep, send `sig` to its driver once `ready` (default: a trial has a row and another has logged an
+    epoch), run `between`, then --resume it. Returns the measurement, the resume's process and the first driver's
+    stderr."""
     name = "sw"
+    ready = ready or (lambda: len(rows(bench.results, name)) >= 1 and epochs_logged(bench, name, epochs + 1)())
     first = bench.start(bench.sweep(name, samples=samples, epochs=epochs))
     try:
-        wait_for(lambda: len(rows(bench.results, name)) >= 1 and epochs_logged(bench, name, epochs + 1)(), first)
+        wait_for(ready, first)
         first.send_signal(sig)
         _, first_err = first.communicate(timeout=180)
     finally:
@@ -227,25 +231,26 @@ def driver_sigterm(bench: Bench) -> Outcome:
 
 
 def trial_checkpoint_corrupted(bench: Bench) -> Outcome:
-    """Interrupted with a trial half-way; its latest checkpoint is then truncated: the resumed trial falls back
-    to the checkpoint before it (one epoch trained again) and says so."""
+    """Interrupted with a trial half-way (one trial, so that ASHA stops none); its latest checkpoint is then
+    truncated: the resumed trial falls back to the checkpoint before it (one epoch trained again) and says so."""
     def truncate_latest() -> None:
-        unfinished = [t for t, log in run_logs(bench.results, "sw").items() if log[-1].get("status") == "running"]
-        for trial in unfinished:
-            checkpoints = sorted((bench.results / "sw" / "tune" / trial).glob("checkpoint_*/checkpoint.pt"))
-            if checkpoints:
-                ckpt = checkpoints[-1]
+        # the checkpoint Tune restores is the one of the last epoch it logged: a newer one on disk, saved while
+        # the driver was stopping, is written over by the resumed trial
+        for trial, log in run_logs(bench.results, "sw").items():
+            if log[-1].get("status") == "running":
+                ckpt = bench.results / "sw" / "tune" / trial / log[-1]["checkpoint_dir_name"] / "checkpoint.pt"
                 ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
 
     result, second, _ = interrupt_then_resume(bench, "trial checkpoint truncated, then --resume", signal.SIGINT,
-                                              between=truncate_latest, epochs=4)
+                                              between=truncate_latest, samples=1, epochs=5,
+                                              ready=epochs_logged(bench, "sw", 2))
     result.lines += [line for line in worker_logs(bench) if "falling back" in line]
     return result
 
 
 def worker_logs(bench: Bench) -> list[str]:
     """The lines Ray's workers wrote to stderr (trials print there; the sweep does not forward them)."""
-    return [line for log in sorted(Path(bench.ray_tmp).glob("ray/session_*/logs/**/worker-*.err"))
+    return [line for log in sorted(Path(bench.ray_tmp).glob("ray/session_2*/logs/**/worker-*.err"))
             for line in log.read_text(errors="replace").splitlines()]
 
 
@@ -572,22 +577,24 @@ def ray_job_stop(bench: Bench) -> Outcome:
                                    *flags, "--", *argv[:1], *argv[1:]], env=env(bench.ray_tmp),
                                   capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
 
-        first = submit([a if a != "local" else "auto" for a in bench.sweep("sw", epochs=3)], "--no-wait")
-        job = next((w.strip("'\".") for w in first.stdout.split() if w.startswith("raysubmit_")), None)
+        first = submit([a if a != "local" else "auto" for a in bench.sweep("sw", samples=1, epochs=30)], "--no-wait")
+        job = next(iter(re.findall(r"raysubmit_[A-Za-z0-9]+", first.stdout)), None)  # the CLI colours it
         if job is None:
             raise RuntimeError(f"ray job submit failed: {' '.join((first.stdout + first.stderr)[-400:].split())}")
-        wait_for(lambda: len(rows(bench.results, "sw")) >= 1, head)
-        subprocess.run([ray, "job", "stop", "--address", address, job], env=env(bench.ray_tmp),
-                       capture_output=True, text=True, timeout=180)
-        logs = "".join(f.read_text(errors="replace") for f in
-                       Path(bench.ray_tmp).glob(f"ray/session_*/logs/job-driver-{job}.log"))
+        wait_for(epochs_logged(bench, "sw", 2), head)
+        stopped = subprocess.run([ray, "job", "stop", "--address", address, job], env=env(bench.ray_tmp),
+                                 capture_output=True, text=True, timeout=180)
+        if stopped.returncode:
+            raise RuntimeError(f"ray job stop failed: {' '.join((stopped.stdout + stopped.stderr)[-400:].split())}")
+        logs = subprocess.run([ray, "job", "logs", "--address", address, job], env=env(bench.ray_tmp),
+                              capture_output=True, text=True, timeout=60).stdout
         (bench.work / "job.log").write_text(logs)
         before = rows(bench.results, "sw")
         second = submit([a if a != "local" else "auto" for a in bench.sweep("sw", resume=True)])
     finally:
         stop(head)
     hint = [line for line in logs.splitlines() if "--resume --name sw" in line]
-    return measure(bench, "ray job submit, ray job stop, --resume", "sw", 3, before,
+    return measure(bench, "ray job submit, ray job stop, --resume", "sw", 1, before,
                    f"stopped: {'hint printed' if hint else 'no hint'}; resubmitted: exit {second.returncode}",
                    hint + error_lines(second.stdout + second.stderr))
 

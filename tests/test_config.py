@@ -41,7 +41,7 @@ def test_optional_fields_accept_none():
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        ({"optim.lrr": 1}, "unknown config key 'optim.lrr'; valid choices:"),
+        ({"optim.lrr": 1}, "unknown config key 'optim.lrr' (did you mean optim.lr or "),
         ({"optim.lr": "fast"}, "'optim.lr' needs a float, got 'fast'"),
         ({"method.sra": "maybe"}, "'method.sra' needs a bool"),
         ({"optim.epochs": 2.5}, "'optim.epochs' needs a int"),
@@ -55,8 +55,10 @@ def test_bad_overrides_name_the_value(overrides, needle):
 
 def test_parse_set_rejects_unknown_key_and_missing_equals():
     assert parse_set(["optim.lr=0.1", "method.name=kd"]) == {"optim.lr": "0.1", "method.name": "kd"}
-    with pytest.raises(UserError, match="valid choices: .*method.alpha"):
+    with pytest.raises(UserError, match=r"'alpha' \(did you mean method.alpha\?\); valid choices: amp, .*method\.\*"):
         parse_set(["alpha=1"])
+    with pytest.raises(UserError, match=r"valid choices: optim.accumulate, .*optim.weight_decay$"):  # its section
+        parse_set(["optim.lrr=1"])
     with pytest.raises(UserError, match="key=value"):
         parse_set(["optim.lr"])
 
@@ -74,7 +76,7 @@ def test_presets_apply_the_student_family_recipe():
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(UserError, match="unknown preset 'cifar10'; valid choices: cifar100, imagenet, quick"):
+    with pytest.raises(UserError, match=r"unknown preset 'cifar10' \(did you mean cifar100\?\); valid choices: cifar100, imagenet, quick"):
         build_config("cifar10")
 
 

@@ -98,7 +98,7 @@ def test_folder_problems_are_one_line(tmp_path, capsys):
         get_dataset("folder", str(write_folders(tmp_path / "ok")), std="0,1,1")
     with pytest.raises(UserError, match=r"dataset 'torch/nosuch' at .* does not open through timm's create_dataset"):
         get_dataset("torch/nosuch", str(tmp_path)).check(str(tmp_path), False)
-    with pytest.raises(UserError, match=r"unknown dataset 'foldr'; valid choices: .*folder.*torch/<name>"):
+    with pytest.raises(UserError, match=r"unknown dataset 'foldr' \(did you mean folder\?\); valid choices: .*folder.*torch/<name>"):
         get_dataset("foldr")
     assert main(["--dataset", "folder", "--data-root", str(tmp_path / "none"), "--workers", "0",
                  "--preset", "quick"]) == 2

@@ -32,7 +32,7 @@ def _base(limited):
 def test_each_pair_its_share_and_its_own_persistent_study(tmp_path):
     db = tmp_path / "study.db"
     sweep = _sweep(PAIRS, study=str(db))
-    search = _base(searcher(sweep, seed=0, planned=7, max_concurrent=7))
+    search = _base(searcher(sweep, seed=0, planned=7, max_concurrent=7, tables=(str(tmp_path), "sw")))
     assert isinstance(search, PairSearch)
     assert search.set_search_properties(None, None, dict(sweep.space))
     configs = {f"t{i}": search.suggest(f"t{i}") for i in range(4)}
@@ -42,7 +42,7 @@ def test_each_pair_its_share_and_its_own_persistent_study(tmp_path):
 
     # --resume: Tune restores the searcher from its saved state; pending trials complete into their own studies
     search.save(str(tmp_path / "searcher.pkl"))
-    restored = _base(searcher(sweep, seed=0, planned=7, max_concurrent=7))
+    restored = _base(searcher(sweep, seed=0, planned=7, max_concurrent=7, tables=(str(tmp_path), "sw")))
     restored.restore(str(tmp_path / "searcher.pkl"))
     for trial_id in ("t1", "t2", "t3"):
         restored.on_trial_complete(trial_id, {"best_top1": 20.0, "training_iteration": 1})
@@ -58,6 +58,25 @@ def test_each_pair_its_share_and_its_own_persistent_study(tmp_path):
     assert study_name(sweep, "a:r18") == "hetero_pairs-quick-accuracy/a:r18"
     completed = optuna.load_study(study_name=study_name(sweep, "b:deit"), storage=storage).trials
     assert [t.value for t in completed] == [20.0, 30.0] and all("x" in t.params for t in completed)
+
+
+def test_a_trial_that_ended_after_the_last_saved_state_counts_on_resume(tmp_path):
+    """Its row is written, but Tune's state (and the searcher's, saved with it) was saved before it began: the
+    restored search counts it, so the sweep samples no replacement beside it."""
+    from uhkd.sweep.results import SweepTables
+
+    sweep = _sweep(PAIRS[:2])
+    search = _base(searcher(sweep, seed=0, planned=4, max_concurrent=4, tables=(str(tmp_path), "sw")))
+    search.set_search_properties(None, None, dict(sweep.space))
+    assert [search.suggest(t)["pair"] for t in ("t0", "t1")] == ["a:r18", "b:deit"]
+    search.save(str(tmp_path / "searcher.pkl"))
+    assert search.suggest("t2")["pair"] == "a:r18"  # after the save: t2 ends, its row is written, the driver dies
+    SweepTables(str(tmp_path), "sw").write_trial({"trial_id": "t2", "pair": "a:r18", "status": "stopped"})
+
+    restored = _base(searcher(sweep, seed=0, planned=4, max_concurrent=4, tables=(str(tmp_path), "sw")))
+    restored.set_search_properties(None, None, dict(sweep.space))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("u0")["pair"] == "b:deit" and restored.suggest("u1") == PairSearch.FINISHED
 
 
 def test_asha_stops_trials_only_against_their_own_pair(ray_local, tmp_path):
@@ -76,7 +95,7 @@ def test_asha_stops_trials_only_against_their_own_pair(ray_local, tmp_path):
     asha = scheduler(sweep, {"grace_period": 1, "reduction_factor": 2}, max_epochs=4)
     assert isinstance(asha, PairASHA)
     tuner = tune.Tuner(trainable, param_space=dict(sweep.space), tune_config=tune.TuneConfig(
-        search_alg=searcher(sweep, seed=1, planned=4, max_concurrent=1), scheduler=asha, num_samples=4,
+        search_alg=searcher(sweep, seed=1, planned=4, max_concurrent=1, tables=(str(tmp_path), "sw")), scheduler=asha, num_samples=4,
         reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="t", verbose=0))
     results = sorted(tuner.fit(), key=lambda r: int(re.search(r"_(\d+)_pair=", r.path).group(1)))  # creation order

@@ -46,7 +46,7 @@ def test_config_level_problems_join_the_name_problems():
     assert lines[0] == "3 problems:" and len(lines) == 4
     assert any(line.startswith("  unknown or unsupported model 'nope'") for line in lines)
     assert "  unknown data.split 'sideways'; valid choices: final, tune" in lines
-    assert any(line.startswith("  unknown dataset 'mnist'; valid choices: cifar100, folder, hfds/<name>, "
+    assert any(line.startswith("  unknown dataset 'mnist' (did you mean mnist5k?); valid choices: cifar100, folder, hfds/<name>, "
                                "imagenet1k, mnist5k, torch/<name>") for line in lines)
 
 
@@ -61,3 +61,19 @@ def test_sweep_flags_are_listed_together(tmp_path, capsys):
     assert "--cluster must be" in lines[1] and "--epochs must be >= 1" in lines[2]
     assert "unknown config key 'optim.lrr'" in lines[3] and "unknown tracker 'mlfow'" in lines[4]
     assert not Path(tmp_path / "r").exists()
+
+
+def test_a_sweep_lists_the_problems_of_all_its_pairs_before_ray(tmp_path, capsys):
+    from sweeps import hetero_pairs
+
+    argv = ["--results", str(tmp_path / "r"), "--cluster", "local", "--set", "optim.lr=fast", "--set",
+            "optim.optimizer=adamx", "--pairs", "swin_tiny:resnet18,convnext_tiny:rsnet18,x"]
+    assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 2
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    assert lines[0] == "error: 5 problems:" and len(lines) == 6, lines
+    for needle in ("config key 'optim.lr' needs a float, got 'fast'", "optim.optimizer 'adamx'",
+                   "model 'swin_tiny' (did you mean swin_tiny_patch4_window7_224", "model 'rsnet18' (did you mean "
+                   "resnet18", "a pair is 'teacher:student' (timm names), got 'x'"):
+        assert sum(needle in line for line in lines[1:]) == 1, (needle, lines)
+    assert "ray:" not in out.out and not Path(tmp_path / "r").exists()

@@ -169,10 +169,18 @@ def unflatten(flat: Mapping[str, Any]) -> RunConfig:
     return apply_overrides(RunConfig(), flat)
 
 
+def unknown_key(key: str) -> UserError:
+    """The error for a key no config field has: the keys of its section if that is one, else the sections."""
+    section = key.partition(".")[0] + "."
+    same = [k for k in LEAF_TYPES if k.startswith(section)]
+    listed = same or sorted({k.partition(".")[0] + ".*" if "." in k else k for k in LEAF_TYPES})
+    return choice_error("config key", key, LEAF_TYPES, listed)
+
+
 def coerce(key: str, value: Any) -> Any:
     """Convert `value` (possibly a string from the command line or YAML) to the type of field `key`."""
     if key not in LEAF_TYPES:
-        raise choice_error("config key", key, LEAF_TYPES)
+        raise unknown_key(key)
     tp = LEAF_TYPES[key]
     optional = get_origin(tp) is Union
     base = _scalar_type(tp)
@@ -225,7 +233,7 @@ def parse_set(items: list[str]) -> dict[str, str]:
         key, value = item.split("=", 1)
         key = key.strip()
         if key not in LEAF_TYPES:
-            raise choice_error("config key", key, LEAF_TYPES)
+            raise unknown_key(key)
         out[key] = value
     return out
 

@@ -1,6 +1,7 @@
 """The one exception type for bad user input: the command lines print it as one line and exit 2."""
 from __future__ import annotations
 
+import difflib
 from typing import Iterable
 
 
@@ -8,10 +9,21 @@ class UserError(ValueError):
     """Bad input from the user (a name, a value, a file). Its message is one complete line."""
 
 
-def choice_error(what: str, value: object, choices: Iterable[object]) -> UserError:
-    """`unknown <what> 'value'; valid choices: a, b, c`."""
-    listed = ", ".join(str(c) for c in sorted(choices, key=str))
-    return UserError(f"unknown {what} {value!r}; valid choices: {listed}")
+def did_you_mean(value: object, choices: Iterable[object]) -> str:
+    """` (did you mean a or b?)` for the choices that look like `value`, else ""."""
+    value, choices = str(value), [str(c) for c in choices]
+    longer = sorted((c for c in choices if c.startswith(value) or c.endswith(f".{value}")), key=len)
+    close = longer[:3] or difflib.get_close_matches(value, choices, n=3)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def choice_error(what: str, value: object, choices: Iterable[object], listed: Iterable[object] | None = None,
+                 ) -> UserError:
+    """`unknown <what> 'value' (did you mean a?); valid choices: a, b, c`; `listed`, when given, is the part of
+    a long list of choices worth showing."""
+    choices = [str(c) for c in choices]
+    shown = ", ".join(sorted(str(c) for c in (choices if listed is None else listed)))
+    return UserError(f"unknown {what} {value!r}{did_you_mean(value, choices)}; valid choices: {shown}")
 
 
 def one_line(text: object, limit: int = 500) -> str:

@@ -21,7 +21,7 @@ from timm.models.mlp_mixer import Affine, ResBlock, _create_mixer
 from timm.models.swin_transformer import _create_swin_transformer
 from torch import Tensor, nn
 
-from .errors import UserError, choice_error, one_line
+from .errors import UserError, choice_error, did_you_mean, one_line
 from .hub import HUB
 
 # timm's register_model appends the registered entry points to this list.
@@ -69,8 +69,9 @@ def _family(name: str) -> str:
     match = _FAMILY_RE.match(name)
     if match is None or not timm.is_model(name):
         families = ", ".join(f"{f}*" for f in FAMILIES)
-        raise UserError(f"unknown or unsupported model {name!r}; supported families: {families} "
-                        f"(e.g. {', '.join(EXAMPLES)})")
+        hint = did_you_mean(name, [m for m in timm.list_models() if _FAMILY_RE.match(m)])
+        examples = "" if hint else f" (e.g. {', '.join(EXAMPLES)})"
+        raise UserError(f"unknown or unsupported model {name!r}{hint}; supported families: {families}{examples}")
     return match.group(1)
 
 

@@ -154,7 +154,7 @@ class TuneSession(Session):
                 if fs.get_file_info(f"{path}/{CHECKPOINT}").type == pafs.FileType.File:
                     pafs.copy_files(f"{path}/{CHECKPOINT}", str(local / CHECKPOINT), source_filesystem=fs,
                                     destination_filesystem=pafs.LocalFileSystem())
-                candidates.append(local / CHECKPOINT)
+                candidates.append((f"{path}/{CHECKPOINT}", local / CHECKPOINT))
             return read_checkpoint(candidates)
 
     def report(self, metrics: dict, save: Callable[[Path], None]) -> None:
@@ -253,13 +253,16 @@ def _connect_ray(cfg: RunConfig) -> None:
 
     import ray
 
+    from .sweep.cluster import ray_messages_to_file
+
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **quiet)
-        return
-    cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker))
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    ray_messages_to_file()
 
 
 def _driver_lines(cfg: RunConfig) -> Callable[[dict], None]:

@@ -80,8 +80,9 @@ class LocalSession(Session):
         self.device, self.callback, self.resume = device, report, resume
 
     def load(self) -> dict | None:
-        return read_checkpoint([self.folder / CHECKPOINT, self.folder / PREVIOUS_CHECKPOINT]) if self.resume \
-            else None
+        if not self.resume:
+            return None
+        return read_checkpoint([(str(self.folder / n), self.folder / n) for n in (CHECKPOINT, PREVIOUS_CHECKPOINT)])
 
     def report(self, metrics: dict, save: Callable[[Path], None]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -96,11 +97,12 @@ class LocalSession(Session):
             self.callback(dict(metrics))
 
 
-def read_checkpoint(candidates: Sequence[Path]) -> dict | None:
-    """The first readable checkpoint of `candidates` (newest first), or None to start from epoch 1. Skipping an
-    unreadable (truncated, corrupted) one is said on stderr, with the checkpoint used instead or the restart."""
+def read_checkpoint(candidates: Sequence[tuple[str, Path]]) -> dict | None:
+    """The first readable checkpoint of `candidates` (what to call it, the local file; newest first), or None to
+    start from epoch 1. Skipping an unreadable (truncated, corrupted) one is said on stderr, with the checkpoint
+    used instead or the restart."""
     problems = []
-    for path in candidates:
+    for name, path in candidates:
         if not path.is_file():
             continue
         try:
@@ -108,10 +110,10 @@ def read_checkpoint(candidates: Sequence[Path]) -> dict | None:
             if not isinstance(state, dict) or "epoch" not in state:
                 raise ValueError("not a uhkd run checkpoint")
         except Exception as err:  # torch raises many types for a truncated or damaged file
-            problems.append(f"checkpoint {str(path)!r} is unreadable ({type(err).__name__}: {one_line(err, 200)})")
+            problems.append(f"checkpoint {name} is unreadable ({type(err).__name__}: {one_line(err, 120)})")
             continue
         if problems:
-            print(f"warning: {'; '.join(problems)}; falling back to {path.name} (epoch {state['epoch']})",
+            print(f"warning: {'; '.join(problems)}; falling back to {name} (epoch {state['epoch']})",
                   file=sys.stderr, flush=True)
         return state
     if problems:

@@ -39,23 +39,33 @@ def checked_config(preset: str | None, overrides: Mapping[str, Any], problems: P
     """`build_config(preset, overrides)` after checking every override, name, dataset and path of the run; all
     problems are raised together."""
     problems = problems or Problems()
+    cfg = collect_problems(preset, overrides, problems)
+    problems.raise_any()
+    return cfg
+
+
+def collect_problems(preset: str | None, overrides: Mapping[str, Any], problems: Problems, *,
+                     teacher_file: bool = True, dataset: bool = True) -> RunConfig:
+    """The run's config, with every problem of its overrides, names and paths added to `problems` (the config is
+    then built from the overrides that are good). `teacher_file=False` leaves the teacher checkpoint's existence
+    to the caller, `dataset=False` the dataset's files."""
     good = {}
     for key, value in overrides.items():
-        found = len(problems.found)
-        problems.check(coerce, key, value)
-        if len(problems.found) == found:
+        try:
+            coerce(key, value)
             good[key] = value
+        except UserError as err:
+            problems.add(str(err))
     cfg = problems.check(build_config, preset, good)
     if cfg is None:  # a config-level problem: still check the names and paths the command gave
         base = problems.check(build_config, preset, {}) or RunConfig()
         cfg = apply_overrides(base, good)
         problems.check(validate, cfg)
-    check_run(cfg, problems)
-    problems.raise_any()
+    check_run(cfg, problems, teacher_file=teacher_file, dataset=dataset)
     return cfg
 
 
-def check_run(cfg: RunConfig, problems: Problems) -> None:
+def check_run(cfg: RunConfig, problems: Problems, *, teacher_file: bool = True, dataset: bool = True) -> None:
     """The names (models, method, dataset), the dataset's files and the weight/checkpoint paths of one run."""
     import uhkd.data  # noqa: F401  (registers the datasets)
     import uhkd.methods  # noqa: F401  (registers the methods)
@@ -69,9 +79,11 @@ def check_run(cfg: RunConfig, problems: Problems) -> None:
             problems.check(model_kind, name)
     problems.check(METHODS.get, cfg.method.name)
     info = problems.check(DATASETS.get, cfg.data.dataset)
-    if info is not None:
+    if info is not None and dataset:
         problems.check(info.check, str(Path(cfg.data.root).expanduser()) if cfg.data.root else "", cfg.data.download)
-    for what, path in (("teacher checkpoint", m.teacher_checkpoint), ("pretrained weight file", m.pretrained_file)):
+    paths = {"teacher checkpoint": m.teacher_checkpoint if teacher_file else "",
+             "pretrained weight file": m.pretrained_file}
+    for what, path in paths.items():
         if path and path != HUB and not Path(path).expanduser().is_file():
             problems.add(f"{what} {path!r} not found")
     if m.pretrained_file == HUB and m.student:

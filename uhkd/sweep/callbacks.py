@@ -134,6 +134,9 @@ class ParquetResults(tune.Callback):
 
     def _finish(self, trial: Any, error: str) -> None:
         assert self._tables is not None
+        # no row while the disk is (nearly) full: Tune's saved state may then lack the trial, and --resume would run
+        # a replacement beside its row; without the row, the replacement is the trial's one row
+        self._check_space()
         if trial.trial_id in (self._finished_ok or ()):
             # finished before a driver crash that Tune's saved state does not know of: its row stands as written
             return

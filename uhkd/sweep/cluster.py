@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import ray
@@ -97,7 +98,30 @@ def _current_address() -> str:
 
 
 def connect(cluster: str) -> str:
-    """Connect this process to Ray as `cluster` says; returns the one line that says what happened."""
+    """Connect this process to Ray as `cluster` says; returns the one line that says what happened (and where
+    Ray's own messages went)."""
+    line = _connect(cluster)
+    return f"{line}; Ray's own messages: {ray_messages_to_file()}"
+
+
+def ray_messages_to_file() -> str:
+    """Send this process's Ray log records (Tune's controller, Train's, the core worker's) to a file in the Ray
+    session's logs folder instead of the console, where only the toolkit's lines belong. Returns the file."""
+    node = getattr(ray._private.worker, "_global_node", None)  # noqa: SLF001 (None for a Ray Client driver)
+    folder = Path(node.get_logs_dir_path()) if node is not None else Path(tempfile.gettempdir())
+    path = folder / f"uhkd-driver-{os.getpid()}.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+    ray_logger = logging.getLogger("ray")
+    for old in [h for h in ray_logger.handlers if isinstance(h, logging.StreamHandler)]:
+        ray_logger.removeHandler(old)
+        if isinstance(old, logging.FileHandler):
+            old.close()
+    ray_logger.addHandler(handler)
+    return str(path)
+
+
+def _connect(cluster: str) -> str:
     explicit = cluster not in ("auto", "local")
     if explicit and not answers(cluster):
         raise UserError(f"no Ray cluster answers at {cluster}; start one there with `ray start --head` or use "

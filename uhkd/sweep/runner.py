@@ -143,24 +143,27 @@ def trial_configs(sweep: Sweep, base: dict[str, Any]) -> list[dict[str, Any]]:
 
 def check_configs(configs: list[dict[str, Any]], dataset: bool = True) -> tuple[list[RunConfig], set[str]]:
     """Build every representative run (names, values, with `dataset` the dataset's presence here) and list the
-    teachers they load."""
-    from ..config import build_config
+    teachers they load; the problems of all of them are raised together."""
     from ..methods import teacher_use
-    from ..models import model_kind
     from ..train import preflight
+    from ..validate import Problems, collect_problems
 
-    runs, teachers = [], set()
+    problems, runs, teachers = Problems(), [], set()
     for config in configs:
-        overrides, _ = trial_overrides(config)
-        if "pair" in config:
-            split_pair(config["pair"])
-        cfg = build_config(config["_preset"], overrides)
-        if cfg.model.teacher:
-            model_kind(cfg.model.teacher)
-        preflight(cfg, teacher_file=False, dataset=dataset)  # missing teachers are listed (or trained) below
+        mine = Problems()
+        overrides = mine.check(lambda c: trial_overrides(c)[0], config)
+        if overrides is not None:
+            # missing teachers are listed (or trained) by the caller
+            cfg = collect_problems(config["_preset"], overrides, mine, teacher_file=False, dataset=dataset)
+            mine.check(preflight, cfg, False, dataset)
+        for problem in mine.found:
+            problems.add(problem)
+        if mine.found:
+            continue
         if cfg.model.teacher and teacher_use(cfg).needed:
             teachers.add(cfg.model.teacher)
         runs.append(cfg)
+    problems.raise_any()
     return runs, teachers
 
 
@@ -264,7 +267,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     if sweep.cells:
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, **common)
     else:
-        tune_config = tune.TuneConfig(search_alg=searcher(sweep, opts.seed, planned, max_concurrent),
+        tune_config = tune.TuneConfig(search_alg=searcher(sweep, opts.seed, planned, max_concurrent, (opts.results, name)),
                                       num_samples=planned, scheduler=scheduler(sweep, budget, max_epochs), **common)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 

@@ -31,13 +31,15 @@ class PairSearch(Searcher):
     """One searcher per pair (`make(pair)`, e.g. an OptunaSearch with its own study), each over the search space
     without `pair`. Trials go to the pairs in turn (the pair with the fewest trials so far that has budget left), so
     the pairs advance side by side; when every pair has had its budget the search is finished. Results go back to
-    that pair's searcher."""
+    that pair's searcher. `tables` (results location, sweep name) are the sweep's rows, read on restore."""
 
-    def __init__(self, budget: dict[str, int], make: Callable[[str], Searcher], metric: Any, mode: Any) -> None:
+    def __init__(self, budget: dict[str, int], make: Callable[[str], Searcher], metric: Any, mode: Any,
+                 tables: tuple[str, str] | None = None) -> None:
         super().__init__(metric=metric, mode=mode)
         self.budget = dict(budget)
         self.by_pair = {pair: make(pair) for pair in budget}
         self.trial_pair: dict[str, str] = {}
+        self.tables = tables
 
     def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
         space = {k: v for k, v in config.items() if k != "pair"}
@@ -71,6 +73,18 @@ class PairSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        if self.tables:
+            self._count_unsaved_trials()
+
+    def _count_unsaved_trials(self) -> None:
+        """A trial that started and ended within Tune's state-saving period (TUNE_GLOBAL_CHECKPOINT_S) before the
+        driver died has its row but is in neither Tune's saved state nor this searcher's (both are saved together):
+        counted here as used, the resumed sweep samples no replacement beside it."""
+        from .results import SweepTables
+
+        for trial_id, row in SweepTables(*self.tables).load().trials.items():
+            if trial_id not in self.trial_pair and row.get("pair") in self.budget:
+                self.trial_pair[trial_id] = row["pair"]
 
 
 class PairASHA(FIFOScheduler):
@@ -108,9 +122,10 @@ class PairASHA(FIFOScheduler):
             f"{pair}: {s.debug_string().splitlines()[0]}" for pair, s in self.by_pair.items())
 
 
-def searcher(sweep: Sweep, seed: int, planned: int, max_concurrent: int) -> Searcher:
+def searcher(sweep: Sweep, seed: int, planned: int, max_concurrent: int, tables: tuple[str, str]) -> Searcher:
     """TPE per pair of the sweep's `pair` domain, `planned` samples split across the pairs. Every pair's sampler has
-    the same seed, so the pairs start from the same random configurations (a paired comparison)."""
+    the same seed, so the pairs start from the same random configurations (a paired comparison). `tables`: where
+    the sweep's rows are (results location, sweep name)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -132,7 +147,7 @@ def searcher(sweep: Sweep, seed: int, planned: int, max_concurrent: int) -> Sear
         return OptunaSearch(metric=metric, mode=mode, sampler=sampler, storage=storage,
                             study_name=study_name(sweep, pair) if storage else None)
 
-    return ConcurrencyLimiter(PairSearch(budget, make, metric, mode), max_concurrent=max_concurrent)
+    return ConcurrencyLimiter(PairSearch(budget, make, metric, mode, tables), max_concurrent=max_concurrent)
 
 
 def scheduler(sweep: Sweep, budget: dict, max_epochs: int) -> TrialScheduler:
