@@ -76,7 +76,8 @@ def test_presets_apply_the_student_family_recipe():
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(UserError, match=r"unknown preset 'cifar10' \(did you mean cifar100\?\); valid choices: cifar100, imagenet, quick"):
+    with pytest.raises(UserError, match=r"unknown preset 'cifar10' \(did you mean cifar100\?\); valid choices: "
+                                         r"cifar100, imagenet, quick"):
         build_config("cifar10")
 
 

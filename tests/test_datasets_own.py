@@ -1,6 +1,6 @@
 """Bring your own dataset: `--dataset folder` on generated class folders (class count from the folders, statistics
-computed once and cached, or given) and timm's dataset factory (`torch/image_folder`) on a local tree, each trained
-for real through `uhkd.train` on both splits."""
+computed once and cached, or given) and timm's dataset factory (`torch/image_folder`, `hfds/<name>`) on a local
+tree, each trained for real through `uhkd.train`."""
 from __future__ import annotations
 
 import json
@@ -79,6 +79,25 @@ def test_a_run_trains_on_own_folders(tmp_path, dataset, split):
     assert student["mean"] == pytest.approx(list(get_dataset(dataset, str(root)).mean), abs=1e-6)
 
 
+def test_hugging_face_datasets_through_timms_factory(tmp_path, monkeypatch):
+    """`hfds/<name>`: timm's factory hands the name to `datasets.load_dataset`, here a local image-folder tree
+    (offline, as on a cluster node with the data copied), cached under --data-root."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    root, cache = write_folders(tmp_path / "data"), tmp_path / "hf-cache"
+    name = f"hfds/{root}"
+    info = get_dataset(name, str(cache))
+    assert info.num_classes == 3
+    assert info.mean == pytest.approx(_pixels(root).mean(0), abs=1e-4)
+    train, test = load_split(name, str(cache), "final")
+    assert (len(train), len(test)) == (36, 12) and sorted({test[i][1] for i in range(12)}) == [0, 1, 2]
+    assert any(cache.iterdir())  # datasets' cache went to --data-root
+    cfg = build_config("quick", {**TINY_RUN, "data.dataset": name, "data.root": str(cache), "data.split": "tune",
+                                 "output_dir": str(tmp_path / "run")})
+    metrics = run_in_process(cfg)
+    assert metrics["status"] == "ok"
+    assert torch.load(tmp_path / "run" / "student.pt", weights_only=True)["num_classes"] == 3
+
+
 def test_the_vit_recipe_on_folders(tmp_path):
     """A token student gets the ViT/MLP recipe (RandAugment, mixup/cutmix, erasing) through the per-image path."""
     root = write_folders(tmp_path / "data")
@@ -98,7 +117,8 @@ def test_folder_problems_are_one_line(tmp_path, capsys):
         get_dataset("folder", str(write_folders(tmp_path / "ok")), std="0,1,1")
     with pytest.raises(UserError, match=r"dataset 'torch/nosuch' at .* does not open through timm's create_dataset"):
         get_dataset("torch/nosuch", str(tmp_path)).check(str(tmp_path), False)
-    with pytest.raises(UserError, match=r"unknown dataset 'foldr' \(did you mean folder\?\); valid choices: .*folder.*torch/<name>"):
+    with pytest.raises(UserError, match=r"unknown dataset 'foldr' \(did you mean folder\?\); valid choices: "
+                                         r".*folder.*torch/<name>"):
         get_dataset("foldr")
     assert main(["--dataset", "folder", "--data-root", str(tmp_path / "none"), "--workers", "0",
                  "--preset", "quick"]) == 2

@@ -155,7 +155,7 @@ def test_embedded_cluster_keeps_token_auth_and_a_local_dashboard(tmp_path):
 
 EXPECT_LINES = {  # scenario -> what the user must have been told (one line each)
     "driver_sigterm": "--resume --name sw",
-    "trial_checkpoint": "/checkpoint.pt; falling back to ",
+    "trial_checkpoint": "/checkpoint.pt is unreadable (",
     "trials_parquet": "error: results table",
     "sweep_json": "error: cannot resume sweep 'sw'",
     "two_resumes": "error: sweep 'sw' is already running",

@@ -148,7 +148,8 @@ def test_bad_switches(kwargs, match):
 
 
 def test_bad_sca():
-    with pytest.raises(UserError, match=r"method.sca 'conv' \(did you mean conv_bn\?\); valid choices: conv_bn, linear"):
+    with pytest.raises(UserError, match=r"method.sca 'conv' \(did you mean conv_bn\?\); valid choices: "
+                                         r"conv_bn, linear"):
         FAM(5, 4, sca="conv")
 
 

@@ -194,6 +194,33 @@ def test_a_sweep_with_asha_stops_leaves_nothing_on_the_cluster(head, tmp_path, t
     assert actors == [] and workers == {}, f"left on the cluster: {actors} {workers} ({leaked_mb:.0f} MB)"
 
 
+@pytest.mark.slow
+def test_the_cleaners_of_a_killed_sweep_go_with_the_next_sweep(head, tmp_path, teacher_dir):
+    """A driver SIGKILLed mid-sweep cannot end its Ray Train runs' detached cleaners; the next sweep on the
+    cluster does (their job has ended, so nothing of it is left to guard)."""
+    argv = [sys.executable, str(ROOT / "sweeps" / "hetero_pairs.py"), "--cluster", head.address, "--results",
+            str(tmp_path / "r"), "--teacher-dir", teacher_dir, "--pairs", PAIR, *SMALL, "--num-samples", "1",
+            "--epochs", "20", "--workers-per-trial", "2", "--cpus-per-worker", "0.45", "--name", "killed"]
+    driver = subprocess.Popen(argv, env=head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(a["cls"] == "PlacementGroupCleaner" for a in left_over(head)[0]):
+            assert driver.poll() is None and time.monotonic() < deadline, "no Ray Train run started"
+            time.sleep(1)
+    finally:
+        os.killpg(driver.pid, 9)
+        driver.wait(timeout=60)
+    time.sleep(5)  # the GCS marks the job ended; its non-detached actors (controller, workers) die with it
+    assert "PlacementGroupCleaner" in [a["cls"] for a in left_over(head)[0]]  # detached: it stays
+    done = sweep(head, head.address, tmp_path / "r", teacher_dir, *in_process("--name", "next"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    deadline = time.monotonic() + 60
+    while left_over(head)[0] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left_over(head)[0] == []
+
+
 def in_process(*args: str) -> list[str]:
     return ["--num-samples", "1", "--epochs", "1", "--workers-per-trial", "0", *args]
 

@@ -95,7 +95,8 @@ def test_asha_stops_trials_only_against_their_own_pair(ray_local, tmp_path):
     asha = scheduler(sweep, {"grace_period": 1, "reduction_factor": 2}, max_epochs=4)
     assert isinstance(asha, PairASHA)
     tuner = tune.Tuner(trainable, param_space=dict(sweep.space), tune_config=tune.TuneConfig(
-        search_alg=searcher(sweep, seed=1, planned=4, max_concurrent=1, tables=(str(tmp_path), "sw")), scheduler=asha, num_samples=4,
+        search_alg=searcher(sweep, seed=1, planned=4, max_concurrent=1, tables=(str(tmp_path), "sw")),
+        scheduler=asha, num_samples=4,
         reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="t", verbose=0))
     results = sorted(tuner.fit(), key=lambda r: int(re.search(r"_(\d+)_pair=", r.path).group(1)))  # creation order

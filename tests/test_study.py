@@ -1,8 +1,16 @@
 """`--study DB` (what `optuna-dashboard sqlite:///DB` opens): after a real hetero_pairs sweep, each pair's study holds
-every finished trial with the values it sampled and its value, as trials.parquet records them."""
+every finished trial with the values it sampled and its value, as trials.parquet records them, and a real
+optuna-dashboard serves them."""
 from __future__ import annotations
 
+import json
 import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -46,3 +54,34 @@ def test_the_study_holds_every_finished_trial_per_pair(tmp_path, ray_local):
         for (params, value), (want, best) in zip(done, expected):
             assert params[:3] == pytest.approx(want[:3]) and params[3] == want[3]
             assert math.isclose(value, best)
+    assert dashboard_trials(db) == {study_name(sweep, p): len(finished[finished["pair"] == p]) for p in PAIRS}
+
+
+def dashboard_trials(db: Path) -> dict[str, int]:
+    """{study name: complete trials} as `optuna-dashboard sqlite:///DB` serves them (its JSON API)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = str(Path(sys.executable).with_name("optuna-dashboard"))
+    server = subprocess.Popen([exe, f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def get(path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/{path}", timeout=5) as answer:
+            return json.load(answer)
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                studies = get("studies")["study_summaries"]
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        trials = {s["study_name"]: get(f"studies/{s['study_id']}?after=0")["trials"] for s in studies}
+        return {name: sum(t["state"] == "Complete" for t in listed) for name, listed in trials.items()}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -171,7 +171,8 @@ def test_a_single_run_is_tracked(tmp_path):
 
 
 def test_track_needs_known_installed_trackers():
-    with pytest.raises(UserError, match=r"unknown tracker 'mlfow' \(did you mean mlflow\?\); valid choices: mlflow, tensorboard, wandb"):
+    with pytest.raises(UserError, match=r"unknown tracker 'mlfow' \(did you mean mlflow\?\); valid choices: "
+                                         r"mlflow, tensorboard, wandb"):
         parse_trackers(["tensorboard,mlfow"])
     with pytest.raises(UserError) as err:
         parse_trackers(["mlflow"], modules={"mlflow": "mlflow_not_installed_here"})

@@ -46,7 +46,8 @@ def test_config_level_problems_join_the_name_problems():
     assert lines[0] == "3 problems:" and len(lines) == 4
     assert any(line.startswith("  unknown or unsupported model 'nope'") for line in lines)
     assert "  unknown data.split 'sideways'; valid choices: final, tune" in lines
-    assert any(line.startswith("  unknown dataset 'mnist' (did you mean mnist5k?); valid choices: cifar100, folder, hfds/<name>, "
+    assert any(line.startswith("  unknown dataset 'mnist' (did you mean mnist5k?); valid choices: cifar100, folder, "
+                               "hfds/<name>, "
                                "imagenet1k, mnist5k, torch/<name>") for line in lines)
 
 

@@ -43,6 +43,10 @@ def _classes(ds: Any) -> list:
 def _open(name: str, root: str, train: bool, download: bool) -> FactoryDataset:
     from timm.data import create_dataset
 
+    if name.startswith("hfds/"):
+        import datasets  # its progress bars are not the toolkit's lines
+
+        datasets.disable_progress_bars()
     try:
         base = create_dataset(name, root=root or None, split="train" if train else "validation",
                               is_training=train, download=download)

@@ -212,7 +212,8 @@ class ReleaseStoppedTrainRuns(tune.Callback):
     The GCS tables say enough without the State API: a group's creator actor and whether it died, a cleaner's owner
     (the controller's worker). A live trial's controller is alive, so its group and cleaner are never touched; at
     the sweep's end every cleaner of this job goes (no Train run of the sweep is left to guard), and so does the
-    cluster-wide `AutoscalingCoordinator` actor the first Train run started, when no other job is running.
+    cluster-wide `AutoscalingCoordinator` actor the first Train run started, when no other job is running. The
+    cleaners of jobs that have ended (a sweep driver SIGKILLed on this cluster earlier) go at any step.
     """
 
     def __init__(self, every_s: float = 2.0) -> None:
@@ -261,19 +262,22 @@ COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")  # (name, nam
 
 
 def stop_cleaners(orphaned_only: bool) -> int:
-    """Kill this job's live Ray Train cleaner actors (only those whose controller has died with `orphaned_only`);
-    returns how many. A handle to an unnamed actor cannot be made from its id, so a zero-CPU task on the cleaner's
-    node ends its process (Ray then records the detached actor as dead)."""
+    """Kill the live Ray Train cleaner actors of this job (only those whose controller has died with
+    `orphaned_only`) and of every job that has ended (a sweep driver killed before it could end its own; its
+    controllers died with it); returns how many. A handle to an unnamed actor cannot be made from its id, so a
+    zero-CPU task on the cleaner's node ends its process (Ray then records the detached actor as dead)."""
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    ended = {bytes.fromhex(job["JobID"]) for job in state.job_table() if job["IsDead"]}
     alive = [gcs_pb2.ActorTableData.FromString(raw) for raw in
-             state._connect_and_get_accessor().get_actor_table(ray.JobID(_job_id()), "ALIVE")]
-    live_workers = {a.address.worker_id for a in alive}
+             state._connect_and_get_accessor().get_actor_table(None, "ALIVE")]
+    live_workers, mine = {a.address.worker_id for a in alive}, _job_id()
     by_node: dict[str, list[int]] = {}
     for actor in alive:
-        if actor.class_name == CLEANER and not (orphaned_only and actor.owner_address.worker_id in live_workers):
+        ours = actor.job_id == mine and not (orphaned_only and actor.owner_address.worker_id in live_workers)
+        if actor.class_name == CLEANER and (ours or actor.job_id in ended):
             by_node.setdefault(actor.address.node_id.hex(), []).append(actor.pid)
     if not by_node:
         return 0

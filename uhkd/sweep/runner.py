@@ -267,8 +267,9 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     if sweep.cells:
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, **common)
     else:
-        tune_config = tune.TuneConfig(search_alg=searcher(sweep, opts.seed, planned, max_concurrent, (opts.results, name)),
-                                      num_samples=planned, scheduler=scheduler(sweep, budget, max_epochs), **common)
+        search = searcher(sweep, opts.seed, planned, max_concurrent, (opts.results, name))
+        tune_config = tune.TuneConfig(search_alg=search, num_samples=planned,
+                                      scheduler=scheduler(sweep, budget, max_epochs), **common)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
