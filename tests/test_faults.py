@@ -83,7 +83,8 @@ def test_trial_checkpoint_falls_back_to_the_previous_one_then_restarts(tmp_path,
     (run / CHECKPOINT).write_bytes((run / CHECKPOINT).read_bytes()[:1000])
     assert run_in_process(cfg)["epoch"] == 3  # epoch 3 trained again from epoch 2's checkpoint
     err = capfd.readouterr().err
-    assert "is unreadable" in err and "falling back to checkpoint.prev.pt (epoch 2)" in err
+    assert f"checkpoint {run / CHECKPOINT} is unreadable" in err
+    assert f"falling back to {run / PREVIOUS_CHECKPOINT} (epoch 2)" in err
     for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
         (run / name).write_bytes(b"garbage")
     run_in_process(cfg)

@@ -159,7 +159,8 @@ def test_pretrained_file_loads_backbone_and_resets_classifier(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: model_kind("resnetv2_50"), "unsupported model 'resnetv2_50'; supported families: resnet\\*, "),
+    (lambda: model_kind("resnetv2_50"),
+     r"unsupported model 'resnetv2_50' \(did you mean resnet50 or .*\?\); supported families: resnet\*, "),
     (lambda: model_kind("vit_huge_nonexistent"), "unknown or unsupported model 'vit_huge_nonexistent'"),
     (lambda: create_stage_model("resnet18", num_classes=10, scale="small"),
      "model.scale 'small'; valid choices: full, tiny"),
