@@ -54,7 +54,7 @@ def _script(name: str) -> list[str]:
 
 def test_schema_is_the_documented_contract():
     trials, epochs = trials_schema(), epochs_schema()
-    assert trials.metadata[b"uhkd.schema_version"] == b"1"
+    assert trials.metadata[b"uhkd.schema_version"] == b"2"
     assert trials.names[:13] == ["schema_version", "sweep", "trial_id", "preset", "tag", "weights_from", "dataset",
                                  "teacher", "student", "method", "pair", "seed", "split"]
     assert trials.names[-25:] == [

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..registry import METHODS
 from ..storage import open_location
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: weights_from and the effective-batch columns (batch_per_worker ... lr_used) added
 TRIALS = "trials.parquet"
 EPOCHS = "epochs.parquet"
 PARTS = "parts"  # per-trial part files not compacted yet
