@@ -231,14 +231,13 @@ def driver_sigterm(bench: Bench) -> Outcome:
 
 
 def trial_checkpoint_corrupted(bench: Bench) -> Outcome:
-    """Interrupted with a trial half-way (one trial, so that ASHA stops none); its latest checkpoint is then
-    truncated: the resumed trial falls back to the checkpoint before it (one epoch trained again) and says so."""
+    """Interrupted with a trial half-way (one trial, so that ASHA stops none); its newest checkpoint is then
+    truncated: the resumed trial falls back to the checkpoint before it and says so (one epoch trained again, or
+    none when the truncated one was saved while the driver stopped and Tune never logged its epoch)."""
     def truncate_latest() -> None:
-        # the checkpoint Tune restores is the one of the last epoch it logged: a newer one on disk, saved while
-        # the driver was stopping, is written over by the resumed trial
         for trial, log in run_logs(bench.results, "sw").items():
             if log[-1].get("status") == "running":
-                ckpt = bench.results / "sw" / "tune" / trial / log[-1]["checkpoint_dir_name"] / "checkpoint.pt"
+                ckpt = sorted((bench.results / "sw" / "tune" / trial).glob("checkpoint_*/checkpoint.pt"))[-1]
                 ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
 
     result, second, _ = interrupt_then_resume(bench, "trial checkpoint truncated, then --resume", signal.SIGINT,

@@ -135,8 +135,9 @@ class TuneSession(Session):
         self.api, self.device = tune, device
 
     def load(self) -> dict | None:
-        """The last checkpoint, or the one before it (kept beside it in the trial's storage) when the last is
-        unreadable."""
+        """The newest readable checkpoint beside the one Tune restores, in the trial's storage: a newer one the
+        trial saved while the driver was stopping (Tune never registered it; resuming from it trains no epoch
+        twice), else Tune's, else an older one kept beside it when those are unreadable."""
         import pyarrow.fs as pafs
 
         checkpoint = self.api.get_checkpoint()
@@ -144,11 +145,11 @@ class TuneSession(Session):
             return None
         fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
         siblings = fs.get_file_info(pafs.FileSelector(os.path.dirname(latest)))
-        older = sorted((i.path for i in siblings if i.type == pafs.FileType.Directory
-                        and i.base_name.startswith("checkpoint_") and i.path < latest), reverse=True)
+        newest_first = sorted((i.path for i in siblings if i.type == pafs.FileType.Directory
+                               and i.base_name.startswith("checkpoint_")), reverse=True)
         with tempfile.TemporaryDirectory(prefix="uhkd-restore-") as folder:
             candidates = []
-            for path in (latest, *older):
+            for path in newest_first:
                 local = Path(folder) / os.path.basename(path)
                 local.mkdir()
                 if fs.get_file_info(f"{path}/{CHECKPOINT}").type == pafs.FileType.File:
