@@ -289,7 +289,9 @@ def sweep_json_corrupted(bench: Bench) -> Outcome:
 
 
 def two_resumes(bench: Bench) -> Outcome:
-    """Two --resume of one interrupted sweep at once: one continues it, the other refuses in one line."""
+    """Two --resume of one interrupted sweep at once: one continues it, the other refuses in one line. One trial
+    of many epochs, so that the first resume is still running when the second has started (Python and torch take
+    seconds to import)."""
     refused: list[subprocess.CompletedProcess] = []
 
     def race() -> None:
@@ -301,7 +303,8 @@ def two_resumes(bench: Bench) -> Outcome:
         finally:
             kill_group(one)
 
-    result, second, _ = interrupt_then_resume(bench, "two --resume at once", signal.SIGINT, between=race)
+    result, second, _ = interrupt_then_resume(bench, "two --resume at once", signal.SIGINT, between=race,
+                                              samples=1, epochs=80, ready=epochs_logged(bench, "sw", 2))
     result.lines = error_lines(refused[0].stderr) + result.lines
     result.outcome = f"second exit {refused[0].returncode}; {result.outcome}"
     return result
