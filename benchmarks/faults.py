@@ -253,39 +253,42 @@ def worker_logs(bench: Bench) -> list[str]:
             for line in log.read_text(errors="replace").splitlines()]
 
 
+def refused_then_repaired(bench: Bench, scenario: str, damage: Callable[[], None], repair: Callable[[], None],
+                          repaired: str) -> Outcome:
+    """Interrupt the sweep, `damage` a file of it, --resume (refused in one line), `repair`, --resume again."""
+    refused: list[subprocess.CompletedProcess] = []
+
+    def between() -> None:
+        damage()
+        refused.append(bench.call(bench.sweep("sw", resume=True)))
+        repair()
+
+    result, _, _ = interrupt_then_resume(bench, scenario, signal.SIGINT, between=between)
+    result.lines = error_lines(refused[0].stderr) + result.lines
+    result.outcome = f"exit {refused[0].returncode}, {repaired}: {result.outcome}"
+    return result
+
+
 def trials_parquet_corrupted(bench: Bench) -> Outcome:
     """trials.parquet truncated while the sweep is stopped: --resume refuses in one line; with the file moved
     aside, --resume rebuilds every row from the trials' own records."""
     table = bench.results / "sw" / "trials.parquet"
-    refused: list[subprocess.CompletedProcess] = []
-
-    def corrupt() -> None:
-        table.write_bytes(table.read_bytes()[:100])
-        refused.append(bench.call(bench.sweep("sw", resume=True)))
-        table.rename(table.with_name("trials.parquet.corrupt"))
-
-    result, _, _ = interrupt_then_resume(bench, "trials.parquet truncated, then --resume", signal.SIGINT,
-                                         between=corrupt)
-    result.lines = error_lines(refused[0].stderr) + result.lines
-    result.outcome = f"exit {refused[0].returncode}, moved aside: {result.outcome}"
-    return result
+    return refused_then_repaired(bench, "trials.parquet truncated, then --resume",
+                                 lambda: table.write_bytes(table.read_bytes()[:100]),
+                                 lambda: table.rename(table.with_name("trials.parquet.corrupt")), "moved aside")
 
 
 def sweep_json_corrupted(bench: Bench) -> Outcome:
+    """sweep.json truncated while the sweep is stopped: --resume refuses in one line; restored, it continues."""
     manifest = bench.results / "sw" / "sweep.json"
-    refused: list[subprocess.CompletedProcess] = []
+    good: list[bytes] = []
 
-    def corrupt() -> None:
-        good = manifest.read_bytes()
-        manifest.write_bytes(good[: len(good) // 2])
-        refused.append(bench.call(bench.sweep("sw", resume=True)))
-        manifest.write_bytes(good)
+    def truncate() -> None:
+        good.append(manifest.read_bytes())
+        manifest.write_bytes(good[0][: len(good[0]) // 2])
 
-    result, _, _ = interrupt_then_resume(bench, "sweep.json truncated, then --resume", signal.SIGINT,
-                                         between=corrupt)
-    result.lines = error_lines(refused[0].stderr) + result.lines
-    result.outcome = f"exit {refused[0].returncode}, restored: {result.outcome}"
-    return result
+    return refused_then_repaired(bench, "sweep.json truncated, then --resume", truncate,
+                                 lambda: manifest.write_bytes(good[0]), "restored")
 
 
 def two_resumes(bench: Bench) -> Outcome:
