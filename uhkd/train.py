@@ -12,7 +12,7 @@ import sys
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -148,15 +148,16 @@ class TuneSession(Session):
         newest_first = sorted((i.path for i in siblings if i.type == pafs.FileType.Directory
                                and i.base_name.startswith("checkpoint_")), reverse=True)
         with tempfile.TemporaryDirectory(prefix="uhkd-restore-") as folder:
-            candidates = []
-            for path in newest_first:
-                local = Path(folder) / os.path.basename(path)
-                local.mkdir()
-                if fs.get_file_info(f"{path}/{CHECKPOINT}").type == pafs.FileType.File:
-                    pafs.copy_files(f"{path}/{CHECKPOINT}", str(local / CHECKPOINT), source_filesystem=fs,
-                                    destination_filesystem=pafs.LocalFileSystem())
-                candidates.append((f"{path}/{CHECKPOINT}", local / CHECKPOINT))
-            return read_checkpoint(candidates)
+            def fetched() -> Iterator[tuple[str, Path]]:  # one at a time: usually the first one read is used
+                for path in newest_first:
+                    local = Path(folder) / os.path.basename(path)
+                    local.mkdir()
+                    if fs.get_file_info(f"{path}/{CHECKPOINT}").type == pafs.FileType.File:
+                        pafs.copy_files(f"{path}/{CHECKPOINT}", str(local / CHECKPOINT), source_filesystem=fs,
+                                        destination_filesystem=pafs.LocalFileSystem())
+                    yield f"{path}/{CHECKPOINT}", local / CHECKPOINT
+
+            return read_checkpoint(fetched())
 
     def report(self, metrics: dict, save: Callable[[Path], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="uhkd-ckpt-") as folder:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ class LocalSession(Session):
             self.callback(dict(metrics))
 
 
-def read_checkpoint(candidates: Sequence[tuple[str, Path]]) -> dict | None:
+def read_checkpoint(candidates: Iterable[tuple[str, Path]]) -> dict | None:
     """The first readable checkpoint of `candidates` (what to call it, the local file; newest first), or None to
     start from epoch 1. Skipping an unreadable (truncated, corrupted) one is said on stderr, with the checkpoint
     used instead or the restart."""
