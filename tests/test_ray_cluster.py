@@ -46,11 +46,11 @@ class Head:
     env: dict
 
 
-def start_head(temp_dir: str, num_cpus: int = 4) -> Head:
+def start_head(temp_dir: str, num_cpus: int = 4, **env_vars: str) -> Head:
     """`ray start --head --block` on free local ports, without the dashboard, its files under `temp_dir`."""
     gcs, client, node_manager, object_manager, agent, agent_grpc, metrics, runtime_env = free_ports(8)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=temp_dir, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env.update({"RAY_TMPDIR": temp_dir, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **env_vars})
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115  (the head writes it while it runs)
     process = subprocess.Popen(
@@ -284,6 +284,48 @@ def test_ray_client_sweep_reports_its_rows(head, tmp_path, teacher_dir):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "sweep client: 1/1 trials recorded (1 ok, 0 stopped, 0 failed)" in done.stdout
     assert pd.read_parquet(tmp_path / "res" / "client" / TRIALS)["status"].tolist() == ["ok"]
+
+
+CRASH_FIRST_SESSION_SERVER = """
+import os, signal, sys
+if "--mode=specific-server" in sys.argv:
+    try:
+        os.close(os.open({marker!r}, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        pass
+    else:
+        os.kill(os.getpid(), signal.SIGSEGV)
+"""
+CONNECT = """
+import sys, ray
+from uhkd.sweep.cluster import connect
+print(connect(sys.argv[1]))
+print("remote", ray.get(ray.remote(lambda: 7).remote()))
+"""
+
+
+@pytest.mark.slow
+def test_a_ray_client_session_whose_server_crashes_as_it_starts_is_started_again(tmp_path):
+    """Ray's client proxy loses a few percent of its session servers as they fork (ray-project/ray#63202); here
+    the head's first session server crashes at start, and the driver attaches with its second."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(CRASH_FIRST_SESSION_SERVER.format(marker=str(tmp_path / "crashed")))
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    crashing = start_head(temp_dir, PYTHONPATH=f"{site}:{ROOT}", RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S="5")
+    try:
+        done = subprocess.run([sys.executable, "-c", CONNECT, crashing.client_address], env=crashing.env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        stop_head(crashing)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "crashed").exists()
+    lines = done.stdout.splitlines()
+    assert lines[0] == ("ray: the cluster's Ray Client server could not start a session (ray-project/ray#63202); "
+                        "trying again (2/3)")
+    assert lines[1].startswith(f"ray: attached to the cluster at {crashing.client_address} ") and lines[2] == "remote 7"
+    assert "Traceback" not in done.stdout + done.stderr
 
 
 @pytest.mark.slow

@@ -77,11 +77,31 @@ def _job_env() -> dict:
     return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV)}}
 
 
+CLIENT_SPAWN_TRIES = 3
+CLIENT_SPAWN_FAILURES = ("Starting Ray client server failed", "Proxy failed to Connect to backend")
+
+
 def _init(address: str) -> None:
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=_job_env())
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot attach to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+    for attempt in range(1, CLIENT_SPAWN_TRIES + 1):
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=_job_env())
+            return
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            reason = _reason(exc)
+            # The Ray Client proxy forks each session's server from a multi-threaded gRPC process, and a few
+            # percent of those children crash as they start (ray-project/ray#63202); a new session usually starts
+            if not any(f in reason for f in CLIENT_SPAWN_FAILURES) or attempt == CLIENT_SPAWN_TRIES:
+                raise UserError(f"cannot attach to the Ray cluster at {address}: {reason}") from None
+            ray.shutdown()
+            print(f"ray: the cluster's Ray Client server could not start a session (ray-project/ray#63202); "
+                  f"trying again ({attempt + 1}/{CLIENT_SPAWN_TRIES})", flush=True)
+
+
+def _reason(exc: Exception) -> str:
+    """One line of Ray's message: a Ray Client server's refusal ends its first line with ':' and carries the
+    server's traceback below it, whose last line says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _start_local() -> None:
