@@ -4,6 +4,7 @@ on one results root both complete in folders of their own, `--cluster auto` find
 `ray start --temp-dir`, and Ray Client (`ray://`) sweeps report their rows."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,12 +47,20 @@ class Head:
     env: dict
 
 
-def start_head(temp_dir: str, num_cpus: int = 4, **env_vars: str) -> Head:
-    """`ray start --head --block` on free local ports, without the dashboard, its files under `temp_dir`."""
+def start_head(temp_dir: str, num_cpus: int = 4, autoscaling: dict | None = None, **env_vars: str) -> Head:
+    """`ray start --head --block` on free local ports, without the dashboard, its files under `temp_dir`; with an
+    `autoscaling` config for Ray's fake multi-node provider, an autoscaler that starts nodes as local processes."""
     gcs, client, node_manager, object_manager, agent, agent_grpc, metrics, runtime_env = free_ports(8)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_TMPDIR": temp_dir, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **env_vars})
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    scaling = []
+    if autoscaling:
+        config = Path(temp_dir) / "autoscaling.json"
+        provider = {**autoscaling["provider"], "gcs_address": f"127.0.0.1:{gcs}"}
+        config.write_text(json.dumps({**autoscaling, "provider": provider}))
+        scaling = [f"--autoscaling-config={config}"]
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115  (the head writes it while it runs)
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -59,7 +68,7 @@ def start_head(temp_dir: str, num_cpus: int = 4, **env_vars: str) -> Head:
          f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={runtime_env}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--disable-usage-stats", f"--temp-dir={temp_dir}", *scaling],
         env=env, stdout=log, stderr=subprocess.STDOUT)
     head = Head(f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", temp_dir, process, env)
     deadline = time.monotonic() + 240
@@ -78,6 +87,13 @@ def stop_head(head: Head) -> None:
     except subprocess.TimeoutExpired:
         head.process.kill()
         head.process.wait(timeout=30)
+    import ray  # noqa: F401  (puts the psutil Ray bundles on the path)
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):  # nodes an autoscaler started outlive the head
+        if any(head.temp_dir in arg for arg in proc.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +342,42 @@ def test_a_ray_client_session_whose_server_crashes_as_it_starts_is_started_again
                         "trying again (2/3)")
     assert lines[1].startswith(f"ray: attached to the cluster at {crashing.client_address} ") and lines[2] == "remote 7"
     assert "Traceback" not in done.stdout + done.stderr
+
+
+# Ray's fake multi-node provider: a head without CPUs, and a node type of 1 CPU the autoscaler may start twice
+FAKE_AUTOSCALER = {
+    "cluster_name": "fake", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.2,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+        "cpu_node": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}},
+    "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    **dict.fromkeys(("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                     "head_start_ray_commands", "worker_start_ray_commands"), [])}
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_its_trials_on_the_nodes_an_autoscaler_starts(tmp_path, teacher_dir):
+    """Autoscaler v1 (what `ray up` runs) keeps its node types in its config file and publishes none to the GCS;
+    its node types state no memory, which it counts as none. The sweep finds the types, sizes its concurrency by
+    them, reserves no memory, and its trials wait for the nodes."""
+    temp_dir = tempfile.mkdtemp(prefix="ra", dir="/tmp")
+    scaling = start_head(temp_dir, num_cpus=0, autoscaling=FAKE_AUTOSCALER)
+    try:
+        done = sweep(scaling, scaling.address, tmp_path / "res", teacher_dir,
+                     *in_process("--num-samples", "2", "--name", "scaled"), timeout=600)
+        monitor = (Path(temp_dir) / "session_latest" / "logs" / "monitor.log").read_text()
+    finally:
+        stop_head(scaling)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(1 node, 0 CPUs)" in done.stdout
+    assert "sweep scaled: 2 trial(s), 2 at once" in done.stdout
+    assert "sweep scaled: 2/2 trials recorded (2 ok, 0 stopped, 0 failed)" in done.stdout
+    assert "Adding 2 node(s) of type cpu_node" in monitor
+    assert pd.read_parquet(tmp_path / "res" / "scaled" / TRIALS)["status"].tolist() == ["ok", "ok"]
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import ray
 
@@ -179,3 +180,54 @@ def _connect(cluster: str) -> str:
     _start_local()
     stale = f"; {recorded} (recorded by an earlier `ray start`) does not answer" if recorded else ""
     return f"ray: no running cluster found{stale}; started an embedded local one ({_describe()})"
+
+
+def scalable_nodes(limit: int = 256) -> list[dict[str, float]] | None:
+    """The nodes an autoscaling cluster may have (its node types x their maximum counts, the head's type once
+    more), None on a fixed cluster. Autoscaler v2 and KubeRay publish their node types in the GCS; v1, what
+    `ray up` runs, keeps them in the config file its monitor reads on the head node."""
+    from ray._private.state import state
+
+    if ray.util.client.ray.is_connected():  # the cluster's state is read on the cluster
+        return ray.get(ray.remote(num_cpus=0)(scalable_nodes).remote(limit))
+    config = state.get_cluster_config()
+    types = [(dict(g.resources), g.max_count) for g in (config.node_group_configs if config else ())
+             if g.max_count and g.resources] or _on_head_node(monitor_node_types)
+    if not types:
+        return None
+    return [shape for shape, count in types for _ in range(limit if count < 0 else min(count, limit))]
+
+
+def monitor_node_types() -> list[tuple[dict[str, float], int]]:
+    """Autoscaler v1's node types: (resources, how many such nodes there may be) from the config file of this
+    cluster's monitor process, run on this node; [] without one. Types whose resources the file leaves to the
+    cloud provider to fill in are left out."""
+    import psutil
+    import yaml
+
+    gcs = f"--gcs-address={ray.get_runtime_context().gcs_address}"
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        path = next((a.split("=", 1)[1] for a in cmd if a.startswith("--autoscaling-config=")), None)
+        if path is None or gcs not in cmd or not any(a.endswith("monitor.py") for a in cmd):
+            continue
+        try:
+            config = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return []
+        cap = int(config.get("max_workers", 2**31))
+        head = config.get("head_node_type")
+        types = (config.get("available_node_types") or {}).items()
+        return [({k: float(v) for k, v in t["resources"].items()},
+                 min(int(t.get("max_workers", cap)), cap) + (n == head)) for n, t in types if t.get("resources")]
+    return []
+
+
+def _on_head_node(fn: Callable[[], Any]) -> Any:
+    head = next(n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n["Resources"])
+    if ray.get_runtime_context().get_node_id() == head:
+        return fn()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return ray.get(ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False))(fn)
+                   .remote())

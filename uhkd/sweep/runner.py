@@ -224,25 +224,10 @@ def concurrency(nodes: list[dict[str, float]], bundles: list[dict[str, float]], 
         gpu_text = f" + {per_worker_gpu:g} GPUs" if per_worker_gpu else ""
         biggest = max(shapes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
         raise UserError(f"a trial needs {len(workers)} worker(s) x {workers[0]['CPU']:g} CPUs{gpu_text} and "
-                        f"{bundles[0]['memory'] / 2**30:.1f} GiB for its own process; the largest Ray node has "
+                        f"{bundles[0].get('memory', 0) / 2**30:.1f} GiB for its own process; the largest Ray node has "
                         f"{biggest.get('CPU', 0):g} CPUs, {biggest.get('GPU', 0):g} GPUs and "
                         f"{biggest.get('memory', 0) / 2**30:.1f} GiB (lower --cpus-per-worker / --workers-per-trial)")
     return requested or max(1, min(fits, cap or fits))
-
-
-def scalable_nodes(limit: int = 256) -> list[dict[str, float]] | None:
-    """The nodes an autoscaling cluster may start (its node types x their maximum counts), None on a fixed
-    cluster."""
-    import ray
-    from ray._private.state import state
-
-    if ray.util.client.ray.is_connected():  # the cluster's state is read on the cluster
-        return ray.get(ray.remote(num_cpus=0)(scalable_nodes).remote(limit))
-    config = state.get_cluster_config()
-    groups = [g for g in (config.node_group_configs if config else ()) if g.max_count and g.resources]
-    if not groups:
-        return None
-    return [dict(g.resources) for g in groups for _ in range(limit if g.max_count < 0 else min(g.max_count, limit))]
 
 
 def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, trainable: Any, planned: int,
@@ -364,7 +349,7 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
     import ray
     from ray import tune
 
-    from .cluster import connect
+    from .cluster import connect, scalable_nodes
 
     if resuming:
         lock.hold(join(opts.results, name), name)
@@ -386,16 +371,20 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
     lock.hold(join(opts.results, name), name)
     out(connect(opts.cluster))
     budget = sweep.preset.budget(sweep.kind)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    scalable = scalable_nodes()
     gpus = opts.gpus_per_trial
     if gpus is None:
         auto = budget.get("gpus_per_trial", "auto")
-        gpus = float(ray.cluster_resources().get("GPU", 0) >= 1) if auto == "auto" else float(auto)
+        gpus = float(any(n.get("GPU", 0) >= 1 for n in scalable or nodes)) if auto == "auto" else float(auto)
     cfg = p.runs[0]
     p.base["_run"]["gpus_per_worker"] = gpus / max(cfg.workers, 1)
     bundles = trial_bundles(cfg.workers, cfg.cpus_per_worker, gpus, opts.trial_resources)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    max_concurrent = concurrency(nodes, bundles, gpus, opts.max_concurrent, budget.get("max_concurrent"),
-                                 scalable_nodes())
+    if scalable and not all(n.get("memory") for n in scalable):
+        # an autoscaler counts a node type that states no memory as having none, and would never start one for
+        # a trial that reserves memory
+        bundles = [{k: v for k, v in b.items() if k != "memory"} for b in bundles]
+    max_concurrent = concurrency(nodes, bundles, gpus, opts.max_concurrent, budget.get("max_concurrent"), scalable)
     if p.missing:
         from .teachers import train_teachers
 
