@@ -28,15 +28,24 @@ import pandas as pd
 def measure(label: str, sweep, opts, log) -> dict:  # noqa: ANN001  (Sweep, SweepOptions, file)
     from uhkd.sweep.runner import run
 
-    start = time.perf_counter()
+    start, began = time.perf_counter(), pd.Timestamp.now(tz="UTC")
     with contextlib.redirect_stdout(log):
         outcome = run(sweep, opts, out=lambda line: print(line, file=log))
-    wall = time.perf_counter() - start
+    wall, ended = time.perf_counter() - start, pd.Timestamp.now(tz="UTC")
     trials = pd.DataFrame(list(outcome.tables.trials.values()))
     epochs = pd.DataFrame(list(outcome.tables.epochs.values()))
     trial_s, epoch_s, n = trials["wall_time_s"].sum(), epochs["epoch_time_s"].sum(), len(trials)
     slot_s = wall * outcome.concurrent  # trial slots the sweep held, idle or busy
-    return {"sweep": label, "trials": n, "at once": outcome.concurrent, "wall s": wall, "trial s": trial_s,
+    first, last_start, last = trials["started_at"].min(), trials["started_at"].max(), trials["finished_at"].max()
+    # where the slots' time goes besides epochs: before the first trial starts (checks, Tune's set-up, the trial
+    # actors' start and imports); slots idle between the first start and the last end, split into the tail (a
+    # slot whose trial ended after the last trial started has nothing left to run) and the gaps Tune leaves
+    # between one trial and the next in a slot; and after the last trial (tables, clean-up)
+    idle = outcome.concurrent * (last - first).total_seconds() - trial_s
+    tail = sum((last - end).total_seconds() for end in trials["finished_at"] if end >= last_start)
+    phases = {"before first trial s": (first - began).total_seconds(), "gaps between trials s": idle - tail,
+              "tail s": tail, "after last trial s": (ended - last).total_seconds()}
+    return {"sweep": label, "trials": n, "at once": outcome.concurrent, "wall s": wall, **phases, "trial s": trial_s,
             "epochs s": epoch_s, "start-up s/trial": (trial_s - epoch_s) / n,
             "start-up share": (trial_s - epoch_s) / trial_s, "overhead s/trial": (slot_s - epoch_s) / n,
             "busy slot s": epoch_s / outcome.concurrent,
