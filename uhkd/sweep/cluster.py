@@ -14,7 +14,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import ray
 
@@ -223,8 +223,12 @@ def monitor_node_types() -> list[tuple[dict[str, float], int]]:
     return []
 
 
-def _on_head_node(fn: Callable[[], Any]) -> Any:
-    head = next(n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n["Resources"])
+def _on_head_node(fn: Callable[[], list]) -> list:
+    """`fn()` run on the cluster's head node ([] when no head is known)."""
+    head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n["Resources"]),
+                None)
+    if head is None:
+        return []
     if ray.get_runtime_context().get_node_id() == head:
         return fn()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
