@@ -416,6 +416,7 @@ def test_an_autoscaling_cluster_is_sized_by_the_nodes_it_may_start():
 def test_trial_resources_reserve_memory_for_the_trials_own_process():
     assert trial_resources(trial_bundles(2, 1.0, 1.0)) == {"cpu": 0.01, "memory": 1.2 * GiB}
     assert trial_resources(trial_bundles(1, 2.0, 0.5)) == {"cpu": 2.0, "gpu": 0.5, "memory": 1.0 * GiB}
+    assert trial_resources(trial_bundles(1, 2.0, 0.5, memory=False)) == {"cpu": 2.0, "gpu": 0.5}
     assert trial_resources(trial_bundles(2, 1.0, 0, {"gpu_node": 1})) == {"cpu": 0.01, "memory": 1.2 * GiB,
                                                                           "gpu_node": 1}
 

@@ -14,7 +14,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import ray
 
@@ -42,14 +42,19 @@ def recorded_address() -> str:
     return read_ray_address() or ""
 
 
+def _command_lines() -> Iterator[list[str]]:
+    """The arguments of each process running on this machine."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            yield cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+
+
 def started_elsewhere() -> list[str]:
     """Addresses recorded by `ray start` in the temp folders of the GCS servers running here (`--temp-dir`)."""
     found = set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
+    for args in _command_lines():
         if not args[0].endswith("gcs_server"):
             continue
         for arg in args:
@@ -202,12 +207,10 @@ def monitor_node_types() -> list[tuple[dict[str, float], int]]:
     """Autoscaler v1's node types: (resources, how many such nodes there may be) from the config file of this
     cluster's monitor process, run on this node; [] without one. Types whose resources the file leaves to the
     cloud provider to fill in are left out."""
-    import psutil
     import yaml
 
     gcs = f"--gcs-address={ray.get_runtime_context().gcs_address}"
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
+    for cmd in _command_lines():
         path = next((a.split("=", 1)[1] for a in cmd if a.startswith("--autoscaling-config=")), None)
         if path is None or gcs not in cmd or not any(a.endswith("monitor.py") for a in cmd):
             continue

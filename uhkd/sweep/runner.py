@@ -168,14 +168,14 @@ def check_configs(configs: list[dict[str, Any]], dataset: bool = True) -> tuple[
 
 
 def trial_bundles(workers: int, cpus_per_worker: float, gpus_per_trial: float,
-                  custom: dict[str, float] | None = None) -> list[dict[str, float]]:
-    """What one trial reserves, as Ray resource bundles: the trial's own process first (with memory for it: Ray
-    Train's driver side is the trial, its controller and two helper actors), then one bundle per Ray Train worker;
-    `custom` resources in each."""
+                  custom: dict[str, float] | None = None, memory: bool = True) -> list[dict[str, float]]:
+    """What one trial reserves, as Ray resource bundles: the trial's own process first (with memory for it unless
+    `memory` is off: Ray Train's driver side is the trial, its controller and two helper actors), then one bundle
+    per Ray Train worker; `custom` resources in each."""
     custom = custom or {}
     if in_process(workers):
-        return [{"CPU": cpus_per_worker, "GPU": gpus_per_trial, "memory": IN_PROCESS_MEMORY, **custom}]
-    return [{"CPU": TRIAL_CPU, "memory": TRAIN_DRIVER_MEMORY, **custom},
+        return [{"CPU": cpus_per_worker, "GPU": gpus_per_trial, "memory": IN_PROCESS_MEMORY * memory, **custom}]
+    return [{"CPU": TRIAL_CPU, "memory": TRAIN_DRIVER_MEMORY * memory, **custom},
             *[{"CPU": cpus_per_worker, "GPU": gpus_per_trial / workers, **custom}] * workers]
 
 
@@ -224,7 +224,7 @@ def concurrency(nodes: list[dict[str, float]], bundles: list[dict[str, float]], 
         gpu_text = f" + {per_worker_gpu:g} GPUs" if per_worker_gpu else ""
         biggest = max(shapes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
         raise UserError(f"a trial needs {len(workers)} worker(s) x {workers[0]['CPU']:g} CPUs{gpu_text} and "
-                        f"{bundles[0].get('memory', 0) / 2**30:.1f} GiB for its own process; the largest Ray node has "
+                        f"{bundles[0]['memory'] / 2**30:.1f} GiB for its own process; the largest Ray node has "
                         f"{biggest.get('CPU', 0):g} CPUs, {biggest.get('GPU', 0):g} GPUs and "
                         f"{biggest.get('memory', 0) / 2**30:.1f} GiB (lower --cpus-per-worker / --workers-per-trial)")
     return requested or max(1, min(fits, cap or fits))
@@ -379,11 +379,10 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
         gpus = float(any(n.get("GPU", 0) >= 1 for n in scalable or nodes)) if auto == "auto" else float(auto)
     cfg = p.runs[0]
     p.base["_run"]["gpus_per_worker"] = gpus / max(cfg.workers, 1)
-    bundles = trial_bundles(cfg.workers, cfg.cpus_per_worker, gpus, opts.trial_resources)
-    if scalable and not all(n.get("memory") for n in scalable):
-        # an autoscaler counts a node type that states no memory as having none, and would never start one for
-        # a trial that reserves memory
-        bundles = [{k: v for k, v in b.items() if k != "memory"} for b in bundles]
+    # an autoscaler counts a node type that states no memory as having none, and would never start one for a
+    # trial that reserves memory
+    memory = not scalable or all(n.get("memory") for n in scalable)
+    bundles = trial_bundles(cfg.workers, cfg.cpus_per_worker, gpus, opts.trial_resources, memory)
     max_concurrent = concurrency(nodes, bundles, gpus, opts.max_concurrent, budget.get("max_concurrent"), scalable)
     if p.missing:
         from .teachers import train_teachers
