@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -83,7 +84,7 @@ def _job_env() -> dict:
     return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV)}}
 
 
-CLIENT_SPAWN_TRIES = 3
+CLIENT_SPAWN_TRIES = 5
 CLIENT_SPAWN_FAILURES = ("Starting Ray client server failed", "Proxy failed to Connect to backend")
 
 
@@ -95,12 +96,14 @@ def _init(address: str) -> None:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             reason = _reason(exc)
             # The Ray Client proxy forks each session's server from a multi-threaded gRPC process, and a few
-            # percent of those children crash as they start (ray-project/ray#63202); a new session usually starts
+            # percent of those children crash as they start (ray-project/ray#63202), most often on a head that has
+            # just started; a new session a moment later usually starts
             if not any(f in reason for f in CLIENT_SPAWN_FAILURES) or attempt == CLIENT_SPAWN_TRIES:
                 raise UserError(f"cannot attach to the Ray cluster at {address}: {reason}") from None
             ray.shutdown()
             print(f"ray: the cluster's Ray Client server could not start a session (ray-project/ray#63202); "
                   f"trying again ({attempt + 1}/{CLIENT_SPAWN_TRIES})", flush=True)
+            time.sleep(2 ** (attempt - 1))
 
 
 def _reason(exc: Exception) -> str:
