@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from realstack import answers, free_port, free_ports  # noqa: E402  (the slow tests' local ports, shared with them)
+
 PAIR = "convnext_tiny:resnet18"  # the two fastest tiny models
 SMALL = ["--set", "data.limit_train=192", "--set", "data.limit_eval=64", "--set", "data.batch_size=32",
          "--set", "optim.max_steps_per_epoch=6"]
@@ -50,12 +52,6 @@ class Outcome:
 
 
 # --- the pieces every scenario uses --------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def env(ray_tmp: str) -> dict:
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -467,7 +463,7 @@ def ray_start(bench: Bench, *flags: str) -> subprocess.Popen:
     if "--head" in flags:
         ports.append("--ray-client-server-port")
     argv = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--node-ip-address=127.0.0.1",
-            "--disable-usage-stats", *(f"{flag}={free_port()}" for flag in ports), *flags]
+            "--disable-usage-stats", *(f"{flag}={port}" for flag, port in zip(ports, free_ports(len(ports)))), *flags]
     return subprocess.Popen(argv, env=env(bench.ray_tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
@@ -487,7 +483,7 @@ def two_nodes(bench: Bench) -> Iterator[tuple[str, subprocess.Popen]]:
     head = ray_start(bench, "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false")
     node, node_tmp = None, tempfile.mkdtemp(prefix="rn", dir="/tmp")
     try:
-        wait_for(lambda: _answers(port), head, timeout=120)
+        wait_for(lambda: answers(port), head, timeout=120)
         node = ray_start(bench, f"--address={address}", "--num-cpus=1", f"--temp-dir={node_tmp}")
         wait_for(lambda: _alive_nodes(address, bench) >= 2, node)
         yield address, node
@@ -569,13 +565,13 @@ def ray_job_stop(bench: Bench) -> Outcome:
     """The quick sweep submitted with `ray job submit` to a `ray start --head` cluster, stopped with
     `ray job stop` (SIGTERM): it saves and prints the resume hint; a second submission with --resume finishes it."""
     ray = str(Path(sys.executable).with_name("ray"))
-    port, dash = free_port(), free_port()
+    port, dash = free_ports(2)
     head = ray_start(bench, "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}")
     address = f"http://127.0.0.1:{dash}"
     runtime = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}})
     try:
-        wait_for(lambda: _answers(dash), head, timeout=180)
+        wait_for(lambda: answers(dash), head, timeout=180)
 
         def submit(argv: list[str], *flags: str) -> subprocess.CompletedProcess:
             return subprocess.run([ray, "job", "submit", "--address", address, "--runtime-env-json", runtime,
@@ -602,12 +598,6 @@ def ray_job_stop(bench: Bench) -> Outcome:
     return measure(bench, "ray job submit, ray job stop, --resume", "sw", 1, before,
                    f"stopped: {'hint printed' if hint else 'no hint'}; resubmitted: exit {second.returncode}",
                    hint + error_lines(second.stdout + second.stderr))
-
-
-def _answers(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-    return False
 
 
 SCENARIOS: dict[str, Callable[[Bench], Outcome]] = {

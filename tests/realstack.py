@@ -28,13 +28,28 @@ BIN = Path(sys.executable).parent
 WORKER_RESOURCE = "worker_node"  # only the second node has it: trials asking for it run there
 
 
+_handed_out: set[int] = set()
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` local ports nothing listens on, none handed out before by this process: the kernel may give a port
+    just closed again, and a Ray node given one port for two of its components aborts."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            ports.append(port)
+    return ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
-def _answers(port: int) -> bool:
+def answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
@@ -101,10 +116,10 @@ def s3(folder: Path, bucket: str = "uhkd", start_timeout: float = 90) -> Iterato
     identities = {"identities": [{"name": "tests", "credentials": [{"accessKey": access, "secretKey": secret}],
                                   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     (folder / "s3.json").write_text(json.dumps(identities))
-    s3_port = free_port()
-    ports = {"s3.port": s3_port, "s3.port.grpc": free_port(), "master.port": free_port(),
-             "master.port.grpc": free_port(), "volume.port": free_port(), "volume.port.grpc": free_port(),
-             "filer.port": free_port(), "filer.port.grpc": free_port(), "s3.port.iceberg": 0, "s3.port.lance": 0}
+    names = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+             "filer.port", "filer.port.grpc"]
+    ports = {**dict(zip(names, free_ports(len(names)))), "s3.port.iceberg": 0, "s3.port.lance": 0}
+    s3_port = ports["s3.port"]
     cmd = [str(shutil.which("weed", path=str(BIN)) or "weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-dir={folder / 'data'}", "-s3", f"-s3.config={folder / 's3.json'}", "-master.telemetry=false",
            "-master.volumeSizeLimitMB=64", "-volume.max=8", *(f"-{k}={v}" for k, v in ports.items())]
@@ -132,7 +147,7 @@ def _wait_s3(server: S3Server, proc: subprocess.Popen, timeout: float) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"weed server exited ({proc.returncode}): {server.log.read_text()[-2000:]}")
-        if _answers(int(server.endpoint.rsplit(":", 1)[1])):
+        if answers(int(server.endpoint.rsplit(":", 1)[1])):
             try:
                 if subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=20).returncode == 0:
                     return
@@ -157,9 +172,9 @@ class TwoNodes:
 
 
 def _ray_start(args: Sequence[str]) -> list[str]:
-    ports = {"node-manager-port": free_port(), "object-manager-port": free_port(),
-             "dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
-             "runtime-env-agent-port": free_port(), "metrics-export-port": free_port()}
+    names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "metrics-export-port"]
+    ports = dict(zip(names, free_ports(len(names))))
     return [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
             *(f"--{k}={v}" for k, v in ports.items()), *args]
 
@@ -227,7 +242,7 @@ def _start_node(cmd: list[str], name: str, cluster: TwoNodes, procs: list[subpro
 
 def _alive_nodes(cluster: TwoNodes) -> list[dict] | None:
     """The resources of the cluster's alive nodes (asked from a short-lived process), None if it cannot tell."""
-    if not _answers(int(cluster.address.rsplit(":", 1)[1])):
+    if not answers(int(cluster.address.rsplit(":", 1)[1])):
         return None
     code = ("import ray, json; ray.init(address=%r, log_to_driver=False); "
             "print('NODES', json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % cluster.address)

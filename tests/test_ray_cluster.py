@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from realstack import free_ports
 
 from uhkd.sweep.results import TRIALS
 
@@ -23,18 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAIR = "convnext_tiny:resnet18"
 SMALL = ["--set", "data.limit_train=192", "--set", "data.limit_eval=64", "--set", "data.batch_size=32",
          "--set", "optim.max_steps_per_epoch=4"]
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @dataclass

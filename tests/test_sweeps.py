@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from realstack import free_port
 
 from uhkd.errors import UserError
 from uhkd.sweep.cli import SweepOptions
@@ -30,12 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAIR = "convnext_tiny:resnet18"  # the two fastest tiny models
 SMALL = ["--set", "data.limit_train=192", "--set", "data.limit_eval=64", "--set", "data.batch_size=32"]
 SMALL_SETS = {"data.limit_train": "192", "data.limit_eval": "64", "data.batch_size": "32"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _short_tmp() -> str:
@@ -246,7 +240,7 @@ def test_interrupt_then_resume_records_every_trial_once(tmp_path, teacher_dir):
 
 
 def test_cluster_auto_attaches_to_a_ray_start_cluster(tmp_path, teacher_dir):
-    ray_tmp, port = _short_tmp(), _free_port()
+    ray_tmp, port = _short_tmp(), free_port()
     env = _env(ray_tmp)
     head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
                              "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
@@ -310,7 +304,7 @@ def test_impossible_resources_and_unreachable_cluster_fail_before_any_trial(tmp_
 def test_unreachable_address_is_one_line(tmp_path, capsys, teacher_dir):
     from sweeps import hetero_pairs
 
-    port = _free_port()
+    port = free_port()
     argv = ["--results", str(tmp_path / "r"), "--teacher-dir", teacher_dir, "--pairs", PAIR,
             "--cluster", f"127.0.0.1:{port}"]
     assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 2

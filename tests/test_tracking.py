@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from realstack import free_port
 
 from uhkd.errors import UserError
 from uhkd.sweep.cli import SweepOptions
@@ -181,15 +181,9 @@ def test_track_needs_known_installed_trackers():
     assert parse_trackers(["mlflow,wandb", "mlflow"]) == ("mlflow", "wandb")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sweep_is_tracked_on_a_local_mlflow_server(tmp_path, teacher_dir, ray_local):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--default-artifact-root", str(tmp_path / "art"),
