@@ -1,16 +1,18 @@
-"""The run console: the epoch progress bar only on a terminal, and the driver following a run's metrics.jsonl."""
+"""The run console: the epoch progress bar only on a terminal, and the driver following a run's checkpoints."""
 from __future__ import annotations
 
 import fcntl
 import json
 import os
 import pty
+import shutil
 import struct
 import subprocess
 import sys
 import termios
+import time
 
-from uhkd.console import FollowMetrics, progress
+from uhkd.console import FollowCheckpoints
 
 BAR = "from uhkd.console import progress; assert list(progress(range(40), 40, 'epoch 1/3')) == list(range(40))"
 
@@ -42,14 +44,19 @@ def test_progress_bar_only_on_a_terminal():
     assert _stderr_of(False) == ""
 
 
-def test_follow_metrics_reports_appended_lines_once(tmp_path):
-    log = tmp_path / "metrics.jsonl"
-    log.write_text(json.dumps({"epoch": 1}) + "\n")  # an earlier session's line: not reported again
+def test_follow_checkpoints_reports_each_new_epoch_once(tmp_path):
+    def checkpoint(name: str, text: str) -> None:
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "metrics.jsonl").write_text(text)
+
+    lines = [json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)]
+    checkpoint("checkpoint_000001", lines[0])  # an earlier session's epoch: not reported again
     seen: list[dict] = []
-    with FollowMetrics(log, seen.append, every_s=0.05):
-        with open(log, "a") as f:
-            f.write(json.dumps({"epoch": 2}) + "\n" + '{"epoch": 3')  # the last line is still being written
-            f.flush()
-            assert list(progress([1], 1, "x")) == [1]
-            f.write("}\n")
+    with FollowCheckpoints(str(tmp_path), seen.append, every_s=0.05):
+        checkpoint("checkpoint_000002", lines[0] + '{"epoch": ')  # still being written: read on a later poll
+        time.sleep(0.2)
+        checkpoint("checkpoint_000002", "".join(lines[:2]))
+        time.sleep(0.2)
+        checkpoint("checkpoint_000003", "".join(lines))
+        shutil.rmtree(tmp_path / "checkpoint_000001")  # Ray keeps the newest two
     assert seen == [{"epoch": 2}, {"epoch": 3}]

@@ -3,7 +3,6 @@ computed once and cached, or given) and timm's dataset factory (`torch/image_fol
 tree, each trained for real through `uhkd.train`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

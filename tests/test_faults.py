@@ -150,6 +150,9 @@ def test_embedded_cluster_keeps_token_auth_and_a_local_dashboard(tmp_path):
         faults.shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "token auth True" in done.stdout
+    # said in the toolkit's line, not by Ray's own warning on the console
+    assert "started an embedded local cluster (1 node, " in done.stdout and ", token authentication on)" in done.stdout
+    assert "Token authentication" not in done.stderr
     cluster = (ROOT / "uhkd" / "sweep" / "cluster.py").read_text()
     assert 'dashboard_host="127.0.0.1"' in cluster
 

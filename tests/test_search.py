@@ -6,7 +6,6 @@ import re
 
 import optuna
 import pandas as pd
-import pytest
 from ray import tune
 
 from uhkd.sweep.search import PairASHA, PairSearch, scheduler, searcher, split_budget, study_name

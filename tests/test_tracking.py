@@ -14,10 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 from realstack import free_port
 
 from uhkd.errors import UserError
+from uhkd.storage import checkpoint_folders
 from uhkd.sweep.cli import SweepOptions
 from uhkd.sweep.results import EPOCHS, TRIALS
 from uhkd.sweep.runner import run
@@ -25,6 +27,7 @@ from uhkd.sweep.spec import Sweep, load_preset
 from uhkd.track_options import TrackOptions, parse_trackers
 
 PAIR = "convnext_tiny:resnet18"
+LOCAL = pafs.LocalFileSystem()
 SMALL = {"data.limit_train": "192", "data.limit_eval": "64", "data.batch_size": "32",
          "optim.max_steps_per_epoch": "3"}
 
@@ -118,6 +121,9 @@ def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, te
         line = next(l for l in live if l.startswith(f"trial {row.trial_id} {PAIR} epoch {row.epoch}/2 "))
         assert f"top1 {row.top1:.2f} " in line and f"(ce {row.loss_ce:.4f} kl {row.loss_kl:.4f})" in line
     for trial_id in trials.index:
+        (started,) = [l for l in live if l.startswith(f"trial {trial_id} {PAIR}: started")]
+        cell = {"method.name=kd"} | ({"optim.lr=0.001"} if trials.loc[trial_id, "optim.lr"] == 1e-3 else set())
+        assert set(started.split(": started")[1].split()) == cell  # the cell's values, not the cell's dict
         assert f"trial {trial_id} {PAIR}: finished, best top1 {trials.loc[trial_id, 'best_top1']:.4g}" in live
     best = trials["best_top1"].idxmax()
     summary = summary[next(i for i, line in enumerate(summary) if "trials recorded" in line):]
@@ -151,15 +157,24 @@ def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, te
         assert [v for _, v in scalars["ray/tune/loss_kl"]] == pytest.approx(mine["loss_kl"].tolist(), rel=1e-6)
 
 
-def test_a_single_run_is_tracked(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_single_run_shows_and_tracks_every_epoch(tmp_path, capsys, request, workers):
+    """In-process (the loop prints) and on Ray Train (the driver prints what the run's checkpoints on its storage
+    hold, and tracks it): each epoch's line once on the console, and the same numbers in MLflow and TensorBoard."""
     from uhkd.train import main
 
+    if workers:
+        request.getfixturevalue("ray_local")
     out = tmp_path / "run"
-    args = ["--preset", "quick", "--workers", "0", "--epochs", "2", "--output", str(out), "--track",
+    args = ["--preset", "quick", "--workers", str(workers), "--epochs", "2", "--output", str(out), "--track",
             "mlflow,tensorboard", "--mlflow-uri", str(tmp_path / "mlruns"), "--set", "optim.max_steps_per_epoch=2",
             "--set", "data.limit_eval=64"]
     assert main(args) == 0
-    reports = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    log = out / "metrics.jsonl" if workers == 0 else Path(checkpoint_folders(LOCAL, str(out))[0]) / "metrics.jsonl"
+    reports = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" loss ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all(f"top1 {r['top1']:.2f} " in line for r, line in zip(reports, lines, strict=True))
     runs = mlflow_runs((tmp_path / "mlruns").as_uri(), "uhkd.train")
     params, history = runs[out.name]
     assert params["method.name"] == "uhkd" and params["method.alpha"] == "1.0"  # resolved method defaults
@@ -168,6 +183,10 @@ def test_a_single_run_is_tracked(tmp_path):
         assert [v for _, v in history[key]] == pytest.approx([r[key] for r in reports])
     assert [v for _, v in tensorboard_scalars(str(out))["ray/tune/loss_feat"]] == pytest.approx(
         [r["loss_feat"] for r in reports], rel=1e-6)
+
+    assert main(args) == 0  # the same run again: it says so and shows no epoch again
+    again = capsys.readouterr().out.splitlines()
+    assert again[0] == "run already finished at epoch 2" and not [line for line in again if "epoch 1/2" in line]
 
 
 def test_track_needs_known_installed_trackers():

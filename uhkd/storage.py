@@ -71,6 +71,14 @@ def ray_storage(location: str) -> tuple[str, pafs.FileSystem | None]:
     return (path, None) if isinstance(fs, pafs.LocalFileSystem) else (path, fs)
 
 
+def checkpoint_folders(fs: pafs.FileSystem, run: str) -> list[str]:
+    """The `checkpoint_*` folders Tune or Ray Train saved in the run folder `run` on `fs`, newest first (their
+    names sort by time); [] while there is none."""
+    infos = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
+    return sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_")), reverse=True)
+
+
 def exists(location: str) -> bool:
     fs, path = open_location(location)
     return fs.get_file_info(path).type == pafs.FileType.File

@@ -20,9 +20,10 @@ from .config import RunConfig, config_hash, flatten, parse_set, unflatten
 from .errors import UserError
 from .hub import HUB
 from .registry import DATASETS, METHODS
-from .storage import exists, is_uri, join, location_of, ray_storage
+from .storage import checkpoint_folders, exists, is_uri, join, location_of, ray_storage
 from .track_options import add_track_flags, parse_trackers, track_options
-from .trainer import CHECKPOINT, STUDENT, LocalSession, Session, read_checkpoint, train_loop
+from .trainer import (CHECKPOINT, STUDENT, LocalSession, Session, epoch_line, read_checkpoint, resume_line,
+                      train_loop)
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
 RAY_TRAIN_ENV = {
@@ -143,10 +144,8 @@ class TuneSession(Session):
         checkpoint = self.api.get_checkpoint()
         if checkpoint is None:
             return None
-        fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
-        siblings = fs.get_file_info(pafs.FileSelector(os.path.dirname(latest)))
-        newest_first = sorted((i.path for i in siblings if i.type == pafs.FileType.Directory
-                               and i.base_name.startswith("checkpoint_")), reverse=True)
+        fs = checkpoint.filesystem
+        newest_first = checkpoint_folders(fs, os.path.dirname(checkpoint.path.rstrip("/")))
         with tempfile.TemporaryDirectory(prefix="uhkd-restore-") as folder:
             def fetched() -> Iterator[tuple[str, Path]]:  # one at a time: usually the first one read is used
                 for path in newest_first:
@@ -249,28 +248,25 @@ def fit_ray_train(cfg: RunConfig, *, storage_path: str, run_name: str, callbacks
 
 
 def _connect_ray(cfg: RunConfig) -> None:
-    """RAY_ADDRESS if set (an existing cluster), else a fresh local one sized for the workers. Worker and Ray
-    output stays in the Ray session logs: the driver prints each epoch itself (`uhkd.console.FollowMetrics`)."""
+    """This process's Ray instance if it has one (a notebook's, a test's), else RAY_ADDRESS if set (an existing
+    cluster), else a fresh local one sized for the workers. Worker and Ray output stays in the Ray session logs:
+    the driver prints each epoch itself (`uhkd.console.FollowCheckpoints`)."""
     import logging
 
     import ray
 
-    from .sweep.cluster import ray_messages_to_file
+    from .sweep.cluster import ray_messages_to_file, start_local
 
-    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker))
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    if not ray.is_initialized():
+        if address := os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            start_local(num_cpus=max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker)))
     ray_messages_to_file()
 
 
 def _driver_lines(cfg: RunConfig) -> Callable[[dict], None]:
-    """Prints what the loop prints in its rank-0 worker, from the reports in metrics.jsonl."""
-    from .trainer import epoch_line
-
+    """Prints what the loop prints in its rank-0 worker, from the reports its checkpoints hold."""
     def show(m: dict) -> None:
         if m.get("status") == "failed":
             print(f"run failed: {m.get('failure_reason')}", file=sys.stderr, flush=True)
@@ -283,8 +279,7 @@ def _driver_lines(cfg: RunConfig) -> Callable[[dict], None]:
 
 def _train(cfg: RunConfig, output: Path, tracker: Any) -> dict:
     """In-process, or on Ray Train with the driver following the run's metrics; each epoch also to `tracker`."""
-    from .console import FollowMetrics
-    from .trainer import METRICS_LOG
+    from .console import FollowCheckpoints
 
     if cfg.workers:
         _connect_ray(cfg)
@@ -300,7 +295,10 @@ def _train(cfg: RunConfig, output: Path, tracker: Any) -> dict:
         if report is not None:
             report(m)
 
-    with FollowMetrics(output / METRICS_LOG, on_report):
+    follow = FollowCheckpoints(str(output), on_report)
+    if follow.earlier:  # the workers say so in the Ray session logs
+        print(resume_line(follow.earlier[-1]), flush=True)
+    with follow:
         return fit_ray_train(cfg, storage_path=str(output.parent), run_name=output.name)
 
 

@@ -231,6 +231,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was)
 
 
+def resume_line(last: dict) -> str:
+    """What a run says when it starts again from a checkpoint whose last report is `last`."""
+    if last["status"] == "failed":
+        return f"run already failed: {last['failure_reason']}"
+    return f"run already finished at epoch {last['epoch']}" if last["status"] == "ok" else \
+        f"resuming after epoch {last['epoch']}"
+
+
 def epoch_line(m: dict, epochs: int, terms: tuple[str, ...]) -> str:
     parts = " ".join(f"{t} {m[f'loss_{t}']:.4f}" for t in terms)
     return (f"epoch {m['epoch']}/{epochs} loss {m['loss']:.4f} ({parts}) top1 {m['top1']:.2f} top5 {m['top5']:.2f} "
@@ -336,14 +344,12 @@ class Run:
         if state is not None:
             self.restore(state)
             metrics = state["metrics"]
+            self._log(resume_line(metrics))
             if metrics["status"] in ("ok", "failed"):
-                self._log(f"run already failed: {metrics['failure_reason']}" if metrics["status"] == "failed"
-                          else f"run already finished at epoch {self.epoch}")
                 # reported again, so that whoever drives the run (Tune, Ray Train) learns how it ended and where
                 # its files are even when the first report of its end was lost to an interruption
                 self.session.report(metrics, self.saver(state, export=metrics["status"] == "ok"))
                 return metrics
-            self._log(f"resuming after epoch {self.epoch}")
         elif self.teacher is not None and self.cfg.eval_teacher:
             self.teacher_top1 = evaluate(self.teacher.forward_logits, self.data, self.session, self.dtype)[0]
             self._log(f"teacher {self.cfg.model.teacher} top1 {self.teacher_top1:.2f} on the evaluation set")
@@ -371,9 +377,9 @@ class Run:
 
         return save
 
-    def _log(self, line: str, file: TextIO = sys.stdout) -> None:
+    def _log(self, line: str, file: TextIO | None = None) -> None:
         if self.session.rank == 0:
-            print(line, file=file, flush=True)
+            print(line, file=file or sys.stdout, flush=True)
 
     def _train_epoch(self, epoch: int) -> dict:
         cfg, dev, accumulate = self.cfg, self.session.device, self.accumulate

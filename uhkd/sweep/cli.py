@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..config import parse_set
-from ..errors import UserError
 from ..track_options import TrackOptions, add_track_flags, parse_trackers
 from ..validate import Problems
 from .spec import load_preset, preset_names

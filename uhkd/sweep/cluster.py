@@ -113,11 +113,17 @@ def _reason(exc: Exception) -> str:
     return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-def _start_local() -> None:
+def start_local(num_cpus: int | None = None) -> str:
+    """Start an embedded cluster (this machine's CPUs unless `num_cpus`); returns whether it asks its clients
+    for a token."""
     # Ray's token authentication stays as Ray sets it (on by default for local clusters since 2.59; tests and CI
-    # turn it off with RAY_AUTH_MODE=disabled), and a dashboard never listens beyond this machine
-    ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
-             logging_level=logging.WARNING)
+    # turn it off with RAY_AUTH_MODE=disabled), and a dashboard never listens beyond this machine. Ray's console
+    # warning that the token is on is said in the toolkit's own line instead.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+             log_to_driver=False, logging_level=logging.WARNING)
+    token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # what ray.init settled on
+    return "token authentication on" if token else "token authentication off (RAY_AUTH_MODE)"
 
 
 def _current_address() -> str:
@@ -163,8 +169,8 @@ def _connect(cluster: str) -> str:
         _init(cluster)
         return f"ray: left this process's Ray instance at {current}; attached to {cluster} ({_describe()})"
     if cluster == "local":
-        _start_local()
-        return f"ray: started an embedded local cluster ({_describe()})"
+        auth = start_local()
+        return f"ray: started an embedded local cluster ({_describe()}, {auth})"
     if explicit:
         _init(cluster)
         return f"ray: attached to the cluster at {cluster} ({_describe()})"
@@ -185,9 +191,9 @@ def _connect(cluster: str) -> str:
     if elsewhere:
         _init(elsewhere[0])
         return f"ray: attached to the cluster started with `ray start --temp-dir` at {elsewhere[0]} ({_describe()})"
-    _start_local()
+    auth = start_local()
     stale = f"; {recorded} (recorded by an earlier `ray start`) does not answer" if recorded else ""
-    return f"ray: no running cluster found{stale}; started an embedded local one ({_describe()})"
+    return f"ray: no running cluster found{stale}; started an embedded local one ({_describe()}, {auth})"
 
 
 def scalable_nodes(limit: int = 256) -> list[dict[str, float]] | None:

@@ -11,11 +11,13 @@ from typing import Any
 from ray import tune
 
 from ..trainer import epoch_line
-from .trainable import trial_overrides
+from .trainable import LABELS, trial_overrides
 
 # config columns that differ between trials without being searched
 NOT_SEARCHED = {"name", "output_dir", "model.teacher_checkpoint", "model.teacher", "model.student", "seed",
                 "cpus_per_worker", "gpus_per_worker", "workers", "threads"}
+# cell entries a trial's line already shows in its head (`trial_pair`)
+IN_HEAD = {"pair", "model.teacher", "model.student", *LABELS}
 
 
 def trial_pair(config: dict) -> str:
@@ -40,8 +42,7 @@ class LiveLines(tune.Callback):
         return f"trial {trial.trial_id} {trial_pair(trial.config)}"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        searched = {k: v for k, v in trial.evaluated_params.items() if k != "pair"}
-        values = " ".join(f"{k}={_short(v)}" for k, v in searched.items())
+        values = " ".join(f"{k}={_short(v)}" for k, v in trial_values(trial).items())
         self.out(f"{self._head(trial)}: started{' ' + values if values else ''}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -63,6 +64,14 @@ class LiveLines(tune.Callback):
         from .callbacks import error_reason
 
         self.out(f"{self._head(trial)}: failed: {error_reason(trial)}")
+
+
+def trial_values(trial: Any) -> dict[str, Any]:
+    """What sets this trial apart beyond its pair and tag: its grid cell's entries, then its sampled values."""
+    cell = trial.config.get("cell", {}).get("set", {})
+    values = {k: v for k, v in cell.items() if k not in IN_HEAD}
+    values.update({k: v for k, v in trial.evaluated_params.items() if k not in ("pair", "cell")})
+    return values
 
 
 def _short(value: Any) -> str:

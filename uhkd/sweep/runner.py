@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import math
 import os
 import signal
 import sys
@@ -23,7 +22,7 @@ from . import lock
 from .cli import SweepOptions, parse
 from .results import SweepTables
 from .spec import Sweep, SweepPreset
-from .trainable import in_process, split_pair, teacher_path, train_trial, trial_overrides
+from .trainable import in_process, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
 # memory reserved for a trial's own process(es), measured on 2 CPUs: a Ray Train trial's driver side is ~1.1 GB

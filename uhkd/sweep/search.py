@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from .spec import Sweep, SweepPreset
+from .spec import Sweep
 
 
 def split_budget(total: int, pairs: list[str]) -> dict[str, int]:

@@ -173,10 +173,9 @@ class RunTracker:
 
 
 def _ensure_ray() -> None:
-    import logging
-
     import ray
 
+    from .cluster import start_local
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        start_local(num_cpus=1)
