@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from uhkd.errors import UserError
+from uhkd.errors import UserError, one_line
 from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, merged_table, open_location
 
 RESULTS_HELP = ("a trials.parquet file, a sweep folder holding trials.parquet (and epochs.parquet), or a results "
@@ -28,7 +28,10 @@ def find_tables(results: str | Path, name: str) -> tuple[pafs.FileSystem, list[s
     """Where the `name` tables (trials.parquet / epochs.parquet) that `results` designates are: one path per sweep,
     whose file may not exist yet while its sweep runs (its rows are still part files beside it)."""
     fs, root = open_location(str(results))
-    info = fs.get_file_info(root)
+    try:
+        info = fs.get_file_info(root)
+    except OSError as exc:
+        raise UserError(f"results path {str(results)!r} cannot be reached: {one_line(exc, 200)}") from None
 
     def stored(path: str) -> bool:
         folder = path.rsplit("/", 1)[0]

@@ -100,6 +100,10 @@ def build_table(trials: pd.DataFrame, dataset: str, *, metric: str = "best_top1"
                  "convention (OFA-KD reports its best epoch); picking the epoch on the test set is optimistic"
                  + ("; --last gives last-epoch top-1" if metric == "best_top1" else
                     "; this table is last-epoch (--last)") + "; the CSV carries both")
+    if split == "tune":
+        notes.append("split tune: the evaluation set is the seeded 10% held out of the training set, which the "
+                     "teachers trained on (sweeps/teachers.py trains on the final split), so the Teacher column is "
+                     "optimistic; tune-split numbers rank settings, they are not comparable with published ones")
     if any(r.borrowed for r in rows):
         notes.append("‡ UHKD settings searched on another pair (no finished hetero_pairs trial of this pair): "
                      + "; ".join(f"{pair_label(f'{r.teacher}:{r.student}')} from trial {r.borrowed}"

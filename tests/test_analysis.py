@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from realstack import free_port
 
 from analysis import ablations, common, curves, sweep_report, tables
 
@@ -82,6 +83,9 @@ def test_read_trials_accepts_file_folder_root_and_uri(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(common.UserError, match="no trials.parquet found"):
         common.read_trials(tmp_path / "empty")
+    store = f"s3://lab/res?endpoint_override=127.0.0.1:{free_port()}&scheme=http"  # nothing listens there
+    with pytest.raises(common.UserError, match=r"^results path 's3://lab/res\?.*' cannot be reached: "):
+        common.read_trials(store)
 
 
 def test_table_markdown_cells_best_and_gain(results, capsys):
@@ -102,7 +106,10 @@ def test_table_markdown_cells_best_and_gain(results, capsys):
     # the header and the notes say which top-1 the cells are, and that the published best-epoch one is optimistic
     assert text.splitlines()[0].startswith("| Teacher → Student (best-epoch top-1 %) | Teacher |")
     assert "cifar100: best-epoch top-1 (%)" in text and "picking the epoch on the test set is optimistic" in text
-    assert "‡" not in text
+    assert "‡" not in text and "split tune" not in text
+    assert tables.run([str(results), "--dataset", "cifar100", "--split", "tune"]) == 0
+    assert "split tune: the evaluation set is the seeded 10% held out of the training set, which the teachers " \
+           "trained on" in capsys.readouterr().out
 
 
 def test_table_last_epoch_and_csv(results, tmp_path, capsys):

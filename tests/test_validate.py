@@ -78,3 +78,34 @@ def test_a_sweep_lists_the_problems_of_all_its_pairs_before_ray(tmp_path, capsys
                    "resnet18", "a pair is 'teacher:student' (timm names), got 'x'"):
         assert sum(needle in line for line in lines[1:]) == 1, (needle, lines)
     assert "ray:" not in out.out and not Path(tmp_path / "r").exists()
+
+
+def test_an_unreachable_or_unwritable_location_is_one_line_before_ray(tmp_path, capsys):
+    from realstack import free_port
+    from sweeps import hetero_pairs
+
+    store = f"?endpoint_override=127.0.0.1:{free_port()}&scheme=http"  # nothing listens there
+    (tmp_path / "file").write_text("")
+    cases = {("--results", f"s3://lab/res{store}"): "cannot be reached: ",
+             ("--teacher-dir", f"s3://lab/teachers{store}"): "error: cannot reach 's3://lab/teachers/",
+             ("--results", str(tmp_path / "file" / "res")): f"cannot be created: {tmp_path / 'file'} is a file",
+             ("--results", str(tmp_path / "file")): "is a file, not a folder"}
+    for flag, message in cases.items():
+        argv = ["--results", str(tmp_path / "r"), "--cluster", "local", *flag]
+        assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 2, flag
+        out = capsys.readouterr()
+        assert out.err.count("\n") == 1 and message in out.err and out.err.startswith("error: "), (flag, out.err)
+        assert "ray:" not in out.out  # found before any cluster starts
+
+
+def test_a_teacher_checkpoint_uri_is_looked_up_on_its_store(tmp_path, capsys):
+    from uhkd.models import create_stage_model, save_model_checkpoint
+
+    teacher = tmp_path / "t.pth"
+    save_model_checkpoint(teacher, create_stage_model("convnext_tiny", num_classes=10, img_size=32, scale="tiny"))
+    checked_config("quick", {"model.teacher": "convnext_tiny", "model.teacher_checkpoint": teacher.as_uri()})
+    with pytest.raises(UserError, match=r"^teacher checkpoint 'file://.*/none\.pth' not found$"):
+        checked_config("quick", {"model.teacher_checkpoint": (tmp_path / "none.pth").as_uri()})
+    assert main(["--preset", "quick", "--output", "s3://lab/run"]) == 2
+    assert capsys.readouterr().err == ("error: --output 's3://lab/run' is a URI; a single run writes to a local or "
+                                       "shared folder (a sweep's --results takes a URI)\n")

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 def is_uri(location: str) -> bool:
@@ -80,8 +80,32 @@ def checkpoint_folders(fs: pafs.FileSystem, run: str) -> list[str]:
 
 
 def exists(location: str) -> bool:
+    """Whether a file is at `location`; a store that does not answer is a `UserError` naming it."""
     fs, path = open_location(location)
-    return fs.get_file_info(path).type == pafs.FileType.File
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError as exc:
+        raise UserError(f"cannot reach {location!r}: {one_line(exc, 200)}") from None
+
+
+def check_folder(location: str, what: str) -> None:
+    """A `UserError` in one line unless `location` is, or can become, a folder this process writes: its store
+    answers, it is no file, and locally its nearest existing folder is writable. Creates nothing."""
+    fs, path = open_location(location)
+    try:
+        kind = fs.get_file_info(path).type
+    except OSError as exc:
+        raise UserError(f"{what} {location!r} cannot be reached: {one_line(exc, 200)}") from None
+    if kind == pafs.FileType.File:
+        raise UserError(f"{what} {location!r} is a file, not a folder")
+    if isinstance(fs, pafs.LocalFileSystem):
+        existing = Path(path)
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"{what} {location!r} cannot be created: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{what} {location!r} cannot be written: {existing} is not writable by this user")
 
 
 def copy(source: str, target: str) -> None:

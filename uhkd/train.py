@@ -318,7 +318,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", help="tune (seeded 90/10 split of the training set) | final (train/test)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field by its dotted key, e.g. --set optim.lr=0.1 (repeatable)")
-    p.add_argument("--output", help="output folder (checkpoint, student.pt); default runs/<run name>")
+    p.add_argument("--output", help="local or shared output folder (checkpoint, student.pt); default runs/<run name>")
     p.add_argument("--download", action="store_true", help="download the dataset if missing (CIFAR-100)")
     p.add_argument("--pretrained", metavar="hub|FILE",
                    help="student starts from ImageNet weights: hub = timm's from the Hugging Face hub (or its "
@@ -346,6 +346,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for item in args.sets:
         overrides.update(problems.check(parse_set, [item]) or {})
     problems.check(parse_trackers, args.track)
+    if args.output and is_uri(args.output):
+        problems.add(f"--output {args.output!r} is a URI; a single run writes to a local or shared folder (a "
+                     f"sweep's --results takes a URI)")
     dataset = overrides.get("data.dataset", RunConfig().data.dataset)
     return checked_config(args.preset or DEFAULT_PRESET.get(str(dataset)), overrides, problems)
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 from .config import RunConfig, apply_overrides, build_config, coerce, validate
 from .errors import UserError
 from .hub import HUB, check_hub_weights
+from .storage import exists
 
 
 class Problems:
@@ -84,7 +85,7 @@ def check_run(cfg: RunConfig, problems: Problems, *, teacher_file: bool = True, 
     paths = {"teacher checkpoint": m.teacher_checkpoint if teacher_file else "",
              "pretrained weight file": m.pretrained_file}
     for what, path in paths.items():
-        if path and path != HUB and not Path(path).expanduser().is_file():
+        if path and path != HUB and problems.check(exists, path) is False:
             problems.add(f"{what} {path!r} not found")
     if m.pretrained_file == HUB and m.student:
         problems.check(check_hub_weights, m.student)

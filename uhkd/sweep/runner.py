@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from ..config import LEAF_TYPES, RunConfig, coerce
 from ..errors import UserError, choice_error, one_line
-from ..storage import exists, is_uri, join, open_location, ray_storage
+from ..storage import check_folder, exists, is_uri, join, open_location, ray_storage
 from . import lock
 from .cli import SweepOptions, parse
 from .results import SweepTables
@@ -337,6 +337,8 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
         os.environ.setdefault(key, value)
     # absolute here: under Ray Client the callbacks that write the tables resolve paths on the cluster
     opts = replace(opts, results=join(opts.results))
+    if not opts.cluster.startswith("ray://"):  # under Ray Client the head writes there, not this machine
+        check_folder(opts.results, "--results")
     name, resuming = sweep_name(sweep, opts)
     try:
         return _run(sweep, opts, name, resuming, out)
