@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -18,12 +19,17 @@ for _key, _value in {
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray cluster with 2 CPUs for the whole session (started on first use)."""
+    """A local Ray cluster with 2 CPUs for the whole session (started on first use); after it stops, no process of
+    it is left on the machine (`realstack.kill_left_behind`, which says what it had to kill)."""
     import ray
+    from realstack import kill_left_behind
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     yield ray
     ray.shutdown()
+    for command in kill_left_behind(raylet):
+        print(f"ray_local: killed a process the stopped session left behind: {command}", file=sys.__stderr__)
 
 
 @pytest.fixture(scope="session")
