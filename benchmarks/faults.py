@@ -27,7 +27,8 @@ from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from realstack import answers, free_port, free_ports  # noqa: E402  (the slow tests' local ports, shared with them)
+# the slow tests' local ports and process lookup, shared with them
+from realstack import answers, free_port, free_ports, processes_with_env  # noqa: E402
 
 PAIR = "convnext_tiny:resnet18"  # the two fastest tiny models
 SMALL = ["--set", "data.limit_train=192", "--set", "data.limit_eval=64", "--set", "data.batch_size=32",
@@ -444,16 +445,8 @@ def worker_sigkill(bench: Bench) -> Outcome:
 
 def trial_processes(ray_tmp: str) -> list[int]:
     """Pids of Tune trial actors (`ray::ImplicitFunc`) of the cluster whose processes run with RAY_TMPDIR=ray_tmp."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
-            mine = f"RAY_TMPDIR={ray_tmp}\0".encode() in (proc / "environ").read_bytes()
-            if mine and cmd.startswith("ray::ImplicitFunc"):
-                found.append(int(proc.name))
-    return found
+    return [pid for pid, cmd in processes_with_env(f"RAY_TMPDIR={ray_tmp}").items()
+            if cmd.startswith("ray::ImplicitFunc")]
 
 
 def ray_start(bench: Bench, *flags: str) -> subprocess.Popen:

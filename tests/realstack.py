@@ -71,22 +71,22 @@ def _stop(proc: subprocess.Popen, timeout: float = 60) -> None:
         proc.wait(timeout=30)
 
 
+def processes_with_env(entry: str) -> dict[int, str]:
+    """pid -> command line of this machine's processes whose environment holds `entry` ("NAME=value")."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    return found
+
+
 def kill_left_behind(raylet_pid: int, wait_s: float = 10) -> list[str]:
     """SIGKILL what a stopped Ray session's workers left running after `wait_s` (seen once in CI: a Ray Train
     controller whose core worker had shut down but whose process never exited, 1.1 GB, orphaned). Every Ray worker
     inherits RAY_RAYLET_PID from its raylet. Returns the command lines of the processes killed."""
-    marker = f"RAY_RAYLET_PID={raylet_pid}".encode()
-
-    def workers() -> dict[int, str]:
-        found = {}
-        for proc in Path("/proc").iterdir():
-            with contextlib.suppress(OSError):
-                if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
-                    found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        return found
-
     deadline = time.monotonic() + wait_s
-    while (left := workers()) and time.monotonic() < deadline:
+    while (left := processes_with_env(f"RAY_RAYLET_PID={raylet_pid}")) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
