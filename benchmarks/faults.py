@@ -89,9 +89,9 @@ class Bench:
         return self.work / "results"
 
     def sweep(self, name: str, *extra: str, samples: int = 3, epochs: int = 3, resume: bool = False,
-              cluster: str = "local", concurrent: int = 1) -> list[str]:
+              cluster: str = "local", concurrent: int = 1, results: Path | None = None) -> list[str]:
         argv = [sys.executable, str(ROOT / "sweeps" / "hetero_pairs.py"), "--cluster", cluster, "--results",
-                str(self.results), "--name", name]
+                str(results or self.results), "--name", name]
         if resume:
             return [*argv, "--resume"]
         return [*argv, "--teacher-dir", self.teachers, "--pairs", PAIR, "--num-samples", str(samples), "--epochs",
@@ -111,6 +111,11 @@ class Bench:
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def close(self) -> None:
+        """Ends what is left of the clusters started here (an embedded cluster's processes are in sessions of
+        their own, out of reach of `kill_group`; they end with their driver, this makes sure), removes the temp."""
+        for pid in processes_with_env(f"RAY_TMPDIR={self.ray_tmp}"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
@@ -137,19 +142,54 @@ def run_logs(results: Path, name: str) -> dict[str, list[dict]]:
         seen, reports = set(), []
         for line in log.read_text().splitlines():
             report = json.loads(line) if line.strip() else {}
-            key = (report.get("epoch"), report.get("epoch_time_s"), report.get("loss"))
-            if report.get("epoch") and key not in seen:
-                seen.add(key)
+            if report.get("epoch") and _record(report) not in seen:
+                seen.add(_record(report))
                 reports.append(report)
         out[log.parent.name] = reports
     return out
+
+
+def _record(report: dict) -> tuple:
+    """What tells two trainings of one epoch apart: its time and loss (equal only for the same training)."""
+    return report.get("epoch"), report.get("epoch_time_s"), report.get("loss")
+
+
+Records = dict[str, dict[int, set]]  # trial -> epoch -> the distinct records of its training(s)
+
+
+def epoch_records(results: Path, name: str) -> Records:
+    """Every epoch record of each trial: those its checkpoints hold (`metrics.jsonl`: every epoch so far, in each
+    `checkpoint_*` folder of its Tune folder or Ray Train run) and those Tune logged. An epoch with two different
+    records was trained twice."""
+    out: Records = {}
+    logs = [*(results / name).glob("tune/*/checkpoint_*/metrics.jsonl"),
+            *(results / name).glob("train/*/checkpoint_*/metrics.jsonl")]
+    reports = [(log.parent.parent.name, json.loads(line)) for log in logs
+               for line in log.read_text().splitlines() if line.strip()]
+    reports += [(trial, m) for trial, log in run_logs(results, name).items() for m in log]
+    for trial, report in reports:
+        if report.get("epoch") and report.get("status") != "failed":
+            out.setdefault(trial, {}).setdefault(int(report["epoch"]), set()).add(_record(report))
+    return out
+
+
+def retrained(*snapshots: Records) -> int:
+    """Epochs trained more than once: the records of each (trial, epoch) over all `snapshots` (taken before and
+    after a fault) beyond the first."""
+    merged: Records = {}
+    for snapshot in snapshots:
+        for trial, epochs in snapshot.items():
+            for epoch, records in epochs.items():
+                merged.setdefault(trial, {}).setdefault(epoch, set()).update(records)
+    return sum(len(records) - 1 for epochs in merged.values() for records in epochs.values())
 
 
 def logged_epochs(results: Path, name: str) -> dict[str, list[int]]:
     return {t: [m["epoch"] for m in log] for t, log in run_logs(results, name).items()}
 
 
-def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = TIMEOUT) -> None:
+def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = TIMEOUT,
+             poll: float = 0.3) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
@@ -157,7 +197,7 @@ def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen | None = None
             raise RuntimeError(f"exit {proc.returncode} before the fault could be injected: {' '.join(tail.split())}")
         if time.monotonic() > deadline:
             raise RuntimeError("timed out before the fault could be injected")
-        time.sleep(0.3)
+        time.sleep(poll)
 
 
 def epochs_logged(bench: Bench, name: str, n: int) -> Callable[[], bool]:
@@ -165,21 +205,23 @@ def epochs_logged(bench: Bench, name: str, n: int) -> Callable[[], bool]:
 
 
 def measure(bench: Bench, scenario: str, name: str, planned: int, before: list[dict], outcome: str,
-            lines: list[str] = ()) -> Outcome:
-    after = rows(bench.results, name)
+            lines: list[str] = (), records: Records | None = None, results: Path | None = None) -> Outcome:
+    """The sweep `name` measured after a fault: `before`, its rows and `records`, its epoch records as they were
+    right after the fault (`epoch_records`); `results`, where it is now (default the bench's results root)."""
+    results = results or bench.results
+    after = rows(results, name)
     ids = [r["trial_id"] for r in after]
     by_id = {r["trial_id"]: r for r in after}
     changed = [r["trial_id"] for r in before if _result(by_id.get(r["trial_id"], {})) != _result(r)]
-    logs = run_logs(bench.results, name)
+    logs = run_logs(results, name)
     ended = {t for t, log in logs.items() if log and log[-1]["status"] in ("ok", "failed")}
     # a run no trial row belongs to: its epochs were trained again by the trial Tune started in its place
     orphaned = {t: log for t, log in logs.items() if t not in by_id and t not in ended}
     lost = len(changed) + len(ended - set(ids)) + max(0, planned - len(set(ids)) - len(ended - set(ids)))
-    retrained = sum(len(log) - len({m["epoch"] for m in log}) for log in logs.values()) + \
-        sum(len(log) for log in orphaned.values())
+    again = retrained(records or {}, epoch_records(results, name)) + sum(len(log) for log in orphaned.values())
     lines = [*lines, *(f"row of trial {t} changed or vanished" for t in changed),
              *(f"run {t} ({len(log)} epochs) has no trial row" for t, log in orphaned.items())]
-    return Outcome(scenario, planned, len(after), lost, len(ids) - len(set(ids)), retrained, outcome, list(lines))
+    return Outcome(scenario, planned, len(after), lost, len(ids) - len(set(ids)), again, outcome, list(lines))
 
 
 def _result(row: dict) -> tuple:
@@ -191,28 +233,45 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error:") or "Traceback" in line]
 
 
-def interrupt_then_resume(bench: Bench, scenario: str, sig: int, *, between: Callable[[], None] = lambda: None,
-                          samples: int = 3, epochs: int = 3, ready: Callable[[], bool] | None = None,
+def printed(proc: subprocess.Popen, pattern: str) -> Callable[[], bool]:
+    """Whether the driver `proc` has printed a line matching `pattern` (a regular expression)."""
+    return lambda: re.search(pattern, _peek(proc), re.MULTILINE) is not None
+
+
+def interrupt_then_resume(bench: Bench, scenario: str, fault: int | Callable[[subprocess.Popen], None], *,
+                          between: Callable[[], None] = lambda: None, samples: int = 3, epochs: int = 3,
+                          ready: Callable[[], bool] | None = None, after_line: str = "", extra: tuple = (),
+                          cluster: str = "local", results_after: Path | None = None,
                           ) -> tuple[Outcome, subprocess.CompletedProcess, str]:
-    """Start a sweep, send `sig` to its driver once `ready` (default: a trial has a row and another has logged an
-    epoch), run `between`, then --resume it. Returns the measurement, the resume's process and the first driver's
-    stderr."""
+    """Start a sweep; once it printed a line matching `after_line` (then at once) and `ready` holds (default,
+    without `after_line`: a trial has a row and another has logged an epoch), apply `fault` (a signal for the
+    driver, or a function of the driver's process); run `between`, then --resume it (results root
+    `results_after`, default the same). Returns the measurement (epoch records taken right after the fault), the
+    resume's process and the first driver's stderr; `outcome` says the first driver's exit code and how long it
+    took after the fault."""
     name = "sw"
-    ready = ready or (lambda: len(rows(bench.results, name)) >= 1 and epochs_logged(bench, name, epochs + 1)())
-    first = bench.start(bench.sweep(name, samples=samples, epochs=epochs))
+    if ready is None:
+        ready = (lambda: True) if after_line else \
+            (lambda: len(rows(bench.results, name)) >= 1 and epochs_logged(bench, name, epochs + 1)())
+    first = bench.start(bench.sweep(name, *extra, samples=samples, epochs=epochs, cluster=cluster))
     try:
-        wait_for(ready, first)
-        first.send_signal(sig)
+        line = printed(first, after_line) if after_line else (lambda: True)
+        wait_for(lambda: line() and ready(), first, poll=0.02 if after_line else 0.3)
+        faulted = time.monotonic()
+        fault(first) if callable(fault) else first.send_signal(fault)
         _, first_err = first.communicate(timeout=180)
+        took = time.monotonic() - faulted
     finally:
         kill_group(first)
-    before = rows(bench.results, name)
+    before, records = rows(bench.results, name), epoch_records(bench.results, name)
     between()
-    second = bench.call(bench.sweep(name, resume=True))
+    second = bench.call(bench.sweep(name, resume=True, results=results_after))
     (bench.work / "first.err").write_text(first_err)
     (bench.work / "resume.err").write_text(second.stderr)
-    outcome = f"exit {first.returncode} then --resume exit {second.returncode}"
-    return measure(bench, scenario, name, samples, before, outcome, error_lines(second.stderr)), second, first_err
+    outcome = f"exit {first.returncode} ({took:.0f} s) then --resume exit {second.returncode}"
+    result = measure(bench, scenario, name, samples, before, outcome, error_lines(second.stderr), records,
+                     results_after)
+    return result, second, first_err
 
 
 # --- the scenarios -------------------------------------------------------------------------------------------------
@@ -224,6 +283,129 @@ def driver_sigkill(bench: Bench) -> Outcome:
 def driver_sigterm(bench: Bench) -> Outcome:
     result, _, first_err = interrupt_then_resume(bench, "SIGTERM to the driver, then --resume", signal.SIGTERM)
     result.lines = [line for line in first_err.splitlines() if "--resume --name sw" in line] + result.lines
+    return result
+
+
+LONGER = ["--set", "data.limit_train=1280", "--set", "optim.max_steps_per_epoch=40"]  # epochs of a few seconds
+
+
+def early_kill(bench: Bench) -> Outcome:
+    """SIGKILL to the driver as soon as Tune has written `tune/tuner.pkl` (right after the driver's `sweep sw: ...`
+    line, before Tune's first state save): --resume starts the search afresh under the same name, with the
+    settings the sweep stored, and says so."""
+    tuner = bench.results / "sw" / "tune" / "tuner.pkl"
+    result, second, _ = interrupt_then_resume(bench, "driver SIGKILLed before Tune saved state, then --resume",
+                                              signal.SIGKILL, after_line=r"^sweep sw: \d+ trial", ready=tuner.is_file)
+    result.lines = [line for line in second.stdout.splitlines() if "sweep sw: " in line][:1] + result.lines
+    return result
+
+
+def epoch_kill(bench: Bench) -> Outcome:
+    """SIGKILL to the driver as soon as it prints a trial's first epoch: the trial's folder holds that epoch's
+    checkpoint, which Tune's saved state (up to 2 s old) does not name; the resumed trial continues from it."""
+    return interrupt_then_resume(bench, "driver SIGKILLed right after an epoch, then --resume", signal.SIGKILL,
+                                 after_line=r" epoch 1/3 ")[0]
+
+
+def stopped_kill(bench: Bench) -> Outcome:
+    """SIGKILL to the driver as soon as ASHA stopped a trial: its `stopped` row is written while Tune's saved state
+    still has it running; the resumed sweep does not continue it. Longer epochs, so that Tune saved its state
+    while the trial ran."""
+    return interrupt_then_resume(bench, "driver SIGKILLed right after ASHA stopped a trial, then --resume",
+                                 signal.SIGKILL, samples=4, after_line="stopped by the scheduler", extra=LONGER)[0]
+
+
+def moved(bench: Bench) -> Outcome:
+    """The sweep folder moved (a new disk) while the sweep is stopped, then --resume --results NEW: the sweep
+    continues there, its rows, checkpoints and Tune state all under NEW, nothing written at the old place."""
+    new = bench.work / "moved"
+    result, _, _ = interrupt_then_resume(bench, "sweep folder moved, then --resume --results NEW", signal.SIGINT,
+                                         between=lambda: shutil.move(bench.results, new), results_after=new)
+    result.outcome += f"; old place {'written again' if bench.results.exists() else 'untouched'}"
+    return result
+
+
+def group_sigterm(bench: Bench) -> Outcome:
+    """SIGTERM to the driver's whole process group with an embedded cluster (what Slurm's scancel and time limits,
+    `timeout` and Kubernetes send): the driver stops like on Ctrl-C (Tune's state saved, tables compacted,
+    resume hint, exit 130); --resume finishes the sweep."""
+    parts: list[Path] = []
+    result, _, first_err = interrupt_then_resume(
+        bench, "SIGTERM to the process group, then --resume", lambda proc: os.killpg(proc.pid, signal.SIGTERM),
+        between=lambda: parts.extend((bench.results / "sw" / "parts").glob("*")))
+    result.lines = [line for line in first_err.splitlines() if "--resume --name sw" in line] + result.lines
+    result.outcome += f"; {len(parts)} part file(s) left uncompacted"
+    return result
+
+
+def head_lost(bench: Bench) -> Outcome:
+    """The head of the attached cluster (a `ray start --head` on this machine) killed mid-sweep: the driver says so
+    in one line with the resume hint and exits 130 within seconds (Ray's core worker alone waits 60 s, then exits
+    1 with a line of its own); --resume on a new embedded cluster finishes the sweep."""
+    port = free_port()
+    head = ray_start(bench, "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false")
+    try:
+        wait_for(lambda: answers(port), head, timeout=120)
+        result, _, first_err = interrupt_then_resume(bench, "attached cluster's head lost, then --resume",
+                                                     lambda _: kill_group(head), cluster=f"127.0.0.1:{port}")
+    finally:
+        stop(head)
+    result.lines = error_lines(first_err) + result.lines
+    return result
+
+
+def bad_input(bench: Bench) -> Outcome:
+    """Absurd values and damaged files, each refused in one line (exit 2) before anything starts: flags (a --name
+    too long for a folder, a seed or an epoch count beyond range, `--epochs 2.5`, a CPU share below Ray's
+    resolution, a negative image limit), a teacher file that loading with weights_only refuses, and, in a stopped
+    sweep, a garbage part file, a foreign Parquet file as trials.parquet and a sweep.json holding a string, a count
+    as text or resources as a name. Once repaired, --resume completes the sweep."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    huge = "9" * 23
+    flags = [["--name", "n" * 300], ["--name", "n" * 5000], ["--seed", huge], ["--seeds", huge], ["--epochs", huge],
+             ["--epochs", "2.5"], ["--cpus-per-worker", "1e-300"], ["--set", "data.limit_train=-1"]]
+    refusals: list[subprocess.CompletedProcess] = []
+    started: list[str] = []
+    for i, extra in enumerate(flags):
+        refusals.append(bench.call(bench.sweep(f"b{i}", *extra)))
+        started += [f"b{i}"] if (bench.results / f"b{i}").exists() else []
+    teachers = bench.work / "pickled-teacher"
+    teachers.mkdir()
+    torch.save({"state_dict": argparse.Namespace(epoch=1)}, teachers / "convnext_tiny.pth")  # not weights only
+    argv = bench.sweep("t")
+    argv[argv.index("--teacher-dir") + 1] = str(teachers)
+    refusals.append(bench.call(argv))
+    started += ["t"] if (bench.results / "t").exists() else []
+
+    folder = bench.results / "sw"
+    manifest = folder / "sweep.json"
+
+    def replaced(path: Path, write: Callable[[Path], None]) -> None:
+        """`path` damaged by `write` for one --resume, then restored."""
+        good = path.read_bytes() if path.exists() else None
+        path.parent.mkdir(exist_ok=True)
+        write(path)
+        refusals.append(bench.call(bench.sweep("sw", resume=True)))
+        path.unlink()
+        if good is not None:
+            path.write_bytes(good)
+
+    def damage() -> None:
+        replaced(folder / "parts" / "garbage.trials.parquet", lambda p: p.write_bytes(b"not parquet"))
+        replaced(folder / "trials.parquet", lambda p: pq.write_table(pa.table({"trial_id": ["x"], "n": [1]}), p))
+        fields = json.loads(manifest.read_text())
+        for bad in ("a string", {**fields, "planned": str(fields["planned"])}, {**fields, "resources": "cpu"}):
+            replaced(manifest, lambda p: p.write_text(json.dumps(bad)))
+
+    result, _, _ = interrupt_then_resume(bench, "absurd values, damaged files", signal.SIGINT, between=damage)
+    one_line = [r for r in refusals if r.returncode == 2 and len(error_lines(r.stderr)) == 1
+                and error_lines(r.stderr)[0].startswith("error: ")]
+    result.lines = [line for r in refusals for line in error_lines(r.stderr)] + result.lines
+    result.outcome = (f"{len(one_line)}/{len(refusals)} refused in one line, {len(started)} started; "
+                      f"{result.outcome}")
     return result
 
 
@@ -599,7 +781,8 @@ SCENARIOS: dict[str, Callable[[Bench], Outcome]] = {
     "two_resumes": two_resumes, "teacher_checkpoint": teacher_checkpoint_truncated,
     "trial_checkpoint": trial_checkpoint_corrupted, "trials_parquet": trials_parquet_corrupted,
     "cifar_archive": cifar_archive_corrupted, "sweep_json": sweep_json_corrupted, "nan_storm": nan_storm,
-    "ray_job": ray_job_stop,
+    "ray_job": ray_job_stop, "early_kill": early_kill, "epoch_kill": epoch_kill, "stopped_kill": stopped_kill,
+    "moved": moved, "group_sigterm": group_sigterm, "head_lost": head_lost, "bad_input": bad_input,
 }
 
 

@@ -2,7 +2,10 @@
 scenarios on real processes (`benchmarks/faults.py`, which prints them as a table) are slow-marked."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +20,10 @@ from uhkd.data.cifar import read_cifar100
 from uhkd.errors import UserError
 from uhkd.models import create_stage_model, load_teacher, save_model_checkpoint
 from uhkd.sweep import lock
-from uhkd.sweep.cli import SweepOptions
-from uhkd.sweep.results import SweepTables
-from uhkd.sweep.runner import MANIFEST, disk_full, read_manifest
-from uhkd.trainer import CHECKPOINT, PREVIOUS_CHECKPOINT
+from uhkd.sweep.results import SweepTables, epochs_schema, trials_schema
+from uhkd.sweep.runner import disk_full, resume_flags
+from uhkd.sweep.state import MANIFEST, read_manifest
+from uhkd.trainer import CHECKPOINT, METRICS_LOG, PREVIOUS_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,15 +95,15 @@ def test_trial_checkpoint_falls_back_to_the_previous_one_then_restarts(tmp_path,
 
 
 def test_corrupted_sweep_json_and_trials_parquet_are_one_line(tmp_path):
-    opts = SweepOptions(results=str(tmp_path))
+    folder = str(tmp_path / "sw")
     (tmp_path / "sw").mkdir()
     (tmp_path / "sw" / MANIFEST).write_text('{"kind": "hetero_pa')
     with pytest.raises(UserError, match="cannot resume sweep 'sw': .*sweep.json is missing or corrupted") as err:
-        read_manifest(opts, "sw")
+        read_manifest(folder, "sw")
     _one_line(err)
     (tmp_path / "sw" / MANIFEST).write_text('{"kind": "hetero_pairs"}')
     with pytest.raises(UserError, match="it lacks preset, planned"):
-        read_manifest(opts, "sw")
+        read_manifest(folder, "sw")
     pq.write_table(pa.table({"trial_id": ["a"]}), tmp_path / "sw" / "trials.parquet")
     raw = (tmp_path / "sw" / "trials.parquet").read_bytes()
     (tmp_path / "sw" / "trials.parquet").write_bytes(raw[: len(raw) // 2])
@@ -133,6 +136,124 @@ def test_disk_full_is_found_inside_wrapped_errors():
     except RuntimeError as outer:
         assert disk_full(outer)
     assert not disk_full(RuntimeError("other"))
+
+
+HUGE = "9" * 23
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name", "n" * 300], "--name is at most 100 characters, got 300"),  # the lock file's ENAMETOOLONG
+    (["--name", "n" * 5000], "--name is at most 100 characters, got 5000"),
+    (["--seed", HUGE], f"--seed must be <= {2**32 - 1}, got {HUGE}"),  # numpy's seed range (the search)
+    (["--seeds", HUGE], f"--seeds must be <= {2**32 - 1}, got {HUGE}"),  # a row's int64 column
+    (["--epochs", HUGE], f"--epochs must be <= 100000, got {HUGE}"),
+    (["--epochs", "2.5"], "error: argument --epochs: invalid int value: '2.5' (see --help)"),
+    (["--cpus-per-worker", "1e-300"], "--cpus-per-worker must be >= 0.0001, got 1e-300"),  # Ray: 0 CPUs
+    (["--trial-resources", '{"gpu_node": 1e-9}'], "number >= 0.0001"),
+    (["--set", "data.limit_train=-1"], "data.limit_train must be >= 0, got -1"),  # would drop one image
+])
+def test_absurd_values_are_one_line_before_anything_starts(tmp_path, capsys, args, message):
+    from sweeps import hetero_pairs
+
+    argv = ["--results", str(tmp_path / "r"), "--teacher-dir", str(tmp_path / "t"), "--cluster", "local", *args]
+    try:
+        code = hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv)
+    except SystemExit as end:  # argparse's own refusals
+        code = end.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()  # nothing started
+
+
+def test_a_teacher_that_weights_only_loading_refuses_fails_before_any_trial(tmp_path, capsys):
+    """A whole torch zip file that pickles more than tensors: every trial's weights-only load would fail."""
+    from sweeps import hetero_pairs
+
+    (tmp_path / "t").mkdir()
+    torch.save({"state_dict": argparse.Namespace(epoch=1)}, tmp_path / "t" / "convnext_tiny.pth")
+    argv = ["--results", str(tmp_path / "r"), "--teacher-dir", str(tmp_path / "t"), "--cluster", "local",
+            "--pairs", "convnext_tiny:resnet18"]
+    assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: teacher checkpoint '{tmp_path / 't' / 'convnext_tiny.pth'}' cannot be loaded "
+                          f"with weights_only=True (UnpicklingError: ") and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('"a string"', "it holds a JSON str, not an object"),
+    ('{"kind": "hetero_pairs", "preset": "quick", "planned": "4", "concurrent": 1, "resources": {}}',
+     "planned is '4', not a positive integer"),  # read only once every trial had run
+    ('{"kind": "hetero_pairs", "preset": "quick", "planned": 4, "concurrent": 1, "resources": "cpu"}',
+     'resources is "cpu", not an object of resource -> amount'),  # Tune's with_resources() error
+    ('{"kind": "hetero_pairs", "preset": "quick", "planned": 4, "concurrent": true, "resources": {}}',
+     "concurrent is True, not a positive integer"),
+])
+def test_every_field_of_sweep_json_is_checked_in_one_line(tmp_path, content, problem):
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / MANIFEST).write_text(content)
+    with pytest.raises(UserError, match=f"{tmp_path / 'sw' / MANIFEST} is missing or corrupted") as err:
+        read_manifest(str(tmp_path / "sw"), "sw")
+    assert problem in _one_line(err)
+
+
+def test_a_garbage_part_or_a_foreign_table_is_named_in_one_line_and_never_merged(tmp_path):
+    tables = SweepTables(str(tmp_path), "sw")
+    tables.write_trial({"trial_id": "t1", "status": "ok"}, [{"epoch": 1, "top1": 1.0}])
+    parts = tmp_path / "sw" / "parts"
+    (parts / "t2.trials.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(UserError, match=f"results table '{parts / 't2.trials.parquet'}' is unreadable") as err:
+        SweepTables(str(tmp_path), "sw").load()
+    assert "move it aside and run --resume" in _one_line(err)
+    (parts / "t2.trials.parquet").unlink()
+    SweepTables(str(tmp_path), "sw").compact()
+    table = tmp_path / "sw" / "trials.parquet"
+    pq.write_table(pa.table({"trial_id": ["x", None], "n": [1, 2]}), table)  # valid Parquet, not ours
+    with pytest.raises(UserError, match=f"results table '{table}' is no uhkd trials table") as err:
+        SweepTables(str(tmp_path), "sw").load()
+    _one_line(err)
+    table.unlink()
+    # ours, but a column of another type: said which
+    epochs = pa.Table.from_pylist([{"trial_id": "t1", "epoch": 1}], schema=epochs_schema()).set_column(
+        epochs_schema().get_field_index("epoch"), "epoch", pa.array(["1"]))
+    pq.write_table(epochs, tmp_path / "sw" / "epochs.parquet")
+    with pytest.raises(UserError, match="does not hold the epochs schema .*epoch \\(string, not int64\\)"):
+        SweepTables(str(tmp_path), "sw").load()
+
+
+def test_a_table_of_an_earlier_schema_version_is_still_read(tmp_path):
+    """Columns added since are missing from it (readers see nulls); its other columns are as they were."""
+    schema = trials_schema()
+    older = pa.schema([f for f in schema if f.name != "lr_used"], metadata={"uhkd.schema_version": "1"})
+    (tmp_path / "sw").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"trial_id": "old", "status": "ok"}], schema=older),
+                   tmp_path / "sw" / "trials.parquet")
+    SweepTables(str(tmp_path), "sw").write_trial({"trial_id": "new", "status": "stopped", "lr_used": 0.1})
+    rows = SweepTables(str(tmp_path), "sw").load().trials
+    assert rows["old"]["lr_used"] is None and rows["new"]["lr_used"] == 0.1
+
+
+def test_the_resume_hint_quotes_what_a_shell_would_split():
+    flags = resume_flags("s", "/data/my results")
+    assert flags == "--resume --name s --results '/data/my results'"
+    assert shlex.split(flags)[-1] == "/data/my results"
+
+
+def test_a_resumed_trial_takes_the_checkpoint_of_its_latest_epoch(tmp_path):
+    """Tune names a restored trial's checkpoints from the count its saved state had: after an interruption, an
+    older name may hold a later epoch, and a damaged log sorts last."""
+    import pyarrow.fs as pafs
+
+    from uhkd.train import latest_first
+
+    for name, epochs in (("checkpoint_000000", [1, 2, 3]), ("checkpoint_000001", [1, 2]),
+                         ("checkpoint_000002", None)):
+        (tmp_path / name).mkdir()
+        log = "".join(json.dumps({"epoch": e, "loss": 1.0}) + "\n" for e in epochs) if epochs else "{"
+        (tmp_path / name / METRICS_LOG).write_text(log)
+    folders = [str(tmp_path / f"checkpoint_00000{i}") for i in (2, 1, 0)]
+    assert [Path(f).name for f in latest_first(pafs.LocalFileSystem(), folders)] == \
+        ["checkpoint_000000", "checkpoint_000001", "checkpoint_000002"]
 
 
 @pytest.mark.slow
@@ -168,18 +289,32 @@ EXPECT_LINES = {  # scenario -> what the user must have been told (one line each
     "cifar_archive": "error: refusing CIFAR-100",
     "nan_storm": "non-finite loss",
     "disk_full": "error: the results disk is full",
+    "early_kill": "sweep sw: stopped before Tune saved any state; starting its search afresh with its stored settings",
+    "group_sigterm": "interrupted: continue with python sweeps/hetero_pairs.py --resume --name sw --results ",
+    "head_lost": "error: the Ray cluster at ",
+    "bad_input": "error: --name is at most 100 characters, got 300",
 }
-
-
+RESUMED = "then --resume exit 0"
 EXPECT_OUTCOME = {  # scenario -> exit codes as `Outcome.outcome` words them
-    "driver_sigkill": ["exit -9 then --resume exit 0"], "driver_sigterm": ["exit 130 then --resume exit 0"],
+    "driver_sigkill": ["exit -9 (", RESUMED], "driver_sigterm": ["exit 130 (", RESUMED],
     "worker_sigkill": ["1 killed; exit 0"], "node_lost": ["exit 0"],
     "disk_full": ["exit 2, ", "--resume exit 0"], "two_sweeps": ["exit 0 and 0; same name: exit 2"],
-    "two_resumes": ["second exit 2; exit 130 then --resume exit 0"], "teacher_checkpoint": ["exit 2 before any trial"],
-    "trial_checkpoint": ["exit 130 then --resume exit 0"], "trials_parquet": ["exit 2, moved aside", "--resume exit 0"],
-    "sweep_json": ["exit 2, restored", "--resume exit 0"], "cifar_archive": ["exit 2 and 2; nothing ran"],
+    "two_resumes": ["second exit 2; exit 130 (", RESUMED], "teacher_checkpoint": ["exit 2 before any trial"],
+    "trial_checkpoint": ["exit 130 (", RESUMED], "trials_parquet": ["exit 2, moved aside", RESUMED],
+    "sweep_json": ["exit 2, restored", RESUMED], "cifar_archive": ["exit 2 and 2; nothing ran"],
     "nan_storm": ["exit 0; 2 failed, 2 listed with reasons"], "ray_job": ["stopped: hint printed; resubmitted: exit 0"],
+    "early_kill": ["exit -9 (", RESUMED], "epoch_kill": ["exit -9 (", RESUMED], "stopped_kill": ["exit -9 (", RESUMED],
+    "moved": ["exit 130 (", RESUMED, "old place untouched"],
+    "group_sigterm": ["exit 130 (", RESUMED, "0 part file(s) left uncompacted"],
+    "head_lost": ["exit 130 (", RESUMED], "bad_input": ["14/14 refused in one line, 0 started", "exit 130 (", RESUMED],
 }
+# bad_input: the file each damaged-file refusal names, or the value a flag refusal names
+BAD_INPUT_LINES = ["--name is at most 100 characters, got 5000", "--seed must be <= 4294967295",
+                   "--seeds must be <= 4294967295", "--epochs must be <= 100000", "invalid int value: '2.5'",
+                   "--cpus-per-worker must be >= 0.0001, got 1e-300", "data.limit_train must be >= 0, got -1",
+                   "cannot be loaded with weights_only=True", "garbage.trials.parquet' is unreadable",
+                   "trials.parquet' is no uhkd trials table", "it holds a JSON str, not an object",
+                   "planned is '3', not a positive integer", "resources is \"cpu\", not an object"]
 
 
 @pytest.mark.slow
@@ -194,8 +329,9 @@ def test_fault_scenario(scenario, tmp_path):
     assert result.retrained <= (1 if scenario == "trial_checkpoint" else 0), result  # the fallback: one epoch
     assert not any("Traceback" in line for line in result.lines), result.lines
     assert all(line.count("\n") == 0 for line in result.lines)
-    if scenario in EXPECT_LINES:
-        assert any(EXPECT_LINES[scenario] in line for line in result.lines), result.lines
+    for expected in [*([EXPECT_LINES[scenario]] if scenario in EXPECT_LINES else []),
+                     *(BAD_INPUT_LINES if scenario == "bad_input" else [])]:
+        assert any(expected in line for line in result.lines), (expected, result.lines)
     if scenario not in ("teacher_checkpoint", "cifar_archive"):
         assert result.written == result.planned, result
     for part in EXPECT_OUTCOME[scenario]:

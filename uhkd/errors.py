@@ -1,8 +1,9 @@
 """The one exception type for bad user input: the command lines print it as one line and exit 2."""
 from __future__ import annotations
 
+import argparse
 import difflib
-from typing import Iterable
+from typing import Iterable, NoReturn
 
 
 class UserError(ValueError):
@@ -30,3 +31,11 @@ def one_line(text: object, limit: int = 500) -> str:
     """The first non-blank line of `text` (an exception's message, a traceback's summary), at most `limit` long."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return (lines[0] if lines else "")[:limit]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors (an unknown flag, `--epochs 2.5`) are one line, exit 2, like every other bad
+    input: argparse's own prints its usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")

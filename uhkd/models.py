@@ -211,9 +211,11 @@ class StageModel(nn.Module):
         self.pruned_after = stage
 
 
-def check_checkpoint_file(path: str, what: str = "checkpoint file") -> None:
-    """A cheap look before any worker starts: the file exists and its zip directory (torch's format) is whole,
-    so a truncated or foreign file fails in one line here rather than in every trial."""
+def check_checkpoint_file(path: str, what: str = "checkpoint file", load: bool = False) -> None:
+    """A look before any worker starts: the file exists and its zip directory (torch's format) is whole, so a
+    truncated or foreign file fails in one line here rather than in every trial; with `load`, it is also read once
+    as the runs read it (weights only), which refuses a whole file that pickles anything but tensors and plain
+    data."""
     if not Path(path).is_file():
         raise UserError(f"{what} {path!r} not found")
     try:
@@ -221,6 +223,12 @@ def check_checkpoint_file(path: str, what: str = "checkpoint file") -> None:
             pass
     except (zipfile.BadZipFile, OSError) as err:
         raise UserError(f"{what} {path!r} is truncated or not a torch checkpoint ({one_line(err)})") from None
+    if load:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for what it refuses to unpickle
+            raise UserError(f"{what} {path!r} cannot be loaded with weights_only=True ({type(err).__name__}: "
+                            f"{one_line(err, 200)})") from None
 
 
 def _read_checkpoint(path: str, name: str, num_classes: int, img_size: int, scale: str) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -17,13 +18,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .config import RunConfig, config_hash, flatten, parse_set, unflatten
-from .errors import UserError
+from .errors import OneLineParser, UserError
 from .hub import HUB
 from .registry import DATASETS, METHODS
-from .storage import checkpoint_folders, exists, is_uri, join, location_of, ray_storage
+from .storage import checkpoint_folders, exists, is_uri, join, location_of, open_location, ray_storage
 from .track_options import add_track_flags, parse_trackers, track_options
-from .trainer import (CHECKPOINT, STUDENT, LocalSession, Session, epoch_line, read_checkpoint, resume_line,
-                      train_loop)
+from .trainer import (CHECKPOINT, METRICS_LOG, STUDENT, LocalSession, Session, epoch_line, read_checkpoint,
+                      resume_line, train_loop)
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
 RAY_TRAIN_ENV = {
@@ -123,32 +124,37 @@ def run_in_trial(cfg: RunConfig) -> dict:
     epoch is one Tune result whose checkpoint Tune stores in the trial's folder on the sweep's storage."""
     cfg = _absolute(cfg, cfg.output_dir)
     preflight(cfg, node=node_name())
-    return train_loop(cfg, TuneSession(_this_process(cfg)))
+    return train_loop(cfg, TuneSession(_this_process(cfg), cfg.output_dir))
 
 
 class TuneSession(Session):
     """In a Tune trial's own process: checkpoints through `tune.report(metrics, checkpoint=...)`, which uploads the
-    folder to the trial's storage before it returns; `tune.get_checkpoint()` brings the last one back."""
+    folder to the trial's storage location `folder` before it returns; `tune.get_checkpoint()` names the last one
+    Tune registered."""
 
-    def __init__(self, device: torch.device) -> None:
+    folder = ""  # the trial's own folder on its storage, where Tune uploads its checkpoints
+
+    def __init__(self, device: torch.device, folder: str) -> None:
         from ray import tune
 
-        self.api, self.device = tune, device
+        self.api, self.device, self.folder = tune, device, folder
 
     def load(self) -> dict | None:
-        """The newest readable checkpoint beside the one Tune restores, in the trial's storage: a newer one the
-        trial saved while the driver was stopping (Tune never registered it; resuming from it trains no epoch
-        twice), else Tune's, else an older one kept beside it when those are unreadable."""
+        """The readable checkpoint of the latest epoch in the trial's storage: also one Tune never registered (the
+        trial saved it while the driver was stopping, or killed), even when Tune's saved state names none, so
+        that no epoch trains twice; else an older one when those are unreadable."""
         import pyarrow.fs as pafs
 
         checkpoint = self.api.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is not None:
+            fs, run = checkpoint.filesystem, os.path.dirname(checkpoint.path.rstrip("/"))
+        elif self.folder:
+            fs, run = open_location(self.folder)
+        else:
             return None
-        fs = checkpoint.filesystem
-        newest_first = checkpoint_folders(fs, os.path.dirname(checkpoint.path.rstrip("/")))
         with tempfile.TemporaryDirectory(prefix="uhkd-restore-") as folder:
             def fetched() -> Iterator[tuple[str, Path]]:  # one at a time: usually the first one read is used
-                for path in newest_first:
+                for path in latest_first(fs, checkpoint_folders(fs, run)):
                     local = Path(folder) / os.path.basename(path)
                     local.mkdir()
                     if fs.get_file_info(f"{path}/{CHECKPOINT}").type == pafs.FileType.File:
@@ -165,6 +171,21 @@ class TuneSession(Session):
                 save(Path(folder))
                 checkpoint = self.api.Checkpoint.from_directory(folder)
             self.api.report(metrics, checkpoint=checkpoint)
+
+
+def latest_first(fs: Any, folders: list[str]) -> list[str]:
+    """Checkpoint folders by the last epoch their metrics log holds, latest first (then by name). Tune names a
+    restored trial's checkpoints from the count its saved state had, so after an interruption an older name may
+    hold a later epoch."""
+    def last_epoch(path: str) -> int:
+        try:
+            with fs.open_input_stream(f"{path}/{METRICS_LOG}") as f:
+                lines = f.readall().decode().splitlines()
+            return int(json.loads(lines[-1])["epoch"]) if lines else 0
+        except (OSError, ValueError, KeyError, TypeError):  # no log or a damaged one: tried last
+            return -1
+
+    return sorted(folders, key=lambda path: (last_epoch(path), path), reverse=True)
 
 
 class RayTrainSession(TuneSession):
@@ -303,7 +324,7 @@ def _train(cfg: RunConfig, output: Path, tracker: Any) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m uhkd.train", description="One distillation run (SPEC protocol).")
+    p = OneLineParser(prog="python -m uhkd.train", description="One distillation run (SPEC protocol).")
     p.add_argument("--teacher", help="timm model name of the teacher")
     p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); required by every method but "
                    "scratch unless --set model.random_teacher=true")

@@ -5,10 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import RunConfig, apply_overrides, build_config, coerce, validate
+from .config import RunConfig, apply_overrides, build_config, coerce, flatten, validate
 from .errors import UserError
 from .hub import HUB, check_hub_weights
 from .storage import exists
+
+
+INT64 = 2**63 - 1  # the results tables' integers
+# a run's integers beyond the config's own checks: a seed numpy takes, an epoch count that ends, image limits that
+# are counts (-1 would drop one image, not mean "all")
+BOUNDS = {"seed": (0, 2**32 - 1), "optim.epochs": (1, 100_000), "data.limit_train": (0, INT64),
+          "data.limit_eval": (0, INT64), "optim.max_steps_per_epoch": (0, INT64)}
+
+
+def out_of_bounds(what: str, value: int, key: str) -> str:
+    """Why `value` (given as `what`: a flag or the key) is outside `BOUNDS[key]`, "" when it is inside."""
+    low, high = BOUNDS[key]
+    if value < low:
+        return f"{what} must be >= {low}, got {value}"
+    return f"{what} must be <= {high}, got {value}" if value > high else ""
 
 
 class Problems:
@@ -74,6 +89,13 @@ def check_run(cfg: RunConfig, problems: Problems, *, teacher_file: bool = True, 
     from .models import model_kind
     from .registry import DATASETS, METHODS
 
+    flat = flatten(cfg)
+    for key, value in flat.items():
+        problem = out_of_bounds(key, value, key) if key in BOUNDS else ""
+        if not problem and isinstance(value, int) and not -INT64 - 1 <= value <= INT64:
+            problem = f"{key} must fit in 64 bits, got {value}"
+        if problem:
+            problems.add(problem)
     m = cfg.model
     for name in (m.teacher, m.student):
         if name:

@@ -82,7 +82,7 @@ class ParquetResults(tune.Callback):
         self._active: dict[str, float] = {}  # seconds run in earlier sessions (before an interruption)
         self._session: dict[str, float] = {}  # monotonic start of the current session
         self._tables: SweepTables | None = None
-        self._finished_ok: set[str] | None = None  # trials with an "ok" row before this session: final
+        self._final: set[str] | None = None  # trials with an "ok" or "stopped" row before this session: final
 
     def setup(self, **info: Any) -> None:
         self._tables = SweepTables(self.results, self.sweep)
@@ -106,10 +106,10 @@ class ParquetResults(tune.Callback):
     def _reconcile(self, trials: list) -> None:
         """Once, before this session runs anything: write the rows of trials that ended in an earlier session
         without their row reaching the tables (the driver killed in between, a full disk)."""
-        if self._finished_ok is not None:
+        if self._final is not None:
             return
         written = SweepTables(self.results, self.sweep).load().trials
-        self._finished_ok = {t for t, row in written.items() if row["status"] == "ok"}
+        self._final = {t for t, row in written.items() if row["status"] in ("ok", "stopped")}
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in written:
                 self._finish(trial, error_reason(trial) if trial.status == "ERROR" else "")
@@ -137,13 +137,14 @@ class ParquetResults(tune.Callback):
         # no row while the disk is (nearly) full: Tune's saved state may then lack the trial, and --resume would run
         # a replacement beside its row; without the row, the replacement is the trial's one row
         self._check_space()
-        if trial.trial_id in (self._finished_ok or ()):
-            # finished before a driver crash that Tune's saved state does not know of: its row stands as written
+        if trial.trial_id in (self._final or ()):
+            # finished or stopped before a driver crash that Tune's saved state does not know of: its row stands as
+            # written (a failed row may be replaced: --resume continues trials that crashed)
             return
         cfg = run_config(trial.config, trial.trial_id)
         # Epochs the run checkpointed but Tune never received (an interruption between the two) are in the log its
         # last checkpoint carries, on the results filesystem.
-        logged, student = trial_checkpoint(self.results, trial)
+        logged, student = trial_checkpoint(trial)
         by_epoch = {int(m["epoch"]): m for m in logged}
         by_epoch.update(self._epochs.get(trial.trial_id, {}))
         if not by_epoch and trial.last_result.get("epoch") is not None:

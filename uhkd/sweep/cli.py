@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..config import parse_set
+from ..errors import OneLineParser
 from ..track_options import TrackOptions, add_track_flags, parse_trackers
-from ..validate import Problems
+from ..validate import Problems, out_of_bounds
 from .spec import load_preset, preset_names
 
 ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+MAX_NAME = 100  # a sweep name is a folder name (and an experiment name in the trackers)
+RESOURCE_STEP = 0.0001  # Ray counts resources in steps of this; a smaller positive amount is none
 
 
 @dataclass
@@ -56,10 +59,10 @@ def _resources(text: str) -> dict[str, float]:
         value = json.loads(text)
     except ValueError:
         value = None
-    if not isinstance(value, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in value.values()):
-        raise argparse.ArgumentTypeError(f'expected a JSON object of resource name -> positive number such as '
-                                         f'\'{{"worker_node": 1}}\', got {text!r}')
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              and RESOURCE_STEP <= v < math.inf for v in value.values()):
+        raise argparse.ArgumentTypeError(f'expected a JSON object of resource name -> number >= {RESOURCE_STEP:g} '
+                                         f'such as \'{{"worker_node": 1}}\', got {text!r}')
     taken = sorted(set(value) & {"CPU", "GPU", "cpu", "gpu", "memory"})
     if taken:
         raise argparse.ArgumentTypeError(f"{', '.join(taken)}: use --cpus-per-worker / --gpus-per-trial instead")
@@ -71,8 +74,7 @@ def _pairs(text: str) -> tuple[str, ...]:
 
 
 def sweep_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("shared sweep flags")
     g.add_argument("--cluster", default="auto", metavar="auto|local|ADDRESS",
                    help="auto: attach to RAY_ADDRESS or the cluster `ray start --head` started here, else start an "
@@ -117,15 +119,23 @@ def options(args: argparse.Namespace) -> SweepOptions:
     if cluster not in ("auto", "local") and not ADDRESS.match(cluster):
         problems.add(f"--cluster must be auto, local, HOST:PORT or ray://HOST:PORT, got {cluster!r}")
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--max-concurrent", args.max_concurrent, 1),
-                             ("--epochs", args.epochs, 1), ("--workers-per-trial", args.workers_per_trial, 0)):
+                             ("--workers-per-trial", args.workers_per_trial, 0)):
         if value is not None and value < low:
             problems.add(f"{flag} must be >= {low}, got {value}")
-    if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial < float("inf"):
-        problems.add(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
-    if args.cpus_per_worker is not None and not 0 < args.cpus_per_worker < float("inf"):
-        problems.add(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
+    for flag, values, key in (("--epochs", [args.epochs], "optim.epochs"), ("--seeds", args.seeds or [], "seed"),
+                              ("--seed", [args.seed], "seed")):  # the search's seed: numpy's range too
+        for problem in (out_of_bounds(flag, v, key) for v in values if v is not None):
+            if problem:
+                problems.add(problem)
+    if args.gpus_per_trial is not None and not (args.gpus_per_trial == 0 or
+                                                RESOURCE_STEP <= args.gpus_per_trial < float("inf")):
+        problems.add(f"--gpus-per-trial must be 0 or >= {RESOURCE_STEP:g}, got {args.gpus_per_trial}")
+    if args.cpus_per_worker is not None and not RESOURCE_STEP <= args.cpus_per_worker < float("inf"):
+        problems.add(f"--cpus-per-worker must be >= {RESOURCE_STEP:g}, got {args.cpus_per_worker}")
     if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=+\-]*", args.name):
-        problems.add(f"--name may hold letters, digits and _.=+- only, got {args.name!r}")
+        problems.add(f"--name may hold letters, digits and _.=+- only, got {args.name[:MAX_NAME]!r}")
+    elif len(args.name) > MAX_NAME:
+        problems.add(f"--name is at most {MAX_NAME} characters, got {len(args.name)}")
     sets: dict[str, str] = {}
     for item in args.sets:
         sets.update(problems.check(parse_set, [item]) or {})

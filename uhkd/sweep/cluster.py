@@ -9,13 +9,15 @@ skipped instead of tried.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import ray
 
@@ -120,10 +122,57 @@ def start_local(num_cpus: int | None = None) -> str:
     # turn it off with RAY_AUTH_MODE=disabled), and a dashboard never listens beyond this machine. Ray's console
     # warning that the token is on is said in the toolkit's own line instead.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-             log_to_driver=False, logging_level=logging.WARNING)
+    with _own_session():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                 log_to_driver=False, logging_level=logging.WARNING)
     token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # what ray.init settled on
     return "token authentication on" if token else "token authentication off (RAY_AUTH_MODE)"
+
+
+@contextlib.contextmanager
+def _own_session() -> Iterator[None]:
+    """Ray processes started inside (an embedded cluster's GCS server, raylet and helpers, and through the raylet
+    every worker) start in a session of their own. Slurm (scancel, time limits), `timeout` and Kubernetes signal
+    the driver's whole process group: the signal then reaches the driver alone, which stops the sweep cleanly,
+    instead of killing the cluster under it. They still end with the driver (Ray has the kernel kill them when
+    their parent dies)."""
+    from ray._private import services
+
+    spawn = services.ConsolePopen
+
+    class OwnSession(spawn):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "start_new_session": True})
+
+    services.ConsolePopen = OwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = spawn
+
+
+LOST_AFTER_S = 10.0  # a cluster that does not answer this long is lost (a GCS restart takes longer only with HA)
+
+
+def watch(lost: Callable[[str, float], None], after: float = LOST_AFTER_S) -> Callable[[], None]:
+    """Check once a second, in a daemon thread, that the cluster this process uses still answers (its GCS, or
+    under Ray Client its client server); after `after` seconds without an answer (its head node lost, an embedded
+    cluster's processes killed) call `lost(address, after)` in that thread. Returns the function that stops
+    watching. Ray's own core worker waits 60 s for a lost GCS, then ends the process with a line of its own."""
+    address = _current_address()
+    stopped = threading.Event()
+
+    def poll() -> None:
+        last = time.monotonic()
+        while not stopped.wait(1.0):
+            if answers(address, timeout=1.0):
+                last = time.monotonic()
+            elif time.monotonic() - last >= after and not stopped.is_set():
+                lost(address, after)
+                return
+
+    threading.Thread(target=poll, name="uhkd-cluster-watch", daemon=True).start()
+    return stopped.set
 
 
 def _current_address() -> str:

@@ -92,14 +92,36 @@ def write_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
         pq.write_table(table, path, filesystem=fs)
 
 
-def read_table(fs: pafs.FileSystem, path: str) -> pa.Table:
-    """A results table, or one `UserError` line when the file is truncated or corrupted."""
+def read_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table:
+    """A results table file (`name`: TRIALS or EPOCHS, compacted or a part), or one `UserError` line naming it when
+    it is truncated, corrupted or no uhkd table of that kind."""
     try:
-        return pq.read_table(path, filesystem=fs)
+        table = pq.read_table(path, filesystem=fs)
     except (pa.ArrowException, OSError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise UserError(f"results table {path!r} is unreadable ({type(exc).__name__}: {reason}); move it aside "
-                        f"and run --resume: the rows are rebuilt from the trials' own records") from None
+        problem = f"is unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    else:
+        problem = _schema_problem(table.schema, name)
+        if not problem:
+            return table
+    raise UserError(f"results table {path!r} {problem}; move it aside and run --resume: the rows are rebuilt from "
+                    f"the trials' own records")
+
+
+def _schema_problem(found: pa.Schema, name: str) -> str:
+    """Why a file of schema `found` is not a table `name` (TRIALS or EPOCHS) of this toolkit, "" when it is. A table
+    of an earlier schema version may lack columns added since (readers see them as nulls)."""
+    expected = trials_schema() if name == TRIALS else epochs_schema()
+    version = (found.metadata or {}).get(b"uhkd.schema_version", b"").decode()
+    if not version:
+        return f"is no uhkd {name.split('.')[0]} table (its schema has no uhkd.schema_version)"
+    missing = [f.name for f in expected if f.name not in found.names] if version == str(SCHEMA_VERSION) else []
+    mistyped = [f"{f.name} ({found.field(f.name).type}, not {f.type})" for f in expected
+                if f.name in found.names and not found.field(f.name).type.equals(f.type)]
+    if missing or mistyped:
+        wrong = [*(f"{n} missing" for n in missing), *mistyped]
+        return (f"does not hold the {name.split('.')[0]} schema (version {version}): {', '.join(wrong[:4])}"
+                f"{f' and {len(wrong) - 4} more' if len(wrong) > 4 else ''}")
+    return ""
 
 
 def _parts(fs: pafs.FileSystem, folder: str, name: str) -> list[str]:
@@ -118,14 +140,11 @@ def _ordered(table: pa.Table, name: str) -> pa.Table:
 def merged_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table | None:
     """Table `name` (TRIALS or EPOCHS) stored at `path` as readers see it: the compacted file with the part files
     beside it (trials that ended since the last compaction) replacing their trials' rows; None when neither exists."""
-    import pyarrow.dataset as ds
-
-    paths = _parts(fs, path.rsplit("/", 1)[0], name)
-    schema = trials_schema() if name == TRIALS else epochs_schema()
-    tables = [ds.dataset(paths, schema=schema, filesystem=fs, format="parquet").to_table()] if paths else []
+    parts = [read_table(fs, part, name) for part in _parts(fs, path.rsplit("/", 1)[0], name)]
+    tables = [pa.concat_tables(parts, promote_options="default")] if parts else []
     if fs.get_file_info(path).type == pafs.FileType.File:
-        table = read_table(fs, path)
-        if tables and "trial_id" in table.column_names:
+        table = read_table(fs, path, name)
+        if tables:
             replaced = tables[0]["trial_id"].combine_chunks()
             table = table.filter(pc.invert(pc.is_in(table["trial_id"], value_set=replaced)))
         tables.insert(0, table)

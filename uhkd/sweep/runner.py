@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -22,6 +22,8 @@ from . import lock
 from .cli import SweepOptions, parse
 from .results import SweepTables
 from .spec import Sweep, SweepPreset
+from .state import (STORED, TUNE, StoredSweep, read_manifest, read_stored, saved_state, started, write_manifest,
+                    write_stored)
 from .trainable import in_process, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
@@ -71,34 +73,36 @@ def pairs(sweep_kind: str, preset: SweepPreset, opts: SweepOptions) -> list[str]
 
 
 def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
-    """(name, resuming): a new name (timestamp + random tail), the given one, or for a bare --resume the latest of
-    this kind."""
-    from ray import tune
-
-    def restorable(name: str) -> bool:
-        path, filesystem = ray_storage(join(opts.results, name, "tune"))
-        return tune.Tuner.can_restore(path, storage_filesystem=filesystem)
-
+    """(name, started): a new name (timestamp + random tail), the given one, or for a bare --resume the latest of
+    this kind; whether a sweep of that name was started before. A started sweep whose Tune saved nothing yet (its
+    driver stopped in its first seconds) may be started again without --resume."""
     prefix = f"{sweep.kind}-{sweep.preset.name}"
     if opts.name:
-        if opts.resume and not restorable(opts.name):
+        folder = join(opts.results, opts.name)
+        existing = started(folder)
+        if opts.resume and not existing:
             raise UserError(f"nothing to resume: no sweep {opts.name!r} under {opts.results!r}")
-        if not opts.resume and restorable(opts.name):
+        if not opts.resume and existing and saved_state(folder):
             raise UserError(f"sweep {opts.name!r} already exists under {opts.results!r}; add --resume to continue "
                             f"it or choose another --name")
-        return opts.name, opts.resume
+        return opts.name, existing
     if opts.resume:
         import pyarrow.fs as pafs
 
         fs, root = open_location(opts.results)
         found = [] if fs.get_file_info(root).type != pafs.FileType.Directory else sorted(
             i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.base_name.startswith(prefix + "-"))
-        found = [n for n in found if restorable(n)]
+        found = [n for n in found if started(join(opts.results, n))]
         if not found:
             raise UserError(f"nothing to resume: no {prefix}-* sweep under {opts.results!r}")
         return found[-1], True
     # the random tail: two sweeps started in the same second on one results root get folders of their own
     return f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", False
+
+
+def resume_flags(name: str, results: str) -> str:
+    """The flags that continue sweep `name` of results root `results`, quoted for a shell."""
+    return f"--resume --name {shlex.quote(name)} --results {shlex.quote(results)}"
 
 
 def run_overrides(sweep: Sweep, opts: SweepOptions) -> dict[str, Any]:
@@ -249,11 +253,13 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
     common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process_trials)
     if sweep.cells:
-        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, **common)
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent,
+                                      scheduler=scheduler(sweep, budget, max_epochs, (opts.results, name)), **common)
     else:
         search = searcher(sweep, opts.seed, planned, max_concurrent, (opts.results, name))
         tune_config = tune.TuneConfig(search_alg=search, num_samples=planned,
-                                      scheduler=scheduler(sweep, budget, max_epochs), **common)
+                                      scheduler=scheduler(sweep, budget, max_epochs, (opts.results, name)),
+                                      **common)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
@@ -263,33 +269,6 @@ def trial_dirname(trial: Any) -> str:
 
 def missing_teachers(teachers: set[str], teacher_dir: str) -> list[str]:
     return sorted(t for t in teachers if not exists(teacher_path(teacher_dir, t)))
-
-
-MANIFEST = "sweep.json"
-
-
-def write_manifest(opts: SweepOptions, name: str, manifest: dict) -> None:
-    fs, root = open_location(join(opts.results, name))
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/{MANIFEST}") as f:
-        f.write(json.dumps(manifest, indent=1).encode())
-
-
-MANIFEST_KEYS = ("kind", "preset", "planned", "concurrent", "resources")
-
-
-def read_manifest(opts: SweepOptions, name: str) -> dict:
-    fs, root = open_location(join(opts.results, name))
-    try:
-        with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
-            manifest = json.loads(f.readall())
-        missing = [k for k in MANIFEST_KEYS if k not in manifest]
-        if missing:
-            raise ValueError(f"it lacks {', '.join(missing)}")
-    except (OSError, ValueError, TypeError) as exc:
-        raise UserError(f"cannot resume sweep {name!r}: {root}/{MANIFEST} is missing or corrupted "
-                        f"({one_line(exc, 200)}); it is written when the sweep starts") from None
-    return manifest
 
 
 @dataclass
@@ -322,7 +301,7 @@ def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
 
     missing = missing_teachers(teachers, teacher_dir)
     for teacher in sorted(teachers - set(missing)) if not is_uri(teacher_dir) else ():  # a URI's: by the trials
-        check_checkpoint_file(teacher_path(teacher_dir, teacher), "teacher checkpoint")
+        check_checkpoint_file(teacher_path(teacher_dir, teacher), "teacher checkpoint", load=True)
     if missing and not sweep.preset.section("teachers").get("auto"):
         raise UserError(f"missing teacher checkpoint(s) in {teacher_dir}: {', '.join(f'{t}.pth' for t in missing)}; "
                         f"write them with python sweeps/teachers.py --preset {sweep.preset.name} (or point "
@@ -332,45 +311,74 @@ def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
 
 def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) -> SweepOutcome:
     """Check, then run (or resume) `sweep`; returns where its tables are and whether it was interrupted. The sweep
-    is locked while it runs here: a second driver on the same sweep refuses (`uhkd.sweep.lock`)."""
+    is locked while it runs here: a second driver on the same sweep refuses (`uhkd.sweep.lock`). A lost cluster
+    ends this process (`_fit`)."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # absolute here: under Ray Client the callbacks that write the tables resolve paths on the cluster
     opts = replace(opts, results=join(opts.results))
     if not opts.cluster.startswith("ray://"):  # under Ray Client the head writes there, not this machine
         check_folder(opts.results, "--results")
-    name, resuming = sweep_name(sweep, opts)
+    name, existing = sweep_name(sweep, opts)
     try:
-        return _run(sweep, opts, name, resuming, out)
+        if opts.resume:
+            return _resume(sweep, opts, name, out)
+        return _run(sweep, opts, name, existing, out)
     finally:
         lock.release(join(opts.results, name))
 
 
-def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Callable[[str], None]) -> SweepOutcome:
+def _resume(sweep: Sweep, opts: SweepOptions, name: str, out: Callable[[str], None]) -> SweepOutcome:
+    """Continue sweep `name` with its stored settings, at its current location: what Tune saved is restored; when
+    Tune saved nothing, its search starts afresh."""
+    from ray import tune
+
+    from .cluster import connect
+
+    folder = join(opts.results, name)
+    lock.hold(folder, name)
+    manifest = read_manifest(folder, name)
+    if manifest["kind"] != sweep.kind:
+        raise UserError(f"sweep {name!r} is a {manifest['kind']} sweep; resume it with sweeps/{manifest['kind']}.py")
+    SweepTables(opts.results, name).load()  # an unreadable table fails here, in one line
+    stored, saved = read_stored(folder, name), saved_state(folder)
+    if stored is None and not saved:
+        raise UserError(f"cannot resume sweep {name!r}: neither Tune's state nor {folder}/{STORED} was saved; "
+                        f"start it again without --resume")
+    out(connect(opts.cluster))
+    out(f"sweep {name}: resuming with its stored trials and settings" if saved else
+        f"sweep {name}: stopped before Tune saved any state; starting its search afresh with its stored settings")
+    trainable = tune.with_resources(train_trial, manifest["resources"])
+    path, filesystem = ray_storage(join(folder, TUNE))
+    planned, concurrent = manifest["planned"], manifest["concurrent"]
+    if stored is not None:
+        # built again here (its tuner.pkl rewritten, which Tune's restore reads), so that its callbacks, search and
+        # scheduler write under this --results
+        stored = stored.at(opts.results, name)
+        tuner = _tuner(stored.sweep, stored.opts, name, stored.space, trainable, planned, concurrent,
+                       stored.max_epochs, stored.in_process)
+        if not saved:
+            return _fit(tuner, opts, name, planned, concurrent, out)
+    # errored trials crashed on infrastructure (a configuration error ends as status=failed, not errored): they
+    # continue from their checkpoints too
+    tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=filesystem, resume_unfinished=True,
+                               resume_errored=True, restart_errored=False,
+                               param_space=stored.space if stored is not None else None)
+    return _fit(tuner, opts, name, planned, concurrent, out)
+
+
+def _run(sweep: Sweep, opts: SweepOptions, name: str, existing: bool, out: Callable[[str], None]) -> SweepOutcome:
     import ray
     from ray import tune
 
     from .cluster import connect, scalable_nodes
 
-    if resuming:
-        lock.hold(join(opts.results, name), name)
-        manifest = read_manifest(opts, name)
-        if manifest["kind"] != sweep.kind:
-            raise UserError(f"sweep {name!r} is a {manifest['kind']} sweep; resume it with sweeps/{manifest['kind']}.py")
-        SweepTables(opts.results, name).load()  # an unreadable table fails here, in one line
-        out(connect(opts.cluster))
-        out(f"sweep {name}: resuming with its stored trials and settings")
-        trainable = tune.with_resources(train_trial, manifest["resources"])
-        # errored trials crashed on infrastructure (a configuration error ends as status=failed, not errored):
-        # they continue from their checkpoints too
-        path, filesystem = ray_storage(join(opts.results, name, "tune"))
-        tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=filesystem, resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False)
-        return _fit(tuner, opts, name, manifest["planned"], manifest["concurrent"], out)
-
     p = plan(sweep, opts, name)
-    lock.hold(join(opts.results, name), name)
+    folder = join(opts.results, name)
+    lock.hold(folder, name)
     out(connect(opts.cluster))
+    if existing:
+        out(f"sweep {name}: its earlier start stopped before Tune saved any state; starting it afresh")
     budget = sweep.preset.budget(sweep.kind)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     scalable = scalable_nodes()
@@ -390,14 +398,15 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
 
         train_teachers(sweep.preset, p.missing, opts, out)
     resources = trial_resources(bundles)
-    write_manifest(opts, name, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": p.planned,
-                                "concurrent": max_concurrent, "resources": resources})
     space = {**p.base, **sweep.space} if not sweep.cells else {**p.base, "cell": tune.grid_search(grid_cells(sweep))}
+    stored = StoredSweep(sweep, opts, space, max(r.optim.epochs for r in p.runs), in_process(cfg.workers))
+    write_stored(folder, stored)
+    write_manifest(folder, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": p.planned,
+                            "concurrent": max_concurrent, "resources": resources})
     out(f"sweep {name}: {p.planned} trial(s), {max_concurrent} at once, "
-        f"{'no' if in_process(cfg.workers) else cfg.workers} Ray Train worker(s) per trial; results in "
-        f"{join(opts.results, name)}")
+        f"{'no' if stored.in_process else cfg.workers} Ray Train worker(s) per trial; results in {folder}")
     tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), p.planned, max_concurrent,
-                   max(r.optim.epochs for r in p.runs), in_process_trials=in_process(cfg.workers))
+                   stored.max_epochs, stored.in_process)
     return _fit(tuner, opts, name, p.planned, max_concurrent, out)
 
 
@@ -419,10 +428,13 @@ def tables_where_written(results: str, name: str) -> SweepTables:
 
 def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: int,
          out: Callable[[str], None]) -> SweepOutcome:
-    started = time.monotonic()
-    # SIGTERM (ray job stop, Slurm, Kubernetes) stops the sweep like Ctrl-C: Tune saves its state and the resume
-    # hint is printed. Set here, after ray.init, which installs its own SIGTERM handler (exit at once).
+    from .cluster import watch
+
+    started_at = time.monotonic()
+    # SIGTERM (ray job stop, Slurm, Kubernetes, timeout) stops the sweep like Ctrl-C: Tune saves its state and the
+    # resume hint is printed. Set here, after ray.init, which installs its own SIGTERM handler (exit at once).
     previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    stop_watching = watch(lambda address, seconds: _cluster_lost(opts, name, address, seconds))
     try:
         grid = tuner.fit()
     except Exception as exc:
@@ -431,15 +443,31 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
         written = len(SweepTables(opts.results, name).load().trials)
         raise UserError(f"the results disk is full (no space left on device): the sweep stopped; the {written} "
                         f"trial row(s) written before are intact in {join(opts.results, name)}; free some space, "
-                        f"then continue with --resume --name {name}") from None
+                        f"then continue with {resume_flags(name, opts.results)}") from None
     finally:
+        stop_watching()
         signal.signal(signal.SIGTERM, previous)
     tables = tables_where_written(opts.results, name)
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
     outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
                            interrupted=len(tables.trials) < planned, grid=grid)
-    summarize(outcome, time.monotonic() - started, out)
+    summarize(outcome, time.monotonic() - started_at, out)
     return outcome
+
+
+def _cluster_lost(opts: SweepOptions, name: str, address: str, seconds: float) -> None:
+    """The cluster stopped answering: what Tune saved (every few seconds) is what --resume continues from; the
+    tables are compacted here (under Ray Client they were written on the lost head), the user told in one line,
+    and this process ends (130: interrupted) before Ray's core worker would, after 60 s and without a word."""
+    try:
+        written = f"the {len(compacted(opts.results, name).trials)} trial row(s) written are in " \
+                  f"{join(opts.results, name)}; " if not opts.cluster.startswith("ray://") else ""
+    except Exception as exc:  # a full disk, an unreachable store: the rows stay in their part files
+        written = f"the tables were left uncompacted ({one_line(exc, 120)}); "
+    print(f"error: the Ray cluster at {address} has not answered for {seconds:g} s: the sweep stopped; {written}"
+          f"continue with {resume_flags(name, opts.results)}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def disk_full(exc: BaseException | None) -> bool:
@@ -484,7 +512,7 @@ def main(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, S
         if started_ray and ray.is_initialized():
             ray.shutdown()
     if outcome.interrupted:
-        print(f"interrupted: continue with python {parser.prog} --resume --name {outcome.name} --results "
-              f"{opts.results}", file=sys.stderr)
+        print(f"interrupted: continue with python {parser.prog} {resume_flags(outcome.name, opts.results)}",
+              file=sys.stderr)
         return 130
     return 0

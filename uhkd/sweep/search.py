@@ -14,7 +14,10 @@ from typing import Any, Callable
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
+from ..storage import join
+from .results import SweepTables
 from .spec import Sweep
+from .state import relocate
 
 
 def split_budget(total: int, pairs: list[str]) -> dict[str, int]:
@@ -72,7 +75,9 @@ class PairSearch(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            state = pickle.load(f)
+        state.pop("tables", None)  # where the sweep is now, not where it was when the state was saved
+        self.__dict__.update(state)
         if self.tables:
             self._count_unsaved_trials()
 
@@ -80,21 +85,36 @@ class PairSearch(Searcher):
         """A trial that started and ended within Tune's state-saving period (TUNE_GLOBAL_CHECKPOINT_S) before the
         driver died has its row but is in neither Tune's saved state nor this searcher's (both are saved together):
         counted here as used, the resumed sweep samples no replacement beside it."""
-        from .results import SweepTables
-
         for trial_id, row in SweepTables(*self.tables).load().trials.items():
             if trial_id not in self.trial_pair and row.get("pair") in self.budget:
                 self.trial_pair[trial_id] = row["pair"]
 
 
-class PairASHA(FIFOScheduler):
-    """ASHA within each pair: one `ASHAScheduler` (its own rungs) per `config["pair"]`, made on the pair's first
-    trial. A trial is stopped only for trailing trials of its own pair."""
+class SweepScheduler(FIFOScheduler):
+    """Tune's FIFO scheduling, keeping every trial where the sweep is now: each trial Tune adds (restored, or
+    created by a restored search) is pointed at the sweep's location (`relocate`: a moved sweep writes under the
+    `--results` it was resumed with). `tables`: (results location, sweep name)."""
 
-    def __init__(self, **asha: Any) -> None:
+    def __init__(self, tables: tuple[str, str] | None = None) -> None:
         super().__init__()
+        self.tables = tables
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if self.tables:
+            relocate(trial, join(*self.tables))
+
+
+class PairASHA(SweepScheduler):
+    """ASHA within each pair: one `ASHAScheduler` (its own rungs) per `config["pair"]`, made on the pair's first
+    trial. A trial is stopped only for trailing trials of its own pair, and a stopped trial stays stopped: on a
+    resumed sweep, a trial whose row says it was stopped is not continued, even where Tune's saved state (up to
+    TUNE_GLOBAL_CHECKPOINT_S old) still has it running."""
+
+    def __init__(self, tables: tuple[str, str] | None = None, **asha: Any) -> None:
+        super().__init__(tables)
         self.asha = asha
         self.by_pair: dict[str, ASHAScheduler] = {}
+        self._stopped_rows_checked = tables is None
 
     def _of(self, trial: Any) -> ASHAScheduler:
         pair = trial.config.get("pair", "")
@@ -106,7 +126,17 @@ class PairASHA(FIFOScheduler):
         return True  # every per-pair ASHA has its own metric and mode
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
         self._of(trial).on_trial_add(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        if not self._stopped_rows_checked:  # once, before this session starts any trial
+            self._stopped_rows_checked = True
+            rows = SweepTables(*self.tables).load().trials
+            for trial in tune_controller.get_trials():
+                if trial.status in ("PENDING", "PAUSED") and rows.get(trial.trial_id, {}).get("status") == "stopped":
+                    tune_controller.stop_trial(trial)
+        return super().choose_trial_to_run(tune_controller)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         return self._of(trial).on_trial_result(tune_controller, trial, result)
@@ -150,10 +180,12 @@ def searcher(sweep: Sweep, seed: int, planned: int, max_concurrent: int, tables:
     return ConcurrencyLimiter(PairSearch(budget, make, metric, mode, tables), max_concurrent=max_concurrent)
 
 
-def scheduler(sweep: Sweep, budget: dict, max_epochs: int) -> TrialScheduler:
+def scheduler(sweep: Sweep, budget: dict, max_epochs: int,
+              tables: tuple[str, str] | None = None) -> TrialScheduler:
+    """FIFO, or ASHA per pair; `tables`: where the sweep's rows are (results location, sweep name)."""
     if not sweep.asha:
-        return FIFOScheduler()
+        return SweepScheduler(tables)
     # max_t above the epoch count: ASHA stops a trial that reaches max_t, and a finishing trial must not be killed
-    return PairASHA(time_attr="epoch", metric="top1", mode="max", max_t=max_epochs + 1,
+    return PairASHA(tables, time_attr="epoch", metric="top1", mode="max", max_t=max_epochs + 1,
                     grace_period=int(budget.get("grace_period", 1)),
                     reduction_factor=float(budget.get("reduction_factor", 2)))

@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Mapping
 
 import pyarrow.fs as pafs
 
 from ..config import LEAF_TYPES, RunConfig, build_config
 from ..errors import UserError
-from ..storage import join, location_of, open_location
+from ..storage import join, open_location
 from ..trainer import METRICS_LOG, STUDENT
 
 RAY_TRAIN_MIN_WORKERS = 2  # fewer: the trial trains in its own process, without Ray Train's actors
@@ -75,22 +76,23 @@ def run_config(config: Mapping[str, Any], trial_id: str) -> RunConfig:
                                output_dir=join(config["_sweep_dir"], runs, trial_id))
 
 
-def trial_checkpoint(results: str, trial: Any) -> tuple[list[dict], str]:
+def trial_checkpoint(trial: Any) -> tuple[list[dict], str]:
     """(every report logged in the trial's last checkpoint, the location of its exported student or "") from the
     checkpoint the trial's Tune results name: Tune's own for in-process trials, `checkpoint_path` (what Ray
-    Train's TuneReportCallback adds) for Ray Train trials. Read on the results filesystem; ([], "") when the
-    trial reported no checkpoint."""
+    Train's TuneReportCallback adds) for Ray Train trials. Read from the trial's run folder where the sweep is now
+    (a moved sweep's results name the old one); ([], "") when the trial reported no checkpoint."""
     path = trial.last_result.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else "")
     if not path:
         return [], ""
-    fs, _ = open_location(results)
+    location = join(run_config(trial.config, trial.trial_id).output_dir, os.path.basename(path.rstrip("/")))
+    fs, folder = open_location(location)
     try:
-        with fs.open_input_stream(f"{path}/{METRICS_LOG}") as f:
+        with fs.open_input_stream(f"{folder}/{METRICS_LOG}") as f:
             reports = [json.loads(line) for line in f.readall().decode().splitlines()]
     except OSError:
         reports = []
-    student = f"{path}/{STUDENT}"
-    return reports, location_of(student, results) if fs.get_file_info(student).type == pafs.FileType.File else ""
+    student = fs.get_file_info(f"{folder}/{STUDENT}").type == pafs.FileType.File
+    return reports, join(location, STUDENT) if student else ""
 
 
 def train_trial(config: dict) -> None:
