@@ -176,7 +176,7 @@ def test_a_teacher_that_weights_only_loading_refuses_fails_before_any_trial(tmp_
     assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: teacher checkpoint '{tmp_path / 't' / 'convnext_tiny.pth'}' cannot be loaded "
-                          f"with weights_only=True (UnpicklingError: ") and err.count("\n") == 1
+                          f"with weights_only=True (it pickles argparse.Namespace)") and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
 
 

@@ -227,8 +227,9 @@ def check_checkpoint_file(path: str, what: str = "checkpoint file", load: bool =
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for what it refuses to unpickle
-            raise UserError(f"{what} {path!r} cannot be loaded with weights_only=True ({type(err).__name__}: "
-                            f"{one_line(err, 200)})") from None
+            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            reason = f"it pickles {refused.group(1)}" if refused else f"{type(err).__name__}: {one_line(err, 200)}"
+            raise UserError(f"{what} {path!r} cannot be loaded with weights_only=True ({reason})") from None
 
 
 def _read_checkpoint(path: str, name: str, num_classes: int, img_size: int, scale: str) -> dict:

@@ -144,7 +144,7 @@ class ParquetResults(tune.Callback):
         cfg = run_config(trial.config, trial.trial_id)
         # Epochs the run checkpointed but Tune never received (an interruption between the two) are in the log its
         # last checkpoint carries, on the results filesystem.
-        logged, student = trial_checkpoint(trial)
+        logged, student = trial_checkpoint(trial, cfg.output_dir)
         by_epoch = {int(m["epoch"]): m for m in logged}
         by_epoch.update(self._epochs.get(trial.trial_id, {}))
         if not by_epoch and trial.last_result.get("epoch") is not None:

@@ -349,21 +349,22 @@ def _resume(sweep: Sweep, opts: SweepOptions, name: str, out: Callable[[str], No
     out(f"sweep {name}: resuming with its stored trials and settings" if saved else
         f"sweep {name}: stopped before Tune saved any state; starting its search afresh with its stored settings")
     trainable = tune.with_resources(train_trial, manifest["resources"])
-    path, filesystem = ray_storage(join(folder, TUNE))
     planned, concurrent = manifest["planned"], manifest["concurrent"]
+    space = None  # a sweep that stored no search (an older toolkit's): Tune's state alone, at the place it had
     if stored is not None:
-        # built again here (its tuner.pkl rewritten, which Tune's restore reads), so that its callbacks, search and
-        # scheduler write under this --results
+        # built again here, rewriting the tuner.pkl that Tune's restore reads: its callbacks, search and scheduler
+        # then write under this --results
         stored = stored.at(opts.results, name)
         tuner = _tuner(stored.sweep, stored.opts, name, stored.space, trainable, planned, concurrent,
                        stored.max_epochs, stored.in_process)
         if not saved:
             return _fit(tuner, opts, name, planned, concurrent, out)
+        space = stored.space
     # errored trials crashed on infrastructure (a configuration error ends as status=failed, not errored): they
     # continue from their checkpoints too
-    tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=filesystem, resume_unfinished=True,
-                               resume_errored=True, restart_errored=False,
-                               param_space=stored.space if stored is not None else None)
+    path, filesystem = ray_storage(join(folder, TUNE))
+    tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=filesystem, param_space=space,
+                               resume_unfinished=True, resume_errored=True, restart_errored=False)
     return _fit(tuner, opts, name, planned, concurrent, out)
 
 
@@ -457,8 +458,8 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
 
 def _cluster_lost(opts: SweepOptions, name: str, address: str, seconds: float) -> None:
     """The cluster stopped answering: what Tune saved (every few seconds) is what --resume continues from; the
-    tables are compacted here (under Ray Client they were written on the lost head), the user told in one line,
-    and this process ends (130: interrupted) before Ray's core worker would, after 60 s and without a word."""
+    tables are compacted here (not under Ray Client: the lost head wrote them), the user told in one line, and
+    this process ends (130: interrupted) before Ray's core worker would, after 60 s and without a word."""
     try:
         written = f"the {len(compacted(opts.results, name).trials)} trial row(s) written are in " \
                   f"{join(opts.results, name)}; " if not opts.cluster.startswith("ray://") else ""

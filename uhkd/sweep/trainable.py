@@ -76,15 +76,15 @@ def run_config(config: Mapping[str, Any], trial_id: str) -> RunConfig:
                                output_dir=join(config["_sweep_dir"], runs, trial_id))
 
 
-def trial_checkpoint(trial: Any) -> tuple[list[dict], str]:
+def trial_checkpoint(trial: Any, run_folder: str) -> tuple[list[dict], str]:
     """(every report logged in the trial's last checkpoint, the location of its exported student or "") from the
     checkpoint the trial's Tune results name: Tune's own for in-process trials, `checkpoint_path` (what Ray
-    Train's TuneReportCallback adds) for Ray Train trials. Read from the trial's run folder where the sweep is now
-    (a moved sweep's results name the old one); ([], "") when the trial reported no checkpoint."""
+    Train's TuneReportCallback adds) for Ray Train trials. Read in `run_folder`, the trial's run folder where the
+    sweep is now (a moved sweep's results name the old one); ([], "") when the trial reported no checkpoint."""
     path = trial.last_result.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else "")
     if not path:
         return [], ""
-    location = join(run_config(trial.config, trial.trial_id).output_dir, os.path.basename(path.rstrip("/")))
+    location = join(run_folder, os.path.basename(path.rstrip("/")))
     fs, folder = open_location(location)
     try:
         with fs.open_input_stream(f"{folder}/{METRICS_LOG}") as f:
