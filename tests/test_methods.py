@@ -1,5 +1,5 @@
-"""Every method on every heterogeneous family pair of SPEC §3 (scaled down), defaults, UHKD's ablation switches,
-bad input."""
+"""Every method on every heterogeneous family pair of docs/protocol.md#pairs (scaled down), defaults, UHKD's
+ablation switches, bad input."""
 import dataclasses
 import functools
 import math
@@ -14,7 +14,7 @@ from uhkd.models import create_stage_model, load_teacher
 from uhkd.methods import build_method, resolve_method, teacher_use
 from uhkd.registry import METHODS
 
-PAIRS = [  # (student, teacher): every family combination of SPEC §3's CIFAR-100 and ImageNet-1K pairs
+PAIRS = [  # (student, teacher): every family combination of docs/protocol.md#pairs (CIFAR-100 and ImageNet-1K)
     ("resnet18", "swin_tiny_patch4_window7_224"), ("resnet18", "vit_small_patch16_224"),
     ("resnet18", "mixer_b16_224"), ("mobilenetv2_100", "swin_tiny_patch4_window7_224"),
     ("mobilenetv2_100", "deit_tiny_patch16_224"), ("mobilenetv2_100", "mixer_b16_224"),
