@@ -158,7 +158,7 @@ def signed(value: float, digits: int = 2) -> str:
 
 
 def published_results() -> pd.DataFrame:
-    """The published numbers shipped with the toolkit (SPEC §4): one row per number with its source."""
+    """The published numbers shipped with the toolkit (docs/protocol.md#published-numbers): one row per number with its source."""
     with resources.files("uhkd").joinpath("reference/published_results.csv").open() as handle:
         table = pd.read_csv(handle, keep_default_na=False)
     table["top1"] = table["top1"].astype(float)

@@ -305,7 +305,8 @@ def _train(cfg: RunConfig, output: Path, tracker: Any) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m uhkd.train", description="One distillation run (SPEC protocol).")
+    p = argparse.ArgumentParser(prog="python -m uhkd.train",
+                                description="One distillation run (the protocol: docs/protocol.md).")
     p.add_argument("--teacher", help="timm model name of the teacher")
     p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); required by every method but "
                    "scratch unless --set model.random_teacher=true")
