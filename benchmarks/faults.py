@@ -1,7 +1,9 @@
 """Faults a long sweep meets, each run on real processes and measured the same way: the trials planned, the rows
 written, rows lost (a trial that ended without its row, or a row written before the fault that changed or
-vanished), rows duplicated, epochs retrained (an epoch a trial's run logged twice: trained again after its
-checkpoint) and the outcome. `tests/test_faults.py` runs the same scenarios and asserts on them.
+vanished), rows duplicated, epochs retrained (an epoch with two different records, each its time and loss: in
+Tune's result log, or in the epoch logs of the trial's checkpoints as they were right after the fault and at the
+end) and the outcome. Kill moments come from the driver's own output lines. `tests/test_faults.py` runs the same
+scenarios and asserts on them.
 
     python benchmarks/faults.py [--only driver_sigkill,nan_storm] [--keep DIR]
 
@@ -724,14 +726,14 @@ def _inner_disk_full(work: Path, out: Path) -> None:
         _, first_err = first.communicate(timeout=TIMEOUT)
     finally:
         kill_group(first)
-    before = rows(bench.results, "sw")  # readable while the disk is full
+    before, records = rows(bench.results, "sw"), epoch_records(bench.results, "sw")  # readable on a full disk
     (work / "first.err").write_text(first_err)
     filler.unlink()
     second = bench.call(bench.sweep("sw", resume=True))
     (work / "resume.err").write_text(second.stderr)
     result = measure(bench, "results disk fills, then --resume", "sw", 3, before,
                      f"exit {first.returncode}, {len(before)} row(s) readable; --resume exit {second.returncode}",
-                     error_lines(first_err) + error_lines(second.stderr))
+                     error_lines(first_err) + error_lines(second.stderr), records)
     bench.close()
     out.write_text(json.dumps(result.__dict__))
 
@@ -765,14 +767,14 @@ def ray_job_stop(bench: Bench) -> Outcome:
         logs = subprocess.run([ray, "job", "logs", "--address", address, job], env=env(bench.ray_tmp),
                               capture_output=True, text=True, timeout=60).stdout
         (bench.work / "job.log").write_text(logs)
-        before = rows(bench.results, "sw")
+        before, records = rows(bench.results, "sw"), epoch_records(bench.results, "sw")
         second = submit([a if a != "local" else "auto" for a in bench.sweep("sw", resume=True)])
     finally:
         stop(head)
     hint = [line for line in logs.splitlines() if "--resume --name sw" in line]
     return measure(bench, "ray job submit, ray job stop, --resume", "sw", 1, before,
                    f"stopped: {'hint printed' if hint else 'no hint'}; resubmitted: exit {second.returncode}",
-                   hint + error_lines(second.stdout + second.stderr))
+                   hint + error_lines(second.stdout + second.stderr), records)
 
 
 SCENARIOS: dict[str, Callable[[Bench], Outcome]] = {

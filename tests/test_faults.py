@@ -256,6 +256,27 @@ def test_a_resumed_trial_takes_the_checkpoint_of_its_latest_epoch(tmp_path):
         ["checkpoint_000000", "checkpoint_000001", "checkpoint_000002"]
 
 
+def test_a_cluster_that_stops_answering_is_said_lost_and_one_that_answers_is_not():
+    """The driver's watch (`uhkd.sweep.cluster.watch`) on a listening socket: nothing while it answers; once it is
+    closed, `lost` is called with its address (the slow head_lost scenario kills a real head)."""
+    import socket
+    import threading
+
+    from uhkd.sweep.cluster import watch
+
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    said, done = [], threading.Event()
+    stop = watch(lambda where, seconds: (said.append((where, seconds)), done.set()), after=1.0, address=address)
+    try:
+        assert not done.wait(3.5)  # answering: never lost
+        server.close()
+        assert done.wait(60) and said == [(address, 1.0)]
+    finally:
+        stop()
+        server.close()
+
+
 @pytest.mark.slow
 def test_embedded_cluster_keeps_token_auth_and_a_local_dashboard(tmp_path):
     """The toolkit never turns Ray's token authentication off itself (tests and CI do, by RAY_AUTH_MODE)."""

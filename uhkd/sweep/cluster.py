@@ -159,12 +159,12 @@ def _own_session() -> Iterator[None]:
 LOST_AFTER_S = 10.0  # a cluster that does not answer this long is lost (a GCS restart takes longer only with HA)
 
 
-def watch(lost: Callable[[str, float], None], after: float = LOST_AFTER_S) -> Callable[[], None]:
-    """Check once a second, in a daemon thread, that the cluster this process uses still answers (its GCS, or
-    under Ray Client its client server); after `after` seconds without an answer (its head node lost, an embedded
-    cluster's processes killed) call `lost(address, after)` in that thread. Returns the function that stops
-    watching. Ray's own core worker waits 60 s for a lost GCS, then ends the process with a line of its own."""
-    address = _current_address()
+def watch(lost: Callable[[str, float], None], after: float = LOST_AFTER_S, address: str = "") -> Callable[[], None]:
+    """Check once a second, in a daemon thread, that the cluster this process uses (or `address`) still answers
+    (its GCS, or under Ray Client its client server); after `after` seconds without an answer (its head node lost,
+    an embedded cluster's processes killed) call `lost(address, after)` in that thread. Returns the function that
+    stops watching. Ray's own core worker waits 60 s for a lost GCS, then ends the process with a line of its own."""
+    address = address or _current_address()
     stopped = threading.Event()
 
     def poll() -> None:
