@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Sequence
@@ -23,6 +24,7 @@ from . import lock
 from .cli import SweepOptions, parse
 from .results import SweepTables
 from .spec import Sweep, SweepPreset
+from .teachers import CARRIED, install, teachers_sweep
 from .trainable import in_process, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
@@ -399,8 +401,6 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
     bundles = trial_bundles(cfg.workers, cfg.cpus_per_worker, gpus, opts.trial_resources, memory)
     max_concurrent = concurrency(nodes, bundles, gpus, opts.max_concurrent, budget.get("max_concurrent"), scalable)
     if p.missing:
-        from .teachers import train_teachers
-
         train_teachers(sweep.preset, p.missing, opts, out)
     resources = trial_resources(bundles)
     write_manifest(opts, name, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": p.planned,
@@ -412,6 +412,21 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
     tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), p.planned, max_concurrent,
                    max(r.optim.epochs for r in p.runs), in_process_trials=in_process(cfg.workers))
     return _fit(tuner, opts, name, p.planned, max_concurrent, out)
+
+
+def train_teachers(preset: SweepPreset, models: Sequence[str], opts: SweepOptions,
+                   out: Callable[[str], None] = print) -> None:
+    """Train the missing teachers of `preset` on the cluster this process is connected to (before a sweep)."""
+    teacher_dir = join(opts.teacher_dir)
+    out(f"teachers: training the missing {', '.join(models)} into {teacher_dir} first")
+    # the students' data, model scale and step limits carry over (the checkpoint must match them); not their recipe
+    sets = {k: v for k, v in opts.sets.items() if k in CARRIED or (k.startswith("data.") and k != "data.split")}
+    topts = dataclasses.replace(opts, name="", resume=False, num_samples=None, epochs=None, seeds=None, sets=sets,
+                                pairs=None)
+    outcome = run(teachers_sweep(preset, models, seeds("teachers", preset, topts)[0]), topts, out)
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+    install([r for r in outcome.tables.trials.values() if r["student"] in models], teacher_dir, out)
 
 
 def compacted(results: str, name: str) -> SweepTables:
