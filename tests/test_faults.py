@@ -23,7 +23,7 @@ from uhkd.sweep import lock
 from uhkd.sweep.results import SweepTables, epochs_schema, trials_schema
 from uhkd.sweep.runner import disk_full, resume_flags
 from uhkd.sweep.state import MANIFEST, read_manifest
-from uhkd.trainer import CHECKPOINT, METRICS_LOG, PREVIOUS_CHECKPOINT
+from uhkd.storage import CHECKPOINT, METRICS_LOG, PREVIOUS_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
 

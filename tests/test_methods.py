@@ -1,7 +1,7 @@
 """Contracts every registered method meets (the way timm's tests run over `list_models()`): it builds on every
-heterogeneous family pair of docs/protocol.md#pairs (scaled down), gives finite loss terms, sends gradients to the student
-and to every extra module, counts its extra parameters apart, and declares a valid default for every parameter
-under each protocol and student family. Then the published defaults, UHKD's ablation switches, bad input."""
+heterogeneous family pair of docs/protocol.md#pairs (scaled down), gives finite loss terms, sends gradients to the
+student and to every extra module, counts its extra parameters apart, and declares a valid default for every
+parameter under each protocol and student family. Then the published defaults, UHKD's ablation switches, bad input."""
 import dataclasses
 import functools
 import math

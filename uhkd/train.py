@@ -22,10 +22,10 @@ from .errors import OneLineParser, UserError
 from .hub import HUB
 from .plugins import add_plugin_flag, import_modules, load as load_plugins, loaded as loaded_plugins
 from .registry import DATASETS, METHODS
-from .storage import checkpoint_folders, exists, is_uri, join, location_of, open_location, ray_storage
+from .storage import METRICS_LOG, checkpoint_folders, exists, is_uri, join, location_of, open_location, ray_storage
 from .track_options import add_track_flags, parse_trackers, track_options
-from .trainer import (CHECKPOINT, METRICS_LOG, STUDENT, LocalSession, Session, epoch_line, read_checkpoint,
-                      resume_line, train_loop)
+from .trainer import (CHECKPOINT, STUDENT, LocalSession, Session, epoch_line, read_checkpoint, resume_line,
+                      train_loop)
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
 RAY_TRAIN_ENV = {

@@ -37,12 +37,8 @@ from .data.loader import WorkerData
 from .errors import UserError, one_line
 from .methods import Distiller, build_method, teacher_use
 from .models import create_stage_model, load_teacher, save_model_checkpoint
-from .storage import local_file
+from .storage import CHECKPOINT, METRICS_LOG, PREVIOUS_CHECKPOINT, STUDENT, local_file
 
-CHECKPOINT = "checkpoint.pt"
-PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
-STUDENT = "student.pt"
-METRICS_LOG = "metrics.jsonl"
 NAN = float("nan")
 # settings that may change between a run and its resumption (where things are, not what is trained)
 RESUMABLE_CHANGES = frozenset({"name", "output_dir", "data.root", "data.download", "data.loader_workers",

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Sequence
@@ -25,6 +26,7 @@ from .results import SweepTables
 from .spec import Sweep, SweepPreset
 from .state import (STORED, TUNE, StoredSweep, read_manifest, read_stored, saved_state, started, write_manifest,
                     write_stored)
+from .teachers import CARRIED, install, teachers_sweep
 from .trainable import in_process, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
@@ -408,8 +410,6 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, existing: bool, out: Calla
     bundles = trial_bundles(cfg.workers, cfg.cpus_per_worker, gpus, opts.trial_resources, memory)
     max_concurrent = concurrency(nodes, bundles, gpus, opts.max_concurrent, budget.get("max_concurrent"), scalable)
     if p.missing:
-        from .teachers import train_teachers
-
         train_teachers(sweep.preset, p.missing, opts, out)
     resources = trial_resources(bundles)
     space = {**p.base, **sweep.space} if not sweep.cells else {**p.base, "cell": tune.grid_search(grid_cells(sweep))}
@@ -422,6 +422,21 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, existing: bool, out: Calla
     tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), p.planned, max_concurrent,
                    stored.max_epochs, stored.in_process)
     return _fit(tuner, opts, name, p.planned, max_concurrent, out)
+
+
+def train_teachers(preset: SweepPreset, models: Sequence[str], opts: SweepOptions,
+                   out: Callable[[str], None] = print) -> None:
+    """Train the missing teachers of `preset` on the cluster this process is connected to (before a sweep)."""
+    teacher_dir = join(opts.teacher_dir)
+    out(f"teachers: training the missing {', '.join(models)} into {teacher_dir} first")
+    # the students' data, model scale and step limits carry over (the checkpoint must match them); not their recipe
+    sets = {k: v for k, v in opts.sets.items() if k in CARRIED or (k.startswith("data.") and k != "data.split")}
+    topts = dataclasses.replace(opts, name="", resume=False, num_samples=None, epochs=None, seeds=None, sets=sets,
+                                pairs=None)
+    outcome = run(teachers_sweep(preset, models, seeds("teachers", preset, topts)[0]), topts, out)
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+    install([r for r in outcome.tables.trials.values() if r["student"] in models], teacher_dir, out)
 
 
 def compacted(results: str, name: str) -> SweepTables:
