@@ -22,7 +22,7 @@ from uhkd.models import create_stage_model, load_teacher, save_model_checkpoint
 from uhkd.sweep import lock
 from uhkd.sweep.results import SweepTables, epochs_schema, trials_schema
 from uhkd.sweep.runner import disk_full, resume_flags
-from uhkd.sweep.state import MANIFEST, read_manifest
+from uhkd.sweep.state import MANIFEST, STORED, read_manifest, read_stored
 from uhkd.storage import CHECKPOINT, METRICS_LOG, PREVIOUS_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,6 +195,15 @@ def test_every_field_of_sweep_json_is_checked_in_one_line(tmp_path, content, pro
     with pytest.raises(UserError, match=f"{tmp_path / 'sw' / MANIFEST} is missing or corrupted") as err:
         read_manifest(str(tmp_path / "sw"), "sw")
     assert problem in _one_line(err)
+
+
+def test_a_damaged_stored_sweep_is_one_line(tmp_path):
+    (tmp_path / "sw").mkdir()
+    assert read_stored(str(tmp_path / "sw"), "sw") is None  # a sweep started before sweep.pkl existed
+    (tmp_path / "sw" / STORED).write_bytes(b"\x80\x05garbage")
+    with pytest.raises(UserError, match=f"cannot resume sweep 'sw': {tmp_path / 'sw' / STORED} is corrupted") as err:
+        read_stored(str(tmp_path / "sw"), "sw")
+    _one_line(err)
 
 
 def test_a_garbage_part_or_a_foreign_table_is_named_in_one_line_and_never_merged(tmp_path):

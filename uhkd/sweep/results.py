@@ -170,20 +170,24 @@ def read_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table:
     except (pa.ArrowException, OSError) as exc:
         problem = f"is unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
     else:
-        problem = _schema_problem(table.schema, name)
+        problem = _schema_problem(table, name)
         if not problem:
             return table
     raise UserError(f"results table {path!r} {problem}; move it aside and run --resume: the rows are rebuilt from "
                     f"the trials' own records")
 
 
-def _schema_problem(found: pa.Schema, name: str) -> str:
-    """Why a file of schema `found` is not a table `name` (TRIALS or EPOCHS) of this toolkit, "" when it is. A table
-    of an earlier schema version may lack columns added since (readers see them as nulls)."""
+def _schema_problem(table: pa.Table, name: str) -> str:
+    """Why `table`, read from a file, is not a table `name` (TRIALS or EPOCHS) of this toolkit, "" when it is. Its
+    schema version is in its metadata, else in its `schema_version` column; a table of an earlier version may lack
+    columns added since (`upgrade` reads it)."""
     expected = trials_schema() if name == TRIALS else epochs_schema()
+    found = table.schema
     version = (found.metadata or {}).get(b"uhkd.schema_version", b"").decode()
+    if not version and "schema_version" in found.names and table.num_rows:
+        version = str(table["schema_version"][0].as_py() or "")
     if not version:
-        return f"is no uhkd {name.split('.')[0]} table (its schema has no uhkd.schema_version)"
+        return f"is no uhkd {name.split('.')[0]} table (no schema version in its metadata or columns)"
     missing = [f.name for f in expected if f.name not in found.names] if version == str(SCHEMA_VERSION) else []
     mistyped = [f"{f.name} ({found.field(f.name).type}, not {f.type})" for f in expected
                 if f.name in found.names and not found.field(f.name).type.equals(f.type)]
