@@ -116,7 +116,8 @@ def plot_similarity(table: pd.DataFrame, title: str = "") -> Figure:
         for i, label in enumerate(labels):
             rows = table[(table["metric"] == metric) & (table["student"] == label)].set_index("stage").loc[stages]
             ax.bar(np.arange(len(stages)) + (i - (len(labels) - 1) / 2) * width, rows["mean"], width,
-                   yerr=rows["std"].fillna(0), capsize=3, label=f"student {label}")
+                   yerr=rows["std"].fillna(0), capsize=3,
+                   label=f"student {label}, mean ± std over images (n={int(rows['n'].iloc[0])})")
         ax.set_xticks(range(len(stages)), [f"stage {s}" for s in stages])
         ax.set_title("cosine similarity" if metric == "cosine" else "Pearson correlation")
         ax.set_ylim(min(0.0, table["mean"].min() - 0.05), 1.0)
@@ -204,7 +205,9 @@ def main(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "similarity.csv", index=False, float_format="%.6f")
-    bars = save_figure(plot_similarity(table, pair_label(f"{args.teacher}:{args.student}")), out / "similarity_bars")
+    title = (f"Features of {pair_label(f'{args.teacher}:{args.student}')}, student aligned to the teacher\n"
+             f"{args.dataset} test images · {args.k}×{args.k} {args.band}-frequency {args.spectrum} spectrum")
+    bars = save_figure(plot_similarity(table, title), out / "similarity_bars")
     stage = args.map_stage - 1
     panels = map_panels(images[:args.images], teacher_maps[stage], {k: v[stage] for k, v in aligned.items()},
                         args.map_images)
