@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, figure_title, line_colors, ok_trials, pair_label,
-                             panel_rows, percent_axis, read_trials, render, require_columns, row_legend, save_figure,
-                             select, signed, teacher_line, write_text)
-from analysis.sweep_report import value_text
+from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, figure_title, integer_ticks, line_colors, ok_trials,
+                             pair_label, panel_rows, percent_axis, read_trials, render, require_columns, row_legend,
+                             save_figure, select, signed, teacher_line, write_text)
 from uhkd.errors import UserError
 
 SWITCHES = ("method.spectrum", "method.sra", "method.sca", "method.stages", "method.alpha", "method.beta",
@@ -118,7 +117,7 @@ def curve_data(trials: pd.DataFrame, metric: str = "best_top1") -> pd.DataFrame:
 
 def plot_curves(data: pd.DataFrame, metric: str = "best_top1", title: str = "") -> Figure:
     """A row of panels per pair, one per parameter it has a curve for (no empty slot): mean top-1 at each measured
-    value with ± std error bars, the teacher's top-1 dashed; x ticks at the measured values."""
+    value with ± std error bars, the teacher's top-1 dashed; whole-number ticks for whole-number values (k)."""
     pairs = list(dict.fromkeys(data["pair"]))
     params = {pair: list(dict.fromkeys(data.loc[data["pair"] == pair, "param"])) for pair in pairs}
     fig = Figure(layout="constrained")
@@ -131,7 +130,10 @@ def plot_curves(data: pd.DataFrame, metric: str = "best_top1", title: str = "") 
             ax.errorbar(line["x"], line["mean"], yerr=line["std"].fillna(0), marker="o", capsize=3,
                         color=colors[pair], label=f"UHKD, mean ± std over seeds ({seeds} per point)")
             teacher_line(ax, line["teacher_top1"].iloc[0], int(line["teachers"].iloc[0]))
-            ax.set_xticks(line["x"], line["value"].map(value_text))
+            if param in CATEGORY_ORDER:
+                ax.set_xticks(line["x"], line["value"].astype(str))
+            elif all(float(v).is_integer() for v in line["x"]):
+                integer_ticks(ax.xaxis)
             ax.set_title(pair_label(pair), fontsize="medium")
             ax.set_xlabel(SYMBOLS[param])
             ax.set_ylabel("best-epoch top-1" if metric == "best_top1" else "last-epoch top-1")

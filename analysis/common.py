@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from uhkd.errors import UserError, one_line
 from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, merged_table, open_location
@@ -235,8 +235,9 @@ def figure_title(trials: pd.DataFrame, what: str) -> str:
         return sorted(trials[column].dropna().astype(str).unique()) if column in trials.columns else []
 
     splits = [SPLITS.get(s, f"split {s}") for s in values("split")]
-    where = [", ".join(values("sweep")), ", ".join(values("dataset")), "; ".join(splits)]
-    return f"{what}\n" + " · ".join(w for w in where if w)
+    where = [w for w in (", ".join(values("sweep")), ", ".join(values("dataset")), "; ".join(splits)) if w]
+    line = " · ".join(where)
+    return f"{what}\n" + (line if len(line) <= 110 else "\n".join(where))
 
 
 def panel_rows(fig: Figure, counts: Sequence[int], width: float = 3.6, height: float = 2.9,
@@ -255,8 +256,8 @@ def integer_ticks(axis) -> None:
 
 
 def percent_axis(axis) -> None:
-    """Tick labels of a 0-100 top-1 axis in per cent."""
-    axis.set_major_formatter(PercentFormatter(100, decimals=None))
+    """Tick labels of a 0-100 top-1 axis in per cent, with the digits the ticks need (95%, 95.5%)."""
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.6g}%"))
 
 
 def teacher_line(ax, top1: float, checkpoints: int = 1) -> None:
@@ -274,8 +275,8 @@ def row_legend(axes: Sequence) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     order = sorted(handles, key=lambda label: label.startswith("teacher "))
-    axes[-1].legend([handles[label] for label in order], order, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small",
-                    frameon=False)
+    axes[-1].legend([handles[label] for label in order], order, loc="upper left", bbox_to_anchor=(1.02, 1),
+                    fontsize="small", frameon=False)
 
 
 def line_colors(labels: Iterable[str]) -> dict[str, tuple]:

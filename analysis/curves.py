@@ -30,32 +30,47 @@ from uhkd.errors import UserError
 KEYS = ["sweep", "trial_id"]
 MAIN = ("top1", "loss")
 STYLE = {"ok": "-", "stopped": "--", "failed": ":"}
-LABELS = {"top1": "top-1", "loss": "training loss (sum of the terms)"}
+SWEEP_SEP = "|"
+LABELS = {"top1": "top-1", "loss": "training loss"}
 
 
 def placed(trials: pd.DataFrame) -> pd.DataFrame:
-    """`trials` with their `panel`: the pair; a teacher-less trial (scratch) is placed in every pair of its student
-    (its row repeated), or in a panel of its own when no pair has that student."""
-    alone = trials["pair"].astype(str).str.startswith(":")
-    distilled = trials[~alone].assign(panel=trials.loc[~alone, "pair"])
-    parts = [distilled]
-    pairs = list(dict.fromkeys(distilled["pair"]))
-    for pair in pairs:
-        parts.append(trials[alone & (trials["pair"] == f":{pair.split(':')[1]}")].assign(panel=pair))
-    students = {f":{pair.split(':')[1]}" for pair in pairs}
-    parts.append(trials[alone & ~trials["pair"].isin(students)].assign(panel=trials.loc[alone, "pair"]))
-    return pd.concat(parts)
+    """`trials` with their `panel`: the pair (with several sweeps, `<sweep>|<pair>`: their evaluation sets and
+    teachers may differ); a teacher-less trial (scratch) is placed in every pair of its student in its sweep (its row
+    repeated), or in a panel of its own when no pair has that student."""
+    parts = []
+    for _, own in trials.groupby("sweep", sort=True):
+        alone = own["pair"].astype(str).str.startswith(":")
+        distilled = own[~alone].assign(panel=own.loc[~alone, "pair"])
+        pairs = list(dict.fromkeys(distilled["pair"]))
+        parts += [distilled, *(own[alone & (own["pair"] == f":{p.split(':')[1]}")].assign(panel=p) for p in pairs)]
+        students = {f":{p.split(':')[1]}" for p in pairs}
+        parts.append(own[alone & ~own["pair"].isin(students)].assign(panel=own.loc[alone, "pair"]))
+    out = pd.concat(parts)
+    return out.assign(panel=out["sweep"] + SWEEP_SEP + out["panel"]) if trials["sweep"].nunique() > 1 else out
+
+
+def panel_title(panel: str) -> str:
+    sweep, _, pair = panel.rpartition(SWEEP_SEP)
+    return f"{pair_label(pair)}\n{sweep}" if sweep else pair_label(pair)
 
 
 def configuration_labels(trials: pd.DataFrame) -> pd.Series:
-    """The method, and where the trials of a sweep, pair and method differ in more than the seed, the values that
-    tell them apart (`uhkd alpha=0.7572 beta=3.63`); with several sweeps, the sweep first."""
+    """The method, and where the trials of a sweep, pair and method differ in more than the seed, what tells them
+    apart: their tag where each has one (the ablation variants: `uhkd [w/o KL]`), else the values that differ
+    (`uhkd alpha=0.7572 beta=3.63`)."""
     labels = trials["method"].astype(str)
     for _, same in trials.groupby(["sweep", "pair", "method"], sort=False):
         varying = [p for p in varying_params(same) if p != "pair"]
+        if not varying:
+            continue
+        tags = same["tag"].fillna("") if "tag" in same.columns else pd.Series("", index=same.index)
+        if (tags != "").all() and tags.nunique() == same.groupby(varying, dropna=False).ngroups:
+            labels[same.index] += " [" + tags + "]"
+            continue
         for i, row in same[varying].iterrows():
             labels[i] += "".join(f" {key.rsplit('.', 1)[-1]}={value_text(v)}" for key, v in row.items())
-    return trials["sweep"] + ": " + labels if trials["sweep"].nunique() > 1 else labels
+    return labels
 
 
 def _status(statuses: pd.Series) -> str:
@@ -101,19 +116,30 @@ def curve_data(trials: pd.DataFrame, epochs: pd.DataFrame, group_by: Sequence[st
     stats = stats.join(groups, on=["panel", "group"]).join(teachers, on="panel")
     stats["metric"] = pd.Categorical(stats["metric"], categories=metrics, ordered=True)
     stats = stats.sort_values(["panel", "metric", "group", "epoch"],
-                              key=lambda c: c.map(pair_label) if c.name == "panel" else c)
+                              key=lambda c: c.map(panel_title) if c.name == "panel" else c)
     return stats.reset_index(drop=True).astype({"metric": str})
 
 
-def _draw(ax, lines: pd.DataFrame, colors: dict) -> None:
+def legend_labels(rows: pd.DataFrame) -> dict[str, str]:
+    """Per group of a panel: its name, n, how its trials ended, and its last top-1 with every trial contributing
+    (lines near each other stay readable)."""
+    labels = {}
+    for group, line in rows.groupby("group", sort=False):
+        status = line["status"].iloc[0]
+        top1 = line[(line["metric"] == "top1") & (line["n"] == line["trials"])]
+        last = f": top-1 {top1['mean'].iloc[-1]:.2f}% at epoch {top1['epoch'].iloc[-1]}" if len(top1) else ""
+        labels[group] = f"{group} (n={line['trials'].iloc[0]}{'' if status == 'ok' else f', {status}'}){last}"
+    return labels
+
+
+def _draw(ax, lines: pd.DataFrame, colors: dict, labels: dict) -> None:
     """One line per group: solid while every trial of the group contributes, dotted after; the band where n ≥ 2."""
     for group, line in lines.groupby("group", sort=False):
         x, mean = line["epoch"].to_numpy(), line["mean"].to_numpy()
         std, n = np.nan_to_num(line["std"].to_numpy()), line["n"].to_numpy()
         trials, status, color = int(line["trials"].iloc[0]), line["status"].iloc[0], colors[group]
-        ended = f", {status}" if status != "ok" else ""
         full = int((n == trials).sum()) or 1  # trials only end, so every trial contributes to a prefix of epochs
-        ax.plot(x[:full], mean[:full], STYLE.get(status, "-"), color=color, label=f"{group} (n={trials}{ended})")
+        ax.plot(x[:full], mean[:full], STYLE.get(status, "-"), color=color, label=labels[group])
         if full < len(x):
             ax.plot(x[full - 1:], mean[full - 1:], ":", color=color)
         if (n >= 2).any():
@@ -132,15 +158,19 @@ def plot_panels(data: pd.DataFrame, metrics: Sequence[str], title: str = "") -> 
         raise UserError(f"no values of {', '.join(metrics)} to plot")
     fig = Figure(layout="constrained")
     colors = line_colors(data["group"])
-    widest = max(len(group) for group in data["group"])
-    for panel, axes in zip(panels, panel_rows(fig, [len(have[p]) for p in panels], legend=1.2 + 0.06 * widest)):
+    widest = max(len(group) for group in data["group"]) + 26
+    entries = data.groupby("panel")["group"].nunique().max() + 1  # the legend beside a row sets its height
+    grid = panel_rows(fig, [len(have[p]) for p in panels], height=max(2.9, 0.6 + 0.21 * entries),
+                      legend=1.2 + 0.06 * widest)
+    for panel, axes in zip(panels, grid):
         rows = data[data["panel"] == panel]
+        labels = legend_labels(rows)
         for ax, metric in zip(axes, have[panel]):
-            _draw(ax, rows[rows["metric"] == metric], colors)
+            _draw(ax, rows[rows["metric"] == metric], colors, labels)
             if metric == "top1":
                 teacher_line(ax, rows["teacher_top1"].iloc[0], int(rows["teachers"].iloc[0]))
                 percent_axis(ax.yaxis)
-            ax.set_title(pair_label(panel), fontsize="medium")
+            ax.set_title(panel_title(panel), fontsize="medium")
             ax.set_ylabel(LABELS.get(metric, f"{metric.removeprefix('loss_')} loss term (weighted)"))
             ax.set_xlabel("epoch")
             integer_ticks(ax.xaxis)

@@ -5,7 +5,7 @@ finished trials; teacher and student appear as `pair`, seeds are averaged (a con
 seeds). Importances come from an Optuna study rebuilt from the trial rows of each pair (one completed Optuna trial
 per row), only for a pair with enough trials (max(10, 5 per varying hyperparameter); else the report says why);
 --study sqlite:///path.db adds the importances of the sweep's own persisted study. The plot draws one line per trial
-(trials sharing a configuration side by side, marked ×k), stopped trials dashed.
+(trials sharing a configuration side by side), stopped trials dashed.
 """
 from __future__ import annotations
 
@@ -109,7 +109,8 @@ def parallel_coordinates(trials: pd.DataFrame, params: Sequence[str], metric: st
                          title: str = "") -> tuple[Figure, pd.DataFrame]:
     """Each trial a line across one axis per parameter and the metric, values scaled to [0, 1] per axis (log scale
     for positive ranges spanning ≥ 100×, categories evenly spaced); colour = metric; stopped trials dashed, ending
-    in ×. Trials sharing a configuration (the same value on every parameter axis) are drawn side by side, marked ×k.
+    in ×. Trials sharing a configuration (the same value on every parameter axis) are drawn side by side, the legend
+    says how many.
     Returns the figure and the plotted positions before that spread (one row per trial, in line order), with
     `shared` = k and `status`."""
     axes_names = [*params, metric]
@@ -146,13 +147,10 @@ def parallel_coordinates(trials: pd.DataFrame, params: Sequence[str], metric: st
         ys = row.to_numpy() + np.r_[np.full(len(params), offset), 0.0]
         ax.plot(range(len(axes_names)), ys, "--" if stopped else "-", color=cmap(norm(value)), alpha=0.85)
         ax.plot(len(params), ys[-1], "x" if stopped else "o", color=cmap(norm(value)), markersize=6)
-    for positions, k in zip(data[list(params)].to_numpy()[~config.duplicated().to_numpy()],
-                            shared[~config.duplicated().to_numpy()]):
-        if k > 1:
-            ax.text(-0.06, positions[0], f"×{k}", fontsize=7, ha="right", va="center")
     for i, name in enumerate(axes_names):
         for y, label in ticks[name]:
-            ax.annotate(label, (i, y), xytext=(6, 0), textcoords="offset points", fontsize=7, va="center")
+            ax.annotate(label, (i, y), xytext=(6, 0), textcoords="offset points", fontsize=7, va="center",
+                        bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.set_xticks(range(len(axes_names)), [*params, METRIC_NAMES.get(metric, metric)], rotation=20)
     ax.set_xlim(-0.3, len(axes_names) - 0.6)
     ax.set_yticks([])
@@ -164,6 +162,11 @@ def parallel_coordinates(trials: pd.DataFrame, params: Sequence[str], metric: st
     if counts.get("stopped", 0):
         handles.append(Line2D([], [], color="0.3", linestyle="--", marker="x",
                               label=f"stopped early by the scheduler (n={counts['stopped']})"))
+    sizes = config.value_counts().value_counts().sort_index()
+    if sizes.index.max() > 1:
+        repeated = ", ".join(f"{n} configuration{'s' * (n > 1)} run {k}×" for k, n in sizes.items() if k > 1)
+        handles.append(Line2D([], [], color="0.3", linewidth=0.8,
+                              label=f"{repeated}: their lines side by side"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small", frameon=False)
     if title:
         fig.suptitle(title)
@@ -195,8 +198,8 @@ def sweep_section(trials: pd.DataFrame, metric: str, evaluator: str) -> tuple[li
             continue
         if len(group) < importance_minimum(len(own)):
             notes.append(f"- {pair}: left out, {len(group)} trials for {len(own)} varying hyperparameters; "
-                         f"importances need at least {importance_minimum(len(own))} (max({MIN_TRIALS}, "
-                         f"{MIN_TRIALS_PER_PARAM} per hyperparameter)): run more samples (--num-samples)")
+                         f"importances need at least {importance_minimum(len(own))} trials (max({MIN_TRIALS}, "
+                         f"{MIN_TRIALS_PER_PARAM} per hyperparameter))")
             continue
         records.append({"scope": pair, **importances(rebuilt_study(group, own, metric), evaluator)})
     if records:

@@ -280,7 +280,7 @@ def test_curves_grouped_and_per_trial(tmp_path, capsys):
     data = curves.curve_data(common.read_trials(results), common.read_epochs(results), ["trial_id"],
                              [trials[1]["trial_id"]])
     fig = curves.plot_curves(data)
-    assert [ax.get_ylabel() for ax in fig.axes] == ["top-1", "training loss (sum of the terms)"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["top-1", "training loss"]
     assert fig.axes[0].lines[0].get_ydata().tolist() == [12.0, 22.0, 32.0]
     assert fig.axes[1].lines[0].get_ydata().tolist() == pytest.approx([3.0, 1.5, 1.0])
     assert curves.run([str(results), "--trial", "nope", "--out-dir", str(out)]) == 2

@@ -74,9 +74,9 @@ def test_curves_have_a_row_per_pair_whole_epochs_percent_titles_teacher_and_n(tm
     # teacher_top1 is 89 + seed in the rows: two checkpoints, their mean; scratch rows have none
     (teacher,) = [line for line in swin_top1.lines if line.get_linestyle() == "--"]
     assert set(teacher.get_ydata()) == {89.5}
-    assert row_labels([swin_loss]) == ["kd (n=2)", "scratch (n=2)", "uhkd (n=2)",
-                                       "teacher 89.50% (mean of 2 checkpoints)"]
-    assert row_labels([deit_loss]) == ["kd (n=1)", "teacher 91.00%"]
+    assert row_labels([swin_loss]) == [f"{m} (n=2): top-1 97.50% at epoch 4" for m in ("kd", "scratch", "uhkd")] + [
+        "teacher 89.50% (mean of 2 checkpoints)"]
+    assert row_labels([deit_loss]) == ["kd (n=1): top-1 31.00% at epoch 4", "teacher 91.00%"]
     (deit,) = [line for line in deit_top1.lines if line.get_linestyle() == "-"]
     assert deit.get_ydata().tolist() == [28.0, 29.0, 30.0, 31.0]  # its own axis, not the ResNet18 one
     uhkd = data[(data["panel"] == PAIR) & (data["group"] == "uhkd") & (data["metric"] == "top1")]
@@ -106,17 +106,19 @@ def test_search_curves_draw_each_configuration_and_end_bands_where_a_trial_stopp
     fig = curves.plot_curves(data, common.figure_title(trials, "Training curves"))
     top1 = fig.axes[0]
     assert fig.get_suptitle().endswith("hpo · cifar100 · tune split: the held-out part of the training set")
-    assert row_labels(fig.axes) == ["uhkd alpha=0.5 (n=2, ok 1, stopped 1)", "uhkd alpha=1 (n=1)",
-                                    "uhkd alpha=2 (n=1, stopped)", "teacher 89.50% (mean of 2 checkpoints)"]
+    mixed_label, ok_label, stopped_label = ("uhkd alpha=0.5 (n=2, ok 1, stopped 1): top-1 71.00% at epoch 2",
+                                            "uhkd alpha=1 (n=1): top-1 70.00% at epoch 3",
+                                            "uhkd alpha=2 (n=1, stopped): top-1 45.00% at epoch 2")
+    assert row_labels(fig.axes) == [mixed_label, ok_label, stopped_label, "teacher 89.50% (mean of 2 checkpoints)"]
     by_label = {line.get_label(): line for line in top1.lines}
-    mixed = by_label["uhkd alpha=0.5 (n=2, ok 1, stopped 1)"]
+    mixed = by_label[mixed_label]
     assert mixed.get_xdata().tolist() == [1, 2] and mixed.get_ydata().tolist() == [61.0, 71.0]
     (after,) = [line for line in top1.lines if line.get_linestyle() == ":"]
     assert after.get_xdata().tolist() == [2, 3] and after.get_ydata().tolist() == [71.0, 80.0]
     (band,) = [c for c in top1.collections if isinstance(c, PolyCollection)]
     assert band.get_paths()[0].vertices[:, 0].max() == 2  # only where both seeds have a value
-    assert by_label["uhkd alpha=1 (n=1)"].get_ydata().tolist() == [50.0, 60.0, 70.0]
-    stopped = by_label["uhkd alpha=2 (n=1, stopped)"]
+    assert by_label[ok_label].get_ydata().tolist() == [50.0, 60.0, 70.0]
+    stopped = by_label[stopped_label]
     assert stopped.get_linestyle() == "--" and stopped.get_xdata().tolist() == [1, 2]
     (end,) = [line for line in top1.lines if line.get_marker() == "x"]
     assert (end.get_xdata().tolist(), end.get_ydata().tolist()) == ([2], [45.0])
@@ -137,12 +139,11 @@ def test_parallel_coordinates_show_shared_configurations_and_stopped_trials():
     shared = [line.get_ydata()[0] for line in paths[2:]]
     assert len(set(shared)) == 3 and max(shared) - min(shared) <= sweep_report.SHARED_SPREAD  # side by side
     assert data["method.beta"].tolist()[2:] == [0.0, 0.0, 0.0]  # unspread positions
-    assert [t.get_text() for t in ax.texts if t.get_text().startswith("×")] == ["×3"]
     assert [line.get_linestyle() for line in paths] == ["--", "-", "-", "-", "-"]  # the stopped trial: lowest
     ends = [line.get_marker() for line in ax.lines if line.get_linestyle() == "None"]
     assert ends == ["x", "o", "o", "o", "o"]
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["finished (n=4)",
-                                                                  "stopped early by the scheduler (n=1)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "finished (n=4)", "stopped early by the scheduler (n=1)", "1 configuration run 3×: their lines side by side"]
     assert ax.get_xticklabels()[-1].get_text() == "best-epoch top-1"
 
 
@@ -157,8 +158,8 @@ def test_sweep_report_on_a_grid_with_unused_parameters_and_importances_only_from
     assert sweep_report.run([str(results), "--include-stopped", "--out-dir", str(out)]) == 0
     md = (out / "sweep_report.md").read_text()
     assert "| :resnet18 | 90.50 ± 0.71 (n=2) | scratch | n/a |" in md
-    assert (f"- {PAIR}: left out, 6 trials for 2 varying hyperparameters; importances need at least 10 "
-            f"(max(10, 5 per hyperparameter)): run more samples (--num-samples)") in md
+    assert (f"- {PAIR}: left out, 6 trials for 2 varying hyperparameters; importances need at least 10 trials "
+            f"(max(10, 5 per hyperparameter))") in md
     assert PAIR not in (out / "importances.csv").read_text()
     fig, data = sweep_report.parallel_coordinates(sweep_report.ok_trials(common.read_trials(results))[0],
                                                   ["pair", "method.name", "method.alpha"], "best_top1")
@@ -166,7 +167,7 @@ def test_sweep_report_on_a_grid_with_unused_parameters_and_importances_only_from
     assert len(fig.axes[0].lines) == 2 * len(rows) and data.notna().all().all()
 
 
-def test_ablation_figure_has_a_row_per_pair_percent_teacher_n_and_the_measured_values(tmp_path):
+def test_ablation_figure_has_a_row_per_pair_percent_whole_k_teacher_and_n(tmp_path):
     rows = ablation_rows()
     for row in rows:
         row["method.k"] = 5 if row["tag"] == "k=5" else 7
@@ -179,8 +180,9 @@ def test_ablation_figure_has_a_row_per_pair_percent_teacher_n_and_the_measured_v
     assert titles == [("Swin-T→ResNet18", "β"), ("Swin-T→ResNet18", "k"), ("Swin-T→ResNet18", "band"),
                       ("ViT-S→ResNet18", "β"), ("ViT-S→ResNet18", "band")]  # k only measured on one pair
     beta, k = fig.axes[:2]
-    assert [t.get_text() for t in beta.get_xticklabels()] == ["0", "0.5", "1", "2"]
-    assert [t.get_text() for t in k.get_xticklabels()] == ["5", "7"] and is_whole(k.get_xticks())
+    assert [line.get_xdata().tolist() for line in beta.lines if line.get_marker() == "o"] == [[0.0, 0.5, 1.0, 2.0]]
+    assert is_whole(k.get_xticks()) and [t.get_text() for t in fig.axes[2].get_xticklabels()] == ["low", "high",
+                                                                                                 "full"]
     for ax in fig.axes:
         assert percent_ticks(ax)
         (teacher,) = [line for line in ax.lines if line.get_linestyle() == "--"]

@@ -134,8 +134,12 @@ def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, te
     store = f"sqlite:///{tmp_path}/mlflow.db"
     runs = mlflow_runs(store, "tracked")
     listed = run_printed(printed_mlflow(summary, f"experiment 'tracked' (id 1) in {store}, one run per trial"))
-    rows = [line.split() for line in listed.splitlines() if len(line.split()) == 4 and len(line.split()[-1]) == 32]
-    assert sorted(name for *_, name, _ in rows) == sorted(runs) == sorted(set(epochs["trial_id"]))  # run name = trial
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("tracked").experiment_id])
+    rows = [line.split()[-2:] for line in listed.splitlines() if len(line.split()) == 5]  # date time UTC name id
+    assert sorted(rows) == sorted([r.info.run_name, r.info.run_id] for r in logged) and len(rows) == 2
+    assert sorted(runs) == sorted(set(epochs["trial_id"]))
 
     live = capsys.readouterr().out.splitlines()  # uhkd.sweep.console.LiveLines
     trials = pd.read_parquet(Path(folder) / TRIALS).set_index("trial_id")

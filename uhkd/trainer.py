@@ -242,8 +242,8 @@ def resume_line(last: dict) -> str:
 def teacher_label(cfg: RunConfig) -> str:
     """"teacher <name>", saying so when it is randomly initialised (no checkpoint, `model.random_teacher`)."""
     m = cfg.model
-    random = " (random: no checkpoint, model.random_teacher=true)" if m.random_teacher and not m.teacher_checkpoint else ""
-    return f"teacher {m.teacher}{random}"
+    random = m.random_teacher and not m.teacher_checkpoint
+    return f"teacher {m.teacher}" + (" (random: no checkpoint, model.random_teacher=true)" if random else "")
 
 
 def epoch_line(m: dict, epochs: int, terms: tuple[str, ...]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -18,7 +19,7 @@ from ray.tune.result import TRAINING_ITERATION
 
 from ..config import flatten
 from ..errors import one_line
-from ..track_options import TrackOptions, mlflow_command, mlflow_store
+from ..track_options import SQLITE, TrackOptions, mlflow_command, mlflow_store
 
 EPOCH_METRICS = ("top1", "top5", "best_top1", "loss", "lr", "images_per_s", "epoch_time_s")
 
@@ -34,6 +35,8 @@ def mlflow_lines(uri: str, experiment: str, run_id: str = "") -> list[str]:
     """Where MLflow holds the experiment (one run of it with `run_id`) and the MLflow command that reads it back."""
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith(SQLITE) and not Path(uri[len(SQLITE):]).is_file():  # opening it would create an empty one
+        return [f"mlflow: no store {uri} on this machine (under Ray Client it is on the head node)"]
     try:
         found = MlflowClient(uri).get_experiment_by_name(experiment)
     except Exception as exc:  # MLflow and its stores (SQLAlchemy, HTTP) raise many types
