@@ -134,7 +134,10 @@ def test_a_folder_run_says_what_it_found(tmp_path, capsys):
     numbers = lambda values: ",".join(f"{v:.4g}" for v in np.round(values, 4))  # noqa: E731
     found = f"dataset folder: 3 classes at {root}, 29 images in train/ and 13 in val/"  # cat: 5 in each
     assert main([*run, "--output", str(tmp_path / "a")]) == 0
-    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("dataset ")]
+    printed = capsys.readouterr().out.splitlines()
+    (line,) = [line for line in printed if line.startswith("dataset ")]
+    (done,) = [line for line in printed if line.startswith("done: ")]
+    assert "teacher" not in done  # scratch: no teacher, no teacher top-1
     assert line.startswith(f"{found}; mean {numbers(mean)} std {numbers(std)} (computed from 29 training images, "
                            f"cached in {cache_dir()}/")
     assert main([*run, "--output", str(tmp_path / "b")]) == 0

@@ -395,8 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if metrics.get("status") == "failed":  # the reason was printed already
         return 1
     folder = metrics.get("checkpoint") or cfg.output_dir  # Ray Train: the student is in the last checkpoint
-    print(f"done: top1 {metrics['top1']:.2f} (best {metrics['best_top1']:.2f} at epoch {metrics['best_epoch']}), "
-          f"{teacher_label(cfg)} top1 {metrics['teacher_top1']:.2f}; student saved as {join(folder, STUDENT)}")
+    teacher = "" if math.isnan(metrics["teacher_top1"]) else f", {teacher_label(cfg)} top1 {metrics['teacher_top1']:.2f}"
+    print(f"done: top1 {metrics['top1']:.2f} (best {metrics['best_top1']:.2f} at epoch {metrics['best_epoch']})"
+          f"{teacher}; student saved as {join(folder, STUDENT)}")
     return 0
 
 
