@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 
 from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, figure_title, ok_trials, pair_label, percent_axis,
                              read_trials, render, require_columns, save_figure, select, write_text)
-from uhkd.config import LEAF_TYPES
+from uhkd.config import LEAF_TYPES, method_key
 from uhkd.errors import UserError
 
 METRIC_NAMES = {"best_top1": "best-epoch top-1", "last_top1": "last-epoch top-1"}
@@ -41,9 +41,9 @@ EVALUATORS = {
 
 
 def varying_params(trials: pd.DataFrame) -> list[str]:
-    """Config columns (and `pair`) with more than one distinct value among `trials` (a value and none count as two:
-    a method without that parameter)."""
-    keys = ["pair"] + [k for k in LEAF_TYPES if k not in NOT_SEARCHED]
+    """Config columns (and `pair`) with more than one distinct value among `trials`: the run's fields and the
+    methods' parameters (`method.<name>.<param>`); a value and none count as two (a method without that parameter)."""
+    keys = ["pair"] + [k for k in trials.columns if (k in LEAF_TYPES or method_key(k)) and k not in NOT_SEARCHED]
     return [k for k in keys if k in trials.columns and categories(trials[k]).nunique() > 1]
 
 

@@ -93,10 +93,10 @@ def test_curves_have_a_row_per_pair_whole_epochs_percent_titles_teacher_and_n(tm
 def test_search_curves_draw_each_configuration_and_end_bands_where_a_trial_stopped(tmp_path):
     """A search: a mean never mixes hyperparameters; where one seed of a configuration stopped, its band ends there
     and its mean goes on dotted; a stopped trial is dashed and ends in x."""
-    rows = [trial(SWIN, R18, "uhkd", s, 90.0, sweep="hpo", split="tune", **{"method.alpha": 0.5}) for s in (0, 1)]
-    rows += [trial(SWIN, R18, "uhkd", 0, 90.0, sweep="hpo", split="tune", **{"method.alpha": 1.0}),
+    rows = [trial(SWIN, R18, "uhkd", s, 90.0, sweep="hpo", split="tune", **{"method.uhkd.alpha": 0.5}) for s in (0, 1)]
+    rows += [trial(SWIN, R18, "uhkd", 0, 90.0, sweep="hpo", split="tune", **{"method.uhkd.alpha": 1.0}),
              trial(SWIN, R18, "uhkd", 0, 80.0, sweep="hpo", split="tune", status="stopped",
-                   **{"method.alpha": 2.0})]
+                   **{"method.uhkd.alpha": 2.0})]
     rows[1]["status"] = "stopped"
     epochs = (epochs_of(rows[0], [60.0, 70.0, 80.0]) + epochs_of(rows[1], [62.0, 72.0])
               + epochs_of(rows[2], [50.0, 60.0, 70.0]) + epochs_of(rows[3], [40.0, 45.0]))
@@ -125,11 +125,11 @@ def test_search_curves_draw_each_configuration_and_end_bands_where_a_trial_stopp
 
 
 def test_parallel_coordinates_show_shared_configurations_and_stopped_trials():
-    rows = [trial(SWIN, R18, "uhkd", s, 70.0 + s, **{"method.beta": 1.0}) for s in range(3)]
-    rows += [trial(SWIN, R18, "uhkd", 0, 60.0, **{"method.beta": 2.0}),
-             trial(SWIN, R18, "uhkd", 0, 50.0, status="stopped", **{"method.beta": 4.0})]
+    rows = [trial(SWIN, R18, "uhkd", s, 70.0 + s, **{"method.uhkd.beta": 1.0}) for s in range(3)]
+    rows += [trial(SWIN, R18, "uhkd", 0, 60.0, **{"method.uhkd.beta": 2.0}),
+             trial(SWIN, R18, "uhkd", 0, 50.0, status="stopped", **{"method.uhkd.beta": 4.0})]
     trials = pd.DataFrame(rows)
-    fig, data = sweep_report.parallel_coordinates(trials, ["method.beta"], "best_top1",
+    fig, data = sweep_report.parallel_coordinates(trials, ["method.uhkd.beta"], "best_top1",
                                                   common.figure_title(trials, "best-epoch top-1"))
     drawn(fig)
     ax = fig.axes[0]
@@ -138,7 +138,7 @@ def test_parallel_coordinates_show_shared_configurations_and_stopped_trials():
     assert len(paths) == 5 and data["shared"].tolist() == [1, 1, 3, 3, 3]  # in top-1 order
     shared = [line.get_ydata()[0] for line in paths[2:]]
     assert len(set(shared)) == 3 and max(shared) - min(shared) <= sweep_report.SHARED_SPREAD  # side by side
-    assert data["method.beta"].tolist()[2:] == [0.0, 0.0, 0.0]  # unspread positions
+    assert data["method.uhkd.beta"].tolist()[2:] == [0.0, 0.0, 0.0]  # unspread positions
     assert [line.get_linestyle() for line in paths] == ["--", "-", "-", "-", "-"]  # the stopped trial: lowest
     ends = [line.get_marker() for line in ax.lines if line.get_linestyle() == "None"]
     assert ends == ["x", "o", "o", "o", "o"]
@@ -148,30 +148,33 @@ def test_parallel_coordinates_show_shared_configurations_and_stopped_trials():
 
 
 def test_sweep_report_on_a_grid_with_unused_parameters_and_importances_only_from_enough_trials(tmp_path, capsys):
-    """A grid where scratch and OFA have no α (null, which pandas 3 keeps as NaN through astype(str)); a pair with
-    two trials gets a note instead of importances."""
-    rows = [trial("", R18, "scratch", s, 90.0 + s, pair=f":{R18}", **{"method.alpha": math.nan}) for s in (0, 1)]
-    rows += [trial(SWIN, R18, m, s, 91.0 + s, **{"method.alpha": a}) for m, a in (("kd", 1.0), ("ofa", math.nan),
-                                                                                   ("uhkd", 0.7572)) for s in (0, 1)]
+    """A grid where each method's parameters are null on the other methods' rows (which pandas 3 keeps as NaN through
+    astype(str)); a pair with six trials gets a note instead of importances."""
+    rows = [trial("", R18, "scratch", s, 90.0 + s, pair=f":{R18}") for s in (0, 1)]
+    rows += [trial(SWIN, R18, m, s, 91.0 + s, **extra) for m, extra in (
+        ("kd", {"method.kd.alpha": 1.0}), ("ofa", {}), ("uhkd", {"method.uhkd.alpha": 0.7572})) for s in (0, 1)]
     results = write_results(tmp_path / "grid", rows)
     out = tmp_path / "out"
     assert sweep_report.run([str(results), "--include-stopped", "--out-dir", str(out)]) == 0
     md = (out / "sweep_report.md").read_text()
     assert "| :resnet18 | 90.50 ± 0.71 (n=2) | scratch | n/a |" in md
-    assert (f"- {PAIR}: left out, 6 trials for 2 varying hyperparameters; importances need at least 10 trials "
-            f"(max(10, 5 per hyperparameter))") in md
+    (note,) = [line for line in md.splitlines() if line.startswith(f"- {PAIR}: ")]
+    # varying: method.name, kd's alpha, the 8 UHKD parameters of `trial` (each null on the other methods' rows)
+    assert note == (f"- {PAIR}: left out, 6 trials for 10 varying hyperparameters; importances need at least 50 "
+                    f"trials (max(10, 5 per hyperparameter))")
     assert PAIR not in (out / "importances.csv").read_text()
-    fig, data = sweep_report.parallel_coordinates(sweep_report.ok_trials(common.read_trials(results))[0],
-                                                  ["pair", "method.name", "method.alpha"], "best_top1")
-    assert sorted(set(data["method.alpha"])) == [0.0, 0.5, 1.0]  # 0.7572, 1, n/a as categories
+    trials = sweep_report.ok_trials(common.read_trials(results))[0]
+    fig, data = sweep_report.parallel_coordinates(trials, ["pair", "method.name", "method.kd.alpha",
+                                                           "method.uhkd.alpha"], "best_top1")
+    assert sorted(set(data["method.uhkd.alpha"])) == [0.0, 1.0]  # 0.7572 and n/a as categories
     assert len(fig.axes[0].lines) == 2 * len(rows) and data.notna().all().all()
 
 
 def test_ablation_figure_has_a_row_per_pair_percent_whole_k_teacher_and_n(tmp_path):
     rows = ablation_rows()
     for row in rows:
-        row["method.k"] = 5 if row["tag"] == "k=5" else 7
-    rows += [trial(SWIN, R18, "uhkd", s, 79.0 + s, tag="k=5", **{"method.k": 5}) for s in range(2)]
+        row["method.uhkd.k"] = 5 if row["tag"] == "k=5" else 7
+    rows += [trial(SWIN, R18, "uhkd", s, 79.0 + s, tag="k=5", **{"method.uhkd.k": 5}) for s in range(2)]
     trials = common.read_trials(write_results(tmp_path / "abl", rows))
     data = ablations.curve_data(trials)
     fig = drawn(ablations.plot_curves(data, title=common.figure_title(trials, "UHKD ablations")))
