@@ -466,6 +466,10 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
     outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
                            interrupted=len(tables.trials) < planned, grid=grid)
+    from .tracking import read_back
+
+    for line in read_back(replace(opts.track, experiment=name)):
+        out(line)
     summarize(outcome, time.monotonic() - started, out)
     return outcome
 

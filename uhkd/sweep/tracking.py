@@ -18,20 +18,37 @@ from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 
 from ..config import flatten
-from ..track_options import TrackOptions
+from ..errors import one_line
+from ..track_options import SQLITE, TrackOptions, mlflow_command, mlflow_store
 
 EPOCH_METRICS = ("top1", "top5", "best_top1", "loss", "lr", "images_per_s", "epoch_time_s")
 
 
 def mlflow_uri(given: str) -> str:
-    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
-    if "://" in uri or uri.startswith("sqlite:"):
-        if uri.startswith("file:"):
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        return uri
-    # a plain path: MLflow's file store, which MLflow 3 keeps in maintenance mode behind this opt-in
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return Path(uri).expanduser().resolve().as_uri()
+    uri = mlflow_store(given)
+    if uri.startswith("file:"):  # asked for by name: MLflow 3 keeps its file store behind this opt-in
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def mlflow_lines(uri: str, experiment: str, run_id: str = "") -> list[str]:
+    """Where MLflow holds the experiment (one run of it with `run_id`) and the MLflow command that reads it back."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith(SQLITE) and not Path(uri[len(SQLITE):]).is_file():  # opening it would create an empty one
+        return [f"mlflow: no store {uri} on this machine (under Ray Client it is on the head node)"]
+    try:
+        found = MlflowClient(uri).get_experiment_by_name(experiment)
+    except Exception as exc:  # MLflow and its stores (SQLAlchemy, HTTP) raise many types
+        return [f"mlflow: cannot read experiment {experiment!r} back from {uri}: {one_line(exc, 200)}"]
+    if found is None:
+        return [f"mlflow: no experiment {experiment!r} in {uri} (nothing was logged)"]
+    where = f"experiment {experiment!r} (id {found.experiment_id}) in {uri}"
+    if run_id:
+        return [f"mlflow: run {run_id} of {where}; read it back with:",
+                f"  {mlflow_command(uri, f'runs describe --run-id {run_id}')}"]
+    return [f"mlflow: {where}, one run per trial; list them with:",
+            f"  {mlflow_command(uri, f'runs list --experiment-id {found.experiment_id}')}"]
 
 
 def trial_params(trial: Any) -> dict[str, Any]:
@@ -130,6 +147,11 @@ def callbacks(options: TrackOptions) -> list[Any]:
     return out
 
 
+def read_back(options: TrackOptions) -> list[str]:
+    """After a sweep (`options.experiment` = its name): where MLflow holds its runs and how to list them."""
+    return mlflow_lines(mlflow_uri(options.mlflow_uri), options.experiment) if "mlflow" in options.trackers else []
+
+
 @dataclass(eq=False)
 class RunTrial:
     """What Ray's logger callbacks read of a Tune trial, for one `uhkd.train` run: `config` is already flat."""
@@ -170,6 +192,11 @@ class RunTracker:
         for c in self.callbacks:
             c.log_trial_end(self.trial, failed=failed)
             c.on_experiment_end([self.trial])
+
+    def read_back(self) -> list[str]:
+        """Where the trackers that have an experiment and a run id (MLflow) hold this run, and how to read it."""
+        return [line for c in self.callbacks if isinstance(c, MLflowTracking)
+                for line in mlflow_lines(c.tracking_uri, c.experiment_name, c._trial_runs[self.trial])]
 
 
 def _ensure_ray() -> None:
