@@ -57,6 +57,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def slurm_seconds(limit: str) -> int | None:
+    """The seconds of an sbatch --time value (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS); None for
+    unlimited. Raises `UserError` for anything else."""
+    from uhkd.errors import UserError
+
+    if limit.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    days, dash, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":") if p.isdigit()]
+    if len(parts) != len(clock.split(":")) or not 1 <= len(parts) <= 3 or (dash and not days.isdigit()):
+        raise UserError(f"--time {limit!r} is no Slurm time limit; give minutes, MM:SS, HH:MM:SS or D-HH:MM:SS")
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if len(parts) == 1:
+        return parts[0] * 60
+    hours, minutes, seconds = ([0] + parts)[-3:]
+    return (hours * 60 + minutes) * 60 + seconds
+
+
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" not in argv:
         return argv, []
@@ -158,6 +178,11 @@ def launch(argv: list[str]) -> int:
             raise UserError("give the sweep after --, e.g. -- sweeps/hetero_pairs.py --preset cifar100 ...")
         if opts.nodes < 1 or opts.signal_lead < 1:
             raise UserError(f"--nodes and --signal-lead must be >= 1, got {opts.nodes} and {opts.signal_lead}")
+        limit = slurm_seconds(opts.time) if opts.time else None
+        if limit is not None and limit < opts.signal_lead + 120:
+            raise UserError(f"--signal-lead {opts.signal_lead} s leaves the sweep no time within --time {opts.time}: "
+                            f"the save starts that long before the limit (Slurm may signal up to 60 s earlier) and "
+                            f"Ray takes a minute to start; give a longer --time or a shorter --signal-lead")
         if opts.ray == "manual" and opts.nodes > 50 and opts.port_base is None:
             raise UserError(f"--ray manual gives each node a band of 250 ports within 20000-32499: at most 50 nodes "
                             f"(or give --port-base), got {opts.nodes}")

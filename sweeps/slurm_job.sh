@@ -92,7 +92,7 @@ start_workers() {  # $1: the command each other node runs (one srun task per nod
 }
 driver=("$JOB_TMP/driver.pid" "${SWEEP[@]}")
 # the driver records its pid for the traps (exec keeps it), and does not start once a stop was asked for
-record_pid='echo $$ > "$0"; [ -e "$0.stop" ] && exit 130; exec "$@"'
+record_pid='echo $$ > "$0"; [ -e "$0.stop" ] && exit 130; touch "$0.ran"; exec "$@"'
 
 if [ "$RAY_MODE" = symmetric ]; then
     # Ray's recommended way (whole nodes): `ray symmetric-run` on every node starts the head here, the workers there,
@@ -125,13 +125,16 @@ else
             rm -rf "$JOB_TMP"
     fi
 fi
+ran=$([ -e "$JOB_TMP/driver.pid.ran" ] && echo yes)
 rm -rf "$JOB_TMP"
 
 case "$status" in
     0) say "sweep $NAME finished"; exit 0 ;;
     2) say "the sweep refused its input (the error line above)"; exit 2 ;;
 esac
-if [ "$stop" = requeue ]; then
+if [ "$stop" = requeue ] && [ -z "$ran" ]; then
+    say "the time limit came before the sweep could start: not requeued (give the job a longer --time)"
+elif [ "$stop" = requeue ]; then
     say "requeueing job $SLURM_JOB_ID: its next run continues sweep $NAME"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     say "Slurm refused the requeue"

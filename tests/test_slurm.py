@@ -23,9 +23,47 @@ ROOT = Path(__file__).resolve().parent.parent
 PAIR = "convnext_tiny:resnet18"
 TINY = ["--workers-per-trial", "0", "--set", "data.limit_eval=64", "--set", "data.batch_size=32"]
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(bool(missing()), reason=f"no {', '.join(missing())} here: apt-get install "
-                                                         f"slurm-wlm munge (.ci/run does)")]
+needs_slurm = pytest.mark.skipif(bool(missing()), reason=f"no {', '.join(missing())} here: apt-get install slurm-wlm "
+                                                         f"munge (.ci/run does)")
+
+
+def launch(tmp_path: Path, *argv: str) -> int:
+    from sweeps import slurm as launcher
+
+    return launcher.main(["--log-dir", str(tmp_path / "slurm"), *argv])
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give the sweep after --"),
+    (["--", "sweeps/nope.py"], "unknown sweep script 'sweeps/nope.py'"),
+    (["--", "sweeps/hetero_pairs.py", "--cluster", "local"], "--cluster is set by the Slurm job"),
+    (["--", "sweeps/hetero_pairs.py", "--resume"], "--resume is set by the Slurm job"),
+    (["--time", "4", "--", "sweeps/hetero_pairs.py"], "--signal-lead 300 s leaves the sweep no time within --time 4"),
+    (["--time", "1:2:3:4", "--", "sweeps/hetero_pairs.py"], "--time '1:2:3:4' is no Slurm time limit"),
+    (["--", "sweeps/hetero_pairs.py", "--pairs", "convnext_tiny:resnet99"], "resnet99"),
+], ids=["no-sweep", "unknown-sweep", "cluster", "resume", "lead-longer-than-time", "bad-time", "bad-pair"])
+def test_bad_input_is_one_line_and_submits_nothing(tmp_path, capsys, argv, message):
+    results = ["--results", str(tmp_path / "results")] if len(argv) > 1 and argv[-1] != "sweeps/nope.py" else []
+    assert launch(tmp_path, *argv, *results) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "slurm").exists() and not (tmp_path / "results").exists()
+
+
+def test_dry_run_writes_the_batch_script(tmp_path, capsys):
+    assert launch(tmp_path, "--nodes", "2", "--ray", "manual", "--time", "2-00:00:00", "--gpus-per-node", "4",
+                  "--dry-run", "--", "sweeps/hetero_pairs.py", "--pairs", PAIR, "--results", str(tmp_path / "r"),
+                  "--name", "demo") == 0
+    script = tmp_path / "slurm" / "demo.sbatch"
+    text = script.read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=B:USR1@300",
+                 "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --time=2-00:00:00",
+                 "#SBATCH --gpus-per-node=4", "RAY_MODE=manual"):
+        assert line in text.splitlines(), line
+    assert "--exclusive" not in text  # manual: nodes may be shared
+    assert "--cluster auto" in text and "--name demo)" in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "not submitted: --dry-run" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +125,8 @@ def report(scenario: str, numbers: dict) -> None:
           f"{numbers['retrained']}", file=sys.__stderr__)
 
 
+@pytest.mark.slow
+@needs_slurm
 def test_quick_sweep_through_ray_symmetric_run(cluster, work):
     if not cluster.isolated:
         pytest.skip("ray symmetric-run refuses a machine where other Ray instances run, and its `ray stop` would end "
@@ -104,6 +144,8 @@ def test_quick_sweep_through_ray_symmetric_run(cluster, work):
     assert set(numbers["status"]) <= {"ok", "stopped"}
 
 
+@pytest.mark.slow
+@needs_slurm
 def test_time_limit_ends_a_two_node_sweep_and_the_requeued_job_finishes_it(cluster, work):
     """`--time 3 --signal-lead 45`: Slurm sends USR1 to the batch shell about 2 minutes in, the driver saves, Ray
     stops, the job requeues itself. Once requeued, the test lengthens the pending job's time limit (as a user may
