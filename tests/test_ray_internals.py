@@ -9,8 +9,10 @@ import inspect
 import json
 import logging
 import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -180,10 +182,11 @@ def test_mlflow_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_client_address(tmp_path):
+def test_client_address():
     from test_ray_cluster import start_head, stop_head
 
-    head = start_head(str(tmp_path / "ray"), num_cpus=1)
+    temp_dir = tempfile.mkdtemp(prefix="ri", dir="/tmp")  # short: Ray's socket paths
+    head = start_head(temp_dir, num_cpus=1)
     try:
         code = ("import json, ray, sys; ray.init(sys.argv[1], log_to_driver=False, logging_level='ERROR');"
                 "from uhkd.sweep import ray_internals as ri; print(json.dumps([ri.client_address(), ri.fallbacks()]))")
@@ -191,6 +194,7 @@ def test_client_address(tmp_path):
                               timeout=300, env=head.env)
     finally:
         stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
     address, fell_back = json.loads(done.stdout.splitlines()[-1])
     assert address == head.client_address and not fell_back, \
