@@ -19,6 +19,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from uhkd.sweep.cli import SweepOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = Path(__file__).with_name("slurm_job.sh")
@@ -93,7 +97,7 @@ def sweep_kind(script: str) -> str:
     return kind
 
 
-def check_sweep(kind: str, flags: list[str]) -> tuple[str, bool, object]:
+def check_sweep(kind: str, flags: list[str]) -> tuple[str, bool, SweepOptions]:
     """The sweep's flags checked as the sweep itself checks them (and, for a new sweep, every trial's config):
     (sweep name, whether it exists already, its options). Raises `UserError`."""
     from uhkd.errors import UserError
@@ -129,7 +133,7 @@ def shared_storage_warning(location: str, nodes: int) -> str:
     return ""
 
 
-def script_text(opts: argparse.Namespace, kind: str, flags: list[str], name: str, results: str,
+def script_text(opts: argparse.Namespace, argv: list[str], kind: str, flags: list[str], name: str, results: str,
                 script: Path) -> str:
     log_dir = script.parent
     sbatch = [f"--job-name=uhkd-{name}", f"--nodes={opts.nodes}", "--ntasks-per-node=1",
@@ -142,13 +146,16 @@ def script_text(opts: argparse.Namespace, kind: str, flags: list[str], name: str
                         ("--partition", opts.partition), ("--account", opts.account)):
         if value:
             sbatch.append(f"{flag}={value}")
-    sweep = [sys.executable, str(ROOT / "sweeps" / f"{kind}.py"), "--cluster", "auto", *flags, "--name", name]
+    given_name = {i for i, f in enumerate(flags) if f == "--name" or f.startswith("--name=")}
+    given_name |= {i + 1 for i in given_name if flags[i] == "--name"}  # the sweep's name is set once, below
+    sweep = [sys.executable, str(ROOT / "sweeps" / f"{kind}.py"), "--cluster", "auto",
+             *(f for i, f in enumerate(flags) if i not in given_name), "--name", name]
     settings = {"NAME": name, "RESULTS": results, "SCRIPT": str(script), "LOG_DIR": str(log_dir),
                 "PYTHON": sys.executable, "REPO": str(ROOT), "NODES": str(opts.nodes), "RAY_MODE": opts.ray,
                 "PORT_BASE": "" if opts.port_base is None else str(opts.port_base),
                 "RAY_START_ARGS": opts.ray_start_args}
     lines = ["#!/bin/bash", *(f"#SBATCH {s}" for s in sbatch),
-             f"# Written by: {shlex.join(['python', 'sweeps/slurm.py', *sys.argv[1:]])}",
+             f"# Written by: {shlex.join(['python', 'sweeps/slurm.py', *argv])}",
              *(f"{k}={shlex.quote(v)}" for k, v in settings.items()),
              f"SWEEP=({shlex.join(sweep)})", ""]
     return "\n".join(lines) + BODY.read_text()
@@ -197,7 +204,7 @@ def launch(argv: list[str]) -> int:
             print(warning, file=sys.stderr)
     script = Path(opts.log_dir).resolve() / f"{name}.sbatch"
     script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(script_text(opts, kind, sweep_argv[1:], name, sweep_opts.results, script))
+    script.write_text(script_text(opts, argv, kind, sweep_argv[1:], name, sweep_opts.results, script))
     if opts.dry_run:
         print(script.read_text())
         print(f"slurm: wrote {script} (not submitted: --dry-run)")

@@ -83,7 +83,7 @@ stop_after() {  # SIGTERM process group $2 after $1 seconds unless it has ended,
     for (( i = 0; i < 60; i++ )); do kill -0 "$2" 2>/dev/null || return 0; sleep 0.5; done
     kill -KILL -- "-$2" 2>/dev/null
 }
-workers=""
+workers="" ran=""
 start_workers() {  # $1: the command each other node runs (one srun task per node, each node's own settings)
     [ "$NODES" -gt 1 ] || return 0
     srun --nodes=$(( NODES - 1 )) --ntasks=$(( NODES - 1 )) --ntasks-per-node=1 --exclude="$SLURMD_NODENAME" \
@@ -102,6 +102,7 @@ if [ "$RAY_MODE" = symmetric ]; then
         -- bash -c "$record_pid" "${driver[@]}" &
     wait_exit $!
     status=$?
+    ran=$([ -e "$JOB_TMP/driver.pid.ran" ] && echo yes)
     [ -s "$JOB_TMP/driver.pid" ] || { say "Ray did not start (above); the sweep did not run"; status=1; }
     [ -n "$workers" ] && stop_after 0 "$workers"
 else
@@ -115,6 +116,7 @@ else
         bash -c "$record_pid" "${driver[@]}" &
         wait_exit $!
         status=$?
+        ran=$([ -e "$JOB_TMP/driver.pid.ran" ] && echo yes)
     else
         status=1
     fi
@@ -125,7 +127,6 @@ else
             rm -rf "$JOB_TMP"
     fi
 fi
-ran=$([ -e "$JOB_TMP/driver.pid.ran" ] && echo yes)
 rm -rf "$JOB_TMP"
 
 case "$status" in

@@ -10,10 +10,12 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from realstack import processes_with_env
 from slurmstack import missing, slurm
 
 from benchmarks import faults
@@ -61,7 +63,8 @@ def test_dry_run_writes_the_batch_script(tmp_path, capsys):
                  "#SBATCH --gpus-per-node=4", "RAY_MODE=manual"):
         assert line in text.splitlines(), line
     assert "--exclusive" not in text  # manual: nodes may be shared
-    assert "--cluster auto" in text and "--name demo)" in text
+    sweep = next(line for line in text.splitlines() if line.startswith("SWEEP=("))
+    assert "--cluster auto" in sweep and sweep.endswith("--name demo)") and sweep.count("--name") == 1
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert "not submitted: --dry-run" in capsys.readouterr().out
 
@@ -80,7 +83,12 @@ def work(tmp_path, cluster):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     env.update(cluster.env, HOME=str(tmp_path / "home"), UHKD_JOB_TMP=str(job_tmp), PYTHONPATH=str(ROOT))
     yield {"dir": tmp_path, "teachers": faults.make_teachers(tmp_path / "teachers"), "env": env}
+    cluster.cancel_all()
+    deadline = time.monotonic() + 60  # every process a job started (Ray's included) inherits UHKD_JOB_TMP
+    while (left := processes_with_env(f"UHKD_JOB_TMP={job_tmp}")) and time.monotonic() < deadline:
+        time.sleep(1)
     subprocess.run(["rm", "-rf", str(job_tmp)], check=False)
+    assert not left, f"the job left processes running: {sorted(left.values())}"
 
 
 def submit(work: dict, launcher: list[str], sweep: list[str]) -> str:

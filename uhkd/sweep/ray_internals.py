@@ -136,7 +136,7 @@ TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 @internal(lambda: None, "Ray's own console warning that token authentication is on may appear")
 def quiet_token_notice() -> None:
     """Silence Ray's console warning that an embedded cluster has token authentication on (the toolkit says so in
-    its own line). Stands in for an option to turn that notice off, which Ray lacks."""
+    its own line). Stands in for an option to turn that notice off, which Ray (2.59+) lacks; no Ray issue filed."""
     if importlib.util.find_spec(TOKEN_NOTICE_LOGGER) is None:
         raise Missing(f"no module {TOKEN_NOTICE_LOGGER}")
     logging.getLogger(TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
@@ -145,7 +145,8 @@ def quiet_token_notice() -> None:
 @internal(lambda: "", "--cluster ray://ADDRESS reconnects even when this process is already connected there")
 def client_address() -> str:
     """The `ray://host:port` this process's Ray Client connection was made to. Stands in for a public accessor
-    of the Ray Client address, which Ray lacks (`ray.get_runtime_context().gcs_address` is the cluster's GCS)."""
+    of the Ray Client address, which Ray lacks (`ray.get_runtime_context().gcs_address` is the cluster's GCS); no
+    Ray issue filed."""
     return "ray://" + ray.util.client.ray.get_context().client_worker._conn_str  # noqa: SLF001
 
 
@@ -170,7 +171,7 @@ class Actor:
 @internal(lambda: [], "Ray Train's detached cleaners of stopped trials (~110 MB each) stay until the cluster stops")
 def live_actors() -> list[Actor]:
     """Every live actor of the cluster, with the pid and owner the public `ray.util.state.list_actors` reports only
-    through the dashboard."""
+    through the dashboard (ray-project/ray#58515, #61689 above)."""
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
 
@@ -185,7 +186,7 @@ def live_actors() -> list[Actor]:
                              "trials may wait for their resources")
 def placement_groups_of_dead_creators(job_id: bytes) -> list[ray.util.placement_group.PlacementGroup]:
     """The placement groups of job `job_id` (not detached, not removed) whose creating actor has died. Stands in
-    for the creator fields `ray.util.placement_group_table()` leaves out."""
+    for the creator fields `ray.util.placement_group_table()` leaves out (ray-project/ray#58515, #61689 above)."""
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup
@@ -201,8 +202,9 @@ def placement_groups_of_dead_creators(job_id: bytes) -> list[ray.util.placement_
 
 @internal(lambda: set(), "the detached cleaners of sweep drivers killed earlier on this cluster stay until it stops")
 def ended_jobs() -> set[bytes]:
-    """The ids of the cluster's jobs that have ended (the public job API, `ray.job_submission`, needs the
-    dashboard and lists only submitted jobs)."""
+    """The ids of the cluster's jobs that have ended. Stands in for the public job API, `ray.job_submission`, which
+    needs the dashboard and lists only submitted jobs (the cleaners of a killed driver's stopped trials outlive it:
+    ray-project/ray#61689 above)."""
     from ray._private.state import state
 
     return {bytes.fromhex(job["JobID"]) for job in state.job_table() if job["IsDead"]}
@@ -223,7 +225,7 @@ def other_jobs_running(job_id: str) -> bool:
 def wait_for_wandb_files(callback: Any) -> None:
     """Make `callback` (Ray's W&B logger callback) log each trial from an actor that waits for wandb's service to
     write the run's files before it returns (Ray kills its logging actor as soon as `run` returns). Stands in for a
-    teardown hook in Ray's public `WandbLoggerCallback`, which it lacks."""
+    teardown hook in Ray's public `WandbLoggerCallback`, which it lacks; no Ray issue filed."""
     from ray.air.integrations.wandb import _WandbLoggingActor
 
     class WandbRunActor(_WandbLoggingActor):
@@ -239,7 +241,8 @@ def wait_for_wandb_files(callback: Any) -> None:
 def start_wandb_run(callback: Any, trial: Any, exclude: list[str], **init: Any) -> bool:
     """Start `callback`'s W&B logging actor for `trial` with our own `wandb.init` arguments (the flat config),
     leaving out `exclude` and the results Ray always leaves out. False: the caller falls back to Ray's own
-    `log_trial_start`. Stands in for a config hook in Ray's public `WandbLoggerCallback`, which it lacks."""
+    `log_trial_start`. Stands in for a config hook in Ray's public `WandbLoggerCallback`, which it lacks; no Ray
+    issue filed."""
     callback._start_logging_actor(trial, [*callback._exclude_results, *exclude], **init)  # noqa: SLF001
     return True
 
@@ -248,5 +251,6 @@ def start_wandb_run(callback: Any, trial: Any, exclude: list[str], **init: Any) 
                                  "dotted keys and one step per epoch")
 def mlflow_runs(callback: Any) -> dict[Any, str] | None:
     """Ray's MLflow callback's trial -> run id map (its own `log_trial_end` reads it); None: the caller falls back
-    to Ray's own logging. Stands in for a params hook in Ray's public `MLflowLoggerCallback`, which it lacks."""
+    to Ray's own logging. Stands in for a params hook in Ray's public `MLflowLoggerCallback`, which it lacks; no
+    Ray issue filed."""
     return callback._trial_runs  # noqa: SLF001
