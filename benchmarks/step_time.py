@@ -1,6 +1,7 @@
 """UHKD training-step time over KD training-step time, same pair, batch and student, measured interleaved in one
-process; the `sca=conv_bn` order (SPEC §1.1: 1.43 on CPU); with `--compile`, the same steps under torch.compile
-(the trainer's `compile` switch); model FLOPs per image and the FLOP utilisation (MFU) of each step; peak memory.
+process; the `sca=conv_bn` order (docs/method.md#sca-the-channel-projection); with `--compile`, the same steps under
+torch.compile (the trainer's `compile` switch); model FLOPs per image and the FLOP utilisation (MFU) of each step; peak
+memory.
 
     python benchmarks/step_time.py                      # ViT-S / Swin-T -> ResNet18 at 224 batch 8, tiny pair at 32, CPU
     python benchmarks/step_time.py --device cuda --batch 128 --amp bf16 --compile on
@@ -37,7 +38,7 @@ from uhkd.models import create_stage_model, load_teacher
 from uhkd.trainer import compiled
 
 VARIANTS = {"kd": {"method.name": "kd"}, "uhkd": {"method.name": "uhkd"},
-            "uhkd_conv_bn": {"method.name": "uhkd", "method.sca": "conv_bn"}}
+            "uhkd_conv_bn": {"method.name": "uhkd", "method.uhkd.sca": "conv_bn"}}
 COMPILED = ("kd", "uhkd")  # the variants also timed compiled with --compile
 PAIRS = {  # name: (teacher, student, img_size, scale, batch or None = --batch)
     "vit-s": ("vit_small_patch16_224", "resnet18", 224, "full", None),

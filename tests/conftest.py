@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,12 @@ for _key, _value in {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }.items():
     os.environ.setdefault(_key, _value)
+
+# The example plugin is a registered method here as well: the registry's contracts (tests/test_methods.py,
+# tests/test_learning.py) check a user's method exactly as they check the built-in ones.
+from uhkd.plugins import load  # noqa: E402
+
+load([str(Path(__file__).resolve().parents[1] / "examples" / "my_method.py")])
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 dir is a folder or a URI; trials fetch a URI's teachers into their node's cache).
 
 A teacher trains like a student of method `scratch` (starting from local ImageNet weights where the preset
-fine-tunes, SPEC §3); its exported student becomes the teacher checkpoint. Presets that do not fine-tune (ImageNet)
-convert the local weight files directly.
+fine-tunes, docs/protocol.md#recipes); its exported student becomes the teacher checkpoint. Presets that do not
+fine-tune (ImageNet) convert the local weight files directly.
 """
 from __future__ import annotations
 
