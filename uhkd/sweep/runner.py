@@ -73,20 +73,22 @@ def pairs(sweep_kind: str, preset: SweepPreset, opts: SweepOptions) -> list[str]
     return listed
 
 
+def restorable(results: str, name: str) -> bool:
+    """Whether sweep `name` under `results` has Tune state to resume from."""
+    from ray import tune
+
+    path, filesystem = ray_storage(join(results, name, "tune"))
+    return tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+
+
 def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
     """(name, resuming): a new name (timestamp + random tail), the given one, or for a bare --resume the latest of
     this kind."""
-    from ray import tune
-
-    def restorable(name: str) -> bool:
-        path, filesystem = ray_storage(join(opts.results, name, "tune"))
-        return tune.Tuner.can_restore(path, storage_filesystem=filesystem)
-
     prefix = f"{sweep.kind}-{sweep.preset.name}"
     if opts.name:
-        if opts.resume and not restorable(opts.name):
+        if opts.resume and not restorable(opts.results, opts.name):
             raise UserError(f"nothing to resume: no sweep {opts.name!r} under {opts.results!r}")
-        if not opts.resume and restorable(opts.name):
+        if not opts.resume and restorable(opts.results, opts.name):
             raise UserError(f"sweep {opts.name!r} already exists under {opts.results!r}; add --resume to continue "
                             f"it or choose another --name")
         return opts.name, opts.resume
@@ -96,7 +98,7 @@ def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
         fs, root = open_location(opts.results)
         found = [] if fs.get_file_info(root).type != pafs.FileType.Directory else sorted(
             i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.base_name.startswith(prefix + "-"))
-        found = [n for n in found if restorable(n)]
+        found = [n for n in found if restorable(opts.results, n)]
         if not found:
             raise UserError(f"nothing to resume: no {prefix}-* sweep under {opts.results!r}")
         return found[-1], True
@@ -440,9 +442,10 @@ def tables_where_written(results: str, name: str) -> SweepTables:
 
     if not ray.util.client.ray.is_connected():
         return compacted(results, name)
-    from ray.air.util.node import _force_on_current_node  # under Ray Client: the client server's node
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.get(_force_on_current_node(ray.remote(num_cpus=0)(compacted)).remote(results, name))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # the server's node
+    return ray.get(ray.remote(num_cpus=0, scheduling_strategy=here)(compacted).remote(results, name))
 
 
 def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: int,

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
-from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+from ray.air.integrations.wandb import WandbLoggerCallback
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 
 from ..config import flatten
 from ..errors import one_line
 from ..track_options import SQLITE, TrackOptions, mlflow_command, mlflow_store
+from .ray_internals import mlflow_runs, start_wandb_run, wait_for_wandb_files
 
 EPOCH_METRICS = ("top1", "top5", "best_top1", "loss", "lr", "images_per_s", "epoch_time_s")
 
@@ -80,41 +81,40 @@ def _step_result(result: dict) -> tuple[int, dict] | None:
 
 class MLflowTracking(MLflowLoggerCallback):
     def log_trial_start(self, trial: Any) -> None:
-        if trial not in self._trial_runs:
+        runs = mlflow_runs(self)
+        if runs is None:
+            super().log_trial_start(trial)
+        elif trial not in runs:
             tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
             run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
-            self._trial_runs[trial] = run.info.run_id
-            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial_params(trial))
+            runs[trial] = run.info.run_id
+            self.mlflow_util.log_params(run_id=runs[trial], params_to_log=trial_params(trial))
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         stepped = _step_result(result)
-        if stepped is not None:
-            if trial not in self._trial_runs:
+        runs = mlflow_runs(self)
+        if stepped is not None and runs is None:
+            super().log_trial_result(iteration, trial, stepped[1])
+        elif stepped is not None:
+            if trial not in runs:
                 self.log_trial_start(trial)
             epoch, metrics = stepped
             metrics.pop(TRAINING_ITERATION)
-            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=metrics, step=epoch)
-
-
-class _WandbRunActor(_WandbLoggingActor):
-    def run(self) -> None:
-        super().run()
-        # wait for wandb's service to write the run's files: Ray kills this actor as soon as `run` returns
-        self._wandb.teardown()
+            self.mlflow_util.log_metrics(run_id=runs[trial], metrics_to_log=metrics, step=epoch)
 
 
 class WandbTracking(WandbLoggerCallback):
-    _logger_actor_cls = _WandbRunActor
-
     def setup(self, *args: Any, **kwargs: Any) -> None:
+        wait_for_wandb_files(self)
         if self.kwargs.get("mode") != "offline":  # offline runs need no account (Ray's setup insists on a key)
             super().setup(*args, **kwargs)
 
     def log_trial_start(self, trial: Any) -> None:
-        self._start_logging_actor(
-            trial, [*self._exclude_results, *self.excludes, "config"], id=trial.trial_id, name=str(trial),
-            resume=False, reinit=True, allow_val_change=True, group=self.group or trial.experiment_dir_name,
-            project=self.project, config=trial_params(trial), **self.kwargs)
+        if not start_wandb_run(
+                self, trial, [*self.excludes, "config"], id=trial.trial_id, name=str(trial), resume=False,
+                reinit=True, allow_val_change=True, group=self.group or trial.experiment_dir_name,
+                project=self.project, config=trial_params(trial), **self.kwargs):
+            super().log_trial_start(trial)
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         stepped = _step_result(result)
@@ -196,7 +196,7 @@ class RunTracker:
     def read_back(self) -> list[str]:
         """Where the trackers that have an experiment and a run id (MLflow) hold this run, and how to read it."""
         return [line for c in self.callbacks if isinstance(c, MLflowTracking)
-                for line in mlflow_lines(c.tracking_uri, c.experiment_name, c._trial_runs[self.trial])]
+                for line in mlflow_lines(c.tracking_uri, c.experiment_name, mlflow_runs(c)[self.trial])]
 
 
 def _ensure_ray() -> None:
