@@ -31,7 +31,10 @@ def ray_local():
     import ray
     from realstack import kill_left_behind
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from uhkd.sweep.cluster import job_env
+
+    # job_env: the example plugin loaded above goes to the workers (py_modules), as a sweep's own cluster ships it
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=job_env())
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     yield ray
     ray.shutdown()

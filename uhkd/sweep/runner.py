@@ -75,17 +75,22 @@ def pairs(sweep_kind: str, preset: SweepPreset, opts: SweepOptions) -> list[str]
     return listed
 
 
+def restorable(results: str, name: str) -> bool:
+    """Whether sweep `name` under `results` was started, so that --resume continues it: from what Tune saved, or
+    with its search started afresh (its stored settings) when Tune saved nothing yet."""
+    return started(join(results, name))
+
+
 def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
     """(name, started): a new name (timestamp + random tail), the given one, or for a bare --resume the latest of
     this kind; whether a sweep of that name was started before. A started sweep whose Tune saved nothing yet (its
     driver stopped in its first seconds) may be started again without --resume."""
     prefix = f"{sweep.kind}-{sweep.preset.name}"
     if opts.name:
-        folder = join(opts.results, opts.name)
-        existing = started(folder)
+        existing = restorable(opts.results, opts.name)
         if opts.resume and not existing:
             raise UserError(f"nothing to resume: no sweep {opts.name!r} under {opts.results!r}")
-        if not opts.resume and existing and saved_state(folder):
+        if not opts.resume and existing and saved_state(join(opts.results, opts.name)):
             raise UserError(f"sweep {opts.name!r} already exists under {opts.results!r}; add --resume to continue "
                             f"it or choose another --name")
         return opts.name, existing
@@ -95,7 +100,7 @@ def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
         fs, root = open_location(opts.results)
         found = [] if fs.get_file_info(root).type != pafs.FileType.Directory else sorted(
             i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.base_name.startswith(prefix + "-"))
-        found = [n for n in found if started(join(opts.results, n))]
+        found = [n for n in found if restorable(opts.results, n)]
         if not found:
             raise UserError(f"nothing to resume: no {prefix}-* sweep under {opts.results!r}")
         return found[-1], True
@@ -450,9 +455,10 @@ def tables_where_written(results: str, name: str) -> SweepTables:
 
     if not ray.util.client.ray.is_connected():
         return compacted(results, name)
-    from ray.air.util.node import _force_on_current_node  # under Ray Client: the client server's node
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.get(_force_on_current_node(ray.remote(num_cpus=0)(compacted)).remote(results, name))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # the server's node
+    return ray.get(ray.remote(num_cpus=0, scheduling_strategy=here)(compacted).remote(results, name))
 
 
 def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: int,
@@ -480,6 +486,10 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
     outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
                            interrupted=len(tables.trials) < planned, grid=grid)
+    from .tracking import read_back
+
+    for line in read_back(replace(opts.track, experiment=name)):
+        out(line)
     summarize(outcome, time.monotonic() - started_at, out)
     return outcome
 

@@ -10,7 +10,6 @@ restored search creates later: `relocate` points a trial there.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ import pyarrow.fs as pafs
 from ..errors import UserError, one_line
 from ..storage import join, open_location, ray_storage
 from .cli import SweepOptions
+from .ray_internals import move_trial_storage
 from .spec import Sweep
 
 MANIFEST = "sweep.json"
@@ -148,7 +148,4 @@ def relocate(trial: Any, sweep_dir: str) -> None:
         return
     trial.config["_sweep_dir"] = sweep_dir
     path, filesystem = ray_storage(sweep_dir)
-    storage = copy.copy(trial.storage)
-    storage.storage_filesystem = filesystem or pafs.LocalFileSystem()
-    storage.storage_fs_path = path
-    trial.set_storage(storage)  # also moves the trial's tracked checkpoints
+    move_trial_storage(trial, path, filesystem or pafs.LocalFileSystem())
