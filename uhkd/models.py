@@ -28,8 +28,8 @@ from .errors import UserError, choice_error, did_you_mean, one_line
 from .hub import HUB
 
 # timm's register_model appends the registered entry points to this list.
-__all__ = ["FAMILIES", "StageHook", "StageModel", "check_checkpoint_file", "create_stage_model", "load_teacher", "model_family",
-           "model_kind", "save_model_checkpoint"]
+__all__ = ["FAMILIES", "StageHook", "StageModel", "check_checkpoint_file", "create_stage_model", "load_teacher",
+           "model_family", "model_kind", "save_model_checkpoint"]
 
 # Architecture families: name prefix -> kind. `swin` is a token model with a hierarchical (4-resolution) layout.
 FAMILIES: dict[str, str] = {
