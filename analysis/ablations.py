@@ -4,7 +4,7 @@ Component table: rows are the trials' `tag` (the ablation sweep tags full UHKD "
 e.g. "w/o FTM", "w/o SRA", "sca=conv_bn", "single level", "w/o KL", "beta=0"), one column per pair, each cell mean ±
 std over seeds and its difference to "full".
 
-Curves: for each of method.beta, method.alpha, method.k and method.band, the UHKD trials of a pair that keep every
+Curves: for each of method.uhkd.beta, .alpha, .k and .band, the UHKD trials of a pair that keep every
 other ablation switch at the pair's most common value ("one factor at a time"), top-1 against the value, one line per
 pair with a mean ± std band over seeds.
 """
@@ -23,11 +23,10 @@ from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, line_colors, 
                              render, require_columns, save_figure, select, signed, write_text)
 from uhkd.errors import UserError
 
-SWITCHES = ("method.spectrum", "method.sra", "method.sca", "method.stages", "method.alpha", "method.beta",
-            "method.k", "method.band")
-CURVE_PARAMS = ("method.beta", "method.alpha", "method.k", "method.band")
-SYMBOLS = {"method.beta": "β", "method.alpha": "α", "method.k": "k", "method.band": "band"}
-CATEGORY_ORDER = {"method.band": ("low", "high", "full")}
+SWITCHES = tuple(f"method.uhkd.{p}" for p in ("spectrum", "sra", "sca", "stages", "alpha", "beta", "k", "band"))
+CURVE_PARAMS = tuple(f"method.uhkd.{p}" for p in ("beta", "alpha", "k", "band"))
+SYMBOLS = {"method.uhkd.beta": "β", "method.uhkd.alpha": "α", "method.uhkd.k": "k", "method.uhkd.band": "band"}
+CATEGORY_ORDER = {"method.uhkd.band": ("low", "high", "full")}
 FULL = "full"
 
 

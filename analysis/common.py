@@ -18,7 +18,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from uhkd.errors import UserError, one_line
-from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, merged_table, open_location
+from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, merged_table, open_location, wide
 
 RESULTS_HELP = ("a trials.parquet file, a sweep folder holding trials.parquet (and epochs.parquet), or a results "
                 "root holding several sweep folders (concatenated); local paths or pyarrow URIs (file://, s3://, gs://)")
@@ -60,19 +60,21 @@ def find_tables(results: str | Path, name: str) -> tuple[pafs.FileSystem, list[s
 def _read(results: str | Path, name: str) -> pd.DataFrame:
     fs, paths = find_tables(results, name)
     tables = (merged_table(fs, p, name) for p in paths)
-    frames = [t.to_pandas() for t in tables if t is not None and t.num_rows]
+    frames = [wide(t, name) for t in tables if t is not None and t.num_rows]
     if not frames:
         raise UserError(f"{name} at {str(results)!r} has no rows yet (no trial has finished)")
     return pd.concat(frames, ignore_index=True)
 
 
 def read_trials(results: str | Path) -> pd.DataFrame:
-    """All trial rows (one per trial) of the sweeps under `results`."""
+    """All trial rows (one per trial) of the sweeps under `results`, each method parameter a column
+    `method.<name>.<param>` (null where a row's method lacks it); version 2 tables read alike."""
     return _read(results, TRIALS)
 
 
 def read_epochs(results: str | Path) -> pd.DataFrame:
-    """All per-epoch rows of the sweeps under `results`."""
+    """All per-epoch rows of the sweeps under `results`, each loss term a column `loss_<term>` (null where a row's
+    method lacks it)."""
     return _read(results, EPOCHS)
 
 

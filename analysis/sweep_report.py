@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, ok_trials, pair_label, read_trials, render,
                              require_columns, save_figure, select, write_text)
-from uhkd.config import LEAF_TYPES
+from uhkd.config import LEAF_TYPES, method_key
 from uhkd.errors import UserError
 
 # Run identity and location, not hyperparameters; teacher and student are reported together as `pair`.
@@ -35,8 +35,9 @@ EVALUATORS = {
 
 
 def varying_params(trials: pd.DataFrame) -> list[str]:
-    """Config columns (and `pair`) with more than one distinct value among `trials`."""
-    keys = ["pair"] + [k for k in LEAF_TYPES if k not in NOT_SEARCHED]
+    """Config columns (and `pair`) with more than one distinct value among `trials`: the run's fields and the
+    methods' parameters (`method.<name>.<param>`)."""
+    keys = ["pair"] + [k for k in trials.columns if (k in LEAF_TYPES or method_key(k)) and k not in NOT_SEARCHED]
     return [k for k in keys if k in trials.columns and trials[k].astype(str).nunique() > 1]
 
 

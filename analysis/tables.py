@@ -1,7 +1,8 @@
 """The paper's comparison table (UHKD Tables 1-2 layout) from sweep results.
 
-Rows are teacher→student pairs grouped by student family; columns are the teacher's top-1, the student trained from
-scratch, and the student distilled by each method; every cell is mean ± std over seeds with the number of seeds.
+Rows are teacher→student pairs grouped by student family; columns are the teacher's top-1 and one column per method
+present in the results (the student trained alone, `scratch`, then each distillation method), in the method
+registry's order with its display names; every cell is mean ± std over seeds with the number of seeds.
 """
 from __future__ import annotations
 
@@ -17,12 +18,37 @@ from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, display_names
                              published_results, read_trials, render, require_columns, select, signed, write_text)
 from uhkd.errors import UserError
 
-METHODS = ("scratch", "kd", "dkd", "dist", "fitnet", "ofa", "uhkd")
-HEADERS = {"scratch": "Scratch", "kd": "KD", "dkd": "DKD", "dist": "DIST", "fitnet": "FitNet", "ofa": "OFA",
-           "uhkd": "UHKD"}
 FAMILIES = {"cnn": "CNN students", "vit": "ViT students", "mlp": "MLP students"}
 CLAIM = "uhkd_max_gain_over_ofa"
 METRICS = {"best_top1": "best-epoch", "last_top1": "last-epoch"}
+
+
+def method_columns(present: set[str]) -> list[str]:
+    """The methods present, in the registry's order (publication year; `scratch` first), then any the registry
+    lacks (a plugin not loaded here) by name."""
+    from uhkd.methods import registered
+
+    known = [cls.name for cls in registered() if cls.name in present]
+    return known + sorted(present - set(known))
+
+
+def method_header(name: str) -> str:
+    from uhkd.methods import method_class
+
+    try:
+        return method_class(name).display
+    except UserError:
+        return name
+
+
+def reference_key(name: str) -> str:
+    """The method's key in the published-results reference file."""
+    from uhkd.methods import method_class
+
+    try:
+        return method_class(name).reference
+    except UserError:
+        return name
 
 
 @dataclass
@@ -33,7 +59,7 @@ class Row:
     teacher_top1: Stat
     cells: dict[str, Stat]  # the table's metric
     other: dict[str, Stat]  # the other top-1 (last-epoch when the table is best-epoch, and vice versa)
-    borrowed: str = ""  # `weights_from` of UHKD cells whose settings were searched on another pair
+    borrowed: dict[str, str] = field(default_factory=dict)  # method -> `weights_from` of settings searched elsewhere
 
     @property
     def best(self) -> list[str]:
@@ -45,15 +71,21 @@ class Row:
     @property
     def gain(self) -> float:
         """UHKD's mean minus OFA's mean (NaN when either is missing)."""
-        return self.cells["uhkd"].mean - self.cells["ofa"].mean
+        none = Stat(math.nan, math.nan, 0)
+        return self.cells.get("uhkd", none).mean - self.cells.get("ofa", none).mean
 
 
 @dataclass
 class Table:
     dataset: str
     metric: str
+    methods: list[str]  # the method columns, in order
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def compares_uhkd_with_ofa(self) -> bool:
+        return {"uhkd", "ofa"} <= set(self.methods)
 
 
 def _student_kind(name: str) -> str:
@@ -74,24 +106,23 @@ def build_table(trials: pd.DataFrame, dataset: str, *, metric: str = "best_top1"
     notes = [status_note]
     if repeats:
         notes.append(f"{repeats} repeated runs (same config and seed) dropped; the latest kept")
-    ignored = sorted(set(trials["method"]) - set(METHODS))
-    if ignored:
-        notes.append(f"methods without a column ignored: {', '.join(ignored)}")
-    distilled = trials[trials["method"].isin(METHODS[1:])]
+    methods = method_columns(set(trials["method"]))
+    distilled = trials[trials["method"] != "scratch"]
     if distilled.empty:
-        raise UserError(f"no distilled trials (methods {', '.join(METHODS[1:])}) among the finished "
-                        f"{dataset!r} trials; found methods: {', '.join(sorted(set(trials['method'])))}")
+        raise UserError(f"no distilled trials (only {', '.join(sorted(set(trials['method'])))}) among the finished "
+                        f"{dataset!r} trials: the table compares methods per teacher → student pair")
     scratch = trials[trials["method"] == "scratch"]
     rows = []
     for (teacher, student), pair in distilled.groupby(["teacher", "student"], sort=False):
         def stats(column: str) -> dict[str, Stat]:
-            out = {"scratch": Stat.of(scratch.loc[scratch["student"] == student, column])}
-            return {**out, **{m: Stat.of(pair.loc[pair["method"] == m, column]) for m in METHODS[1:]}}
+            return {m: Stat.of((scratch.loc[scratch["student"] == student] if m == "scratch" else
+                                pair.loc[pair["method"] == m])[column]) for m in methods}
 
         # The teacher is evaluated once per trial; average per seed first so methods do not weigh it.
         teacher_top1 = Stat.of(pair.groupby("seed")["teacher_top1"].mean())
+        borrowed = {m: _borrowed(pair[pair["method"] == m], f"{teacher}:{student}") for m in methods}
         rows.append(Row(_student_kind(student), teacher, student, teacher_top1, stats(metric), stats(other),
-                        _borrowed(pair[pair["method"] == "uhkd"], f"{teacher}:{student}")))
+                        {m: b for m, b in borrowed.items() if b}))
     order = list(FAMILIES)
     rows.sort(key=lambda r: (order.index(r.family) if r.family in order else len(order), r.student, r.teacher))
     notes.insert(0, f"{dataset}: {METRICS[metric]} top-1 (%), mean ± sample std over seeds (n = seeds)"
@@ -105,19 +136,19 @@ def build_table(trials: pd.DataFrame, dataset: str, *, metric: str = "best_top1"
                      "teachers trained on (sweeps/teachers.py trains on the final split), so the Teacher column is "
                      "optimistic; tune-split numbers rank settings, they are not comparable with published ones")
     if any(r.borrowed for r in rows):
-        notes.append("‡ UHKD settings searched on another pair (no finished hetero_pairs trial of this pair): "
-                     + "; ".join(f"{pair_label(f'{r.teacher}:{r.student}')} from trial {r.borrowed}"
-                                 for r in rows if r.borrowed))
+        notes.append("‡ settings searched on another pair (no finished hetero_pairs trial of this pair): "
+                     + "; ".join(f"{method_header(m)} on {pair_label(f'{r.teacher}:{r.student}')} from trial {b}"
+                                 for r in rows for m, b in r.borrowed.items()))
     if "model.scale" in trials.columns and set(trials["model.scale"]) - {"full"}:
         notes.append(f"model.scale: {', '.join(sorted(set(trials['model.scale'])))} (scaled-down models)")
-    return Table(dataset, metric, rows, notes)
+    return Table(dataset, metric, methods, rows, notes)
 
 
-def _borrowed(uhkd: pd.DataFrame, pair: str) -> str:
-    """The `weights_from` values ("<trial id> <pair>") of UHKD trials whose settings come from another pair."""
-    if "weights_from" not in uhkd.columns:  # results written before the column existed
+def _borrowed(trials: pd.DataFrame, pair: str) -> str:
+    """The `weights_from` values ("<trial id> <pair>") of trials whose settings come from another pair."""
+    if "weights_from" not in trials.columns:  # results written before the column existed
         return ""
-    sources = sorted({w for w in uhkd["weights_from"].dropna() if w and w.split(" ", 1)[-1] != pair})
+    sources = sorted({w for w in trials["weights_from"].dropna() if w and w.split(" ", 1)[-1] != pair})
     return ", ".join(sources)
 
 
@@ -130,6 +161,7 @@ def _published_lookup(dataset: str) -> dict[tuple[str, str, str], tuple[float, s
 
 
 def gain_footer(table: Table) -> str:
+    """UHKD's gain over OFA against the paper's claim (the abstract's headline number)."""
     gains = [(r.gain, r) for r in table.rows if not math.isnan(r.gain)]
     claim = _published_lookup(table.dataset).get(("", "", CLAIM))
     claimed = (f"paper's claim (UHKD abstract): max {signed(claim[0])}" if claim
@@ -148,11 +180,13 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
     pub = _published_lookup(table.dataset) if published else {}
 
     def pub_of(row: Row, column: str) -> tuple[float, str] | None:
+        ref = reference_key(column) if column != "teacher" else column
         key = ((row.teacher, "", "teacher") if column == "teacher" else
-               ("", row.student, "scratch") if column == "scratch" else (row.teacher, row.student, column))
+               ("", row.student, ref) if column == "scratch" else (row.teacher, row.student, ref))
         return pub.get(key)
 
-    columns = ["teacher", *METHODS]
+    columns = ["teacher", *table.methods]
+    gain = table.compares_uhkd_with_ofa
     other = next(m for m in METRICS if m != table.metric).split("_")[0]  # "last" or "best"
     if fmt == "csv":
         records = []
@@ -168,14 +202,15 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
                     value = pub_of(row, col)
                     rec[f"{col}_published"] = value[0] if value else math.nan
                     rec[f"{col}_diff"] = stat.mean - value[0] if value else math.nan
-            rec.update({"best": ";".join(row.best), "uhkd_gain_over_ofa": row.gain, "metric": table.metric,
-                        "uhkd_weights_borrowed_from": row.borrowed})
+            rec.update({"best": ";".join(row.best), "metric": table.metric,
+                        **({"uhkd_gain_over_ofa": row.gain} if gain else {}),
+                        **{f"{m}_settings_borrowed_from": row.borrowed.get(m, "") for m in table.methods}})
             records.append(rec)
         return pd.DataFrame(records).to_csv(index=False, float_format="%.4f")
 
     names = display_names()
-    header = [f"Teacher → Student ({METRICS[table.metric]} top-1 %)", "Teacher", *(HEADERS[m] for m in METHODS),
-              "Δ UHKD−OFA"]
+    header = [f"Teacher → Student ({METRICS[table.metric]} top-1 %)", "Teacher",
+              *(method_header(m) for m in table.methods), *(["Δ UHKD−OFA"] if gain else [])]
     rows: list[list[str]] = []
     bold = []
     conflict = False
@@ -196,11 +231,12 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
                         conflict |= bool(mark)
                         diff = f" (Δ {signed(stat.mean - value[0])})" if stat.n else ""
                         text += f" / pub {value[0]:.2f}{mark}{diff}"
-                cells.append(text + ("‡" if col == "uhkd" and row.borrowed else ""))
-            bold += [(len(rows), 2 + METHODS.index(m)) for m in row.best]
-            cells.append(signed(row.gain))
+                cells.append(text + ("‡" if col in row.borrowed else ""))
+            bold += [(len(rows), 2 + table.methods.index(m)) for m in row.best]
+            if gain:
+                cells.append(signed(row.gain))
             rows.append(cells)
-    notes = [*table.notes, gain_footer(table), "bold: best method of the row"]
+    notes = [*table.notes, *([gain_footer(table)] if gain else []), "bold: best method of the row"]
     if published and not pub:
         notes.append(f"no published numbers for {table.dataset} in uhkd/reference/published_results.csv")
     elif published:

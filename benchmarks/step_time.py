@@ -37,7 +37,7 @@ from uhkd.models import create_stage_model, load_teacher
 from uhkd.trainer import compiled
 
 VARIANTS = {"kd": {"method.name": "kd"}, "uhkd": {"method.name": "uhkd"},
-            "uhkd_conv_bn": {"method.name": "uhkd", "method.sca": "conv_bn"}}
+            "uhkd_conv_bn": {"method.name": "uhkd", "method.uhkd.sca": "conv_bn"}}
 COMPILED = ("kd", "uhkd")  # the variants also timed compiled with --compile
 PAIRS = {  # name: (teacher, student, img_size, scale, batch or None = --batch)
     "vit-s": ("vit_small_patch16_224", "resnet18", 224, "full", None),

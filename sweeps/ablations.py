@@ -1,4 +1,4 @@
-"""UHKD ablations (SPEC §1.1) on chosen pairs x seeds, on the final protocol: the component switches (tags "full",
+"""UHKD ablations (docs/method.md) on chosen pairs x seeds, on the final protocol: the component switches (tags "full",
 "w/o FTM", "w/o SRA", "sca=conv_bn", "single level", "w/o KL", "beta=0") and the one-factor curves over β, α, k and
 band that the preset lists (tags "beta=0.5", "k=5", "band=high", ...; a point equal to full UHKD is the "full" run).
 Each trial's `tag` column names its variant.
@@ -9,6 +9,7 @@ Each trial's `tag` column names its variant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -19,12 +20,12 @@ from uhkd.sweep.spec import Sweep, load_preset
 
 COMPONENTS: dict[str, dict[str, Any]] = {
     "full": {},
-    "w/o FTM": {"method.spectrum": "none"},
-    "w/o SRA": {"method.sra": False},
-    "sca=conv_bn": {"method.sca": "conv_bn"},
-    "single level": {"method.stages": "4"},
-    "w/o KL": {"method.alpha": 0.0},
-    "beta=0": {"method.beta": 0.0},
+    "w/o FTM": {"method.uhkd.spectrum": "none"},
+    "w/o SRA": {"method.uhkd.sra": False},
+    "sca=conv_bn": {"method.uhkd.sca": "conv_bn"},
+    "single level": {"method.uhkd.stages": "4"},
+    "w/o KL": {"method.uhkd.alpha": 0.0},
+    "beta=0": {"method.uhkd.beta": 0.0},
 }
 
 
@@ -36,15 +37,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def curve_tag(key: str, value: Any) -> str:
-    name = key.removeprefix("method.")
-    return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+def curve_tag(param: str, value: Any) -> str:
+    return f"{param}={value:g}" if isinstance(value, float) else f"{param}={value}"
 
 
 def variants(curves: dict[str, list], only: list[str] | None, full: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """tag -> overrides: the component switches, then each curve point that differs from full UHKD."""
-    groups = {"components": COMPONENTS, **{key.removeprefix("method."): {curve_tag(key, v): {key: v} for v in values}
-                                          for key, values in curves.items()}}
+    """tag -> overrides: the component switches, then each curve point (a UHKD parameter's value) that differs
+    from full UHKD."""
+    groups = {"components": COMPONENTS, **{param: {curve_tag(param, v): {f"method.uhkd.{param}": v} for v in values}
+                                          for param, values in curves.items()}}
     for name in only or []:
         if name not in groups:
             raise choice_error("ablation group", name, groups)
@@ -59,13 +60,12 @@ def variants(curves: dict[str, list], only: list[str] | None, full: dict[str, An
 
 
 def build(args: argparse.Namespace, opts: SweepOptions) -> Sweep:
-    from uhkd.config import build_config
+    from uhkd.config import build_config, flatten
     from uhkd.methods import resolve_method
 
     preset = load_preset(opts.preset)
     defaults = build_config(preset.run_preset, {**preset.run("ablations"), **opts.sets, "method.name": "uhkd"})
-    resolved = resolve_method(defaults)
-    full = {f"method.{k}": getattr(resolved, k) for k in ("alpha", "beta", "k", "band")}
+    full = flatten(dataclasses.replace(defaults, method=resolve_method(defaults)))
     tags = variants(preset.section("ablations").get("curves") or {}, args.only, full)
     if len(tags) < 2:
         raise UserError("nothing to ablate: every selected variant equals full UHKD")

@@ -6,10 +6,13 @@ import math
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from realstack import free_port
 
 from analysis import ablations, common, curves, sweep_report, tables
+from uhkd.sweep.results import epoch_record, epochs_schema, trial_record, trials_schema
 
 PNG_MAGIC, PDF_MAGIC = b"\x89PNG\r\n\x1a\n", b"%PDF-"
 _ids = itertools.count()
@@ -21,12 +24,13 @@ R18, DEIT = "resnet18", "deit_tiny_patch16_224"
 def trial(teacher: str, student: str, method: str, seed: int, top1: float, **extra) -> dict:
     """One trials.parquet row (the columns the analysis reads)."""
     n = next(_ids)
-    row = {"schema_version": 1, "sweep": "main", "trial_id": f"t{n:03d}", "preset": "cifar100", "tag": "",
+    uhkd = {"method.uhkd.alpha": 1.0, "method.uhkd.beta": 1.0, "method.uhkd.k": 7, "method.uhkd.band": "low",
+            "method.uhkd.spectrum": "amplitude", "method.uhkd.sra": True, "method.uhkd.sca": "linear",
+            "method.uhkd.stages": "1,2,3,4"}
+    row = {"schema_version": 3, "sweep": "main", "trial_id": f"t{n:03d}", "preset": "cifar100", "tag": "",
            "dataset": "cifar100", "teacher": teacher, "student": student, "method": method,
            "pair": f"{teacher}:{student}", "seed": seed, "split": "final", "model.scale": "full",
-           "method.name": method, "method.alpha": 1.0, "method.beta": 1.0, "method.k": 7, "method.band": "low",
-           "method.spectrum": "amplitude", "method.sra": True, "method.sca": "linear", "method.stages": "1,2,3,4",
-           "optim.lr": 0.05, "epochs": 3, "epochs_run": 3, "best_top1": top1, "last_top1": top1 - 1.0,
+           "method.name": method, **(uhkd if method == "uhkd" else {}), "optim.lr": 0.05, "epochs": 3, "epochs_run": 3, "best_top1": top1, "last_top1": top1 - 1.0,
            "teacher_top1": math.nan if method == "scratch" else 89.0 + seed, "status": "ok",
            "failure_reason": "", "config_hash": f"h{n:03d}",
            "finished_at": pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(minutes=n)}
@@ -35,10 +39,13 @@ def trial(teacher: str, student: str, method: str, seed: int, top1: float, **ext
 
 
 def write_results(folder: Path, rows: list[dict], epochs: list[dict] | None = None) -> Path:
+    """The rows as a sweep stores them (schema 3: method parameters and loss terms in their map columns)."""
     folder.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(folder / "trials.parquet", index=False)
+    pq.write_table(pa.Table.from_pylist([trial_record(r) for r in rows], schema=trials_schema()),
+                   folder / "trials.parquet")
     if epochs is not None:
-        pd.DataFrame(epochs).to_parquet(folder / "epochs.parquet", index=False)
+        pq.write_table(pa.Table.from_pylist([epoch_record(r) for r in epochs], schema=epochs_schema()),
+                       folder / "epochs.parquet")
     return folder
 
 
@@ -92,10 +99,10 @@ def test_table_markdown_cells_best_and_gain(results, capsys):
     assert tables.run([str(results), "--dataset", "cifar100"]) == 0
     text = capsys.readouterr().out
     assert md_row(text, "Swin-T → ResNet18") == [
-        "Swin-T → ResNet18", "90.00 ± 1.00 (n=3)", "75.00 ± 1.41 (n=2)", "79.00 ± 1.00 (n=3)", "—", "—", "—",
+        "Swin-T → ResNet18", "90.00 ± 1.00 (n=3)", "75.00 ± 1.41 (n=2)", "79.00 ± 1.00 (n=3)", "—",
         "80.50 ± 0.71 (n=2)", "**86.00 ± 1.00 (n=3)**", "+5.50"]
     assert md_row(text, "ConvNeXt-T → DeiT-T") == [
-        "ConvNeXt-T → DeiT-T", "89.50 ± 0.71 (n=2)", "—", "70.00 (n=1)", "**78.00 (n=1)**", "—", "—",
+        "ConvNeXt-T → DeiT-T", "89.50 ± 0.71 (n=2)", "—", "70.00 (n=1)", "**78.00 (n=1)**",
         "76.00 ± 1.41 (n=2)", "76.50 ± 0.00 (n=2)", "+0.50"]
     firsts = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
     assert firsts[1:] == ["*CNN students*", "Swin-T → ResNet18", "*ViT students*", "ConvNeXt-T → DeiT-T"]
@@ -104,7 +111,9 @@ def test_table_markdown_cells_best_and_gain(results, capsys):
     assert ("UHKD − OFA over 2 pairs: mean +3.00, max +5.50 (Swin-T→ResNet18); "
             "paper's claim (UHKD abstract): max +5.59") in text
     # the header and the notes say which top-1 the cells are, and that the published best-epoch one is optimistic
-    assert text.splitlines()[0].startswith("| Teacher → Student (best-epoch top-1 %) | Teacher |")
+    # one column per method present, in the registry's order, headed by its display name
+    assert text.splitlines()[0] == ("| Teacher → Student (best-epoch top-1 %) | Teacher | Scratch | KD | DKD | OFA | "
+                                    "UHKD | Δ UHKD−OFA |")
     assert "cifar100: best-epoch top-1 (%)" in text and "picking the epoch on the test set is optimistic" in text
     assert "‡" not in text and "split tune" not in text
     assert tables.run([str(results), "--dataset", "cifar100", "--split", "tune"]) == 0
@@ -122,7 +131,7 @@ def test_table_last_epoch_and_csv(results, tmp_path, capsys):
     assert (r18["scratch_mean"], r18["kd_mean"], r18["teacher_mean"]) == (74.0, 78.0, 90.0)
     assert r18["uhkd_gain_over_ofa"] == pytest.approx(5.5) and r18["best"] == "uhkd"
     assert csv.loc[DEIT, "best"] == "dkd" and csv.loc[DEIT, "family"] == "vit"
-    assert math.isnan(csv.loc[DEIT, "dist_mean"]) and csv.loc[DEIT, "dist_n"] == 0
+    assert "dist_mean" not in csv.columns and csv.loc[R18, "dkd_n"] == 0  # no DIST trial; no DKD on this pair
     # the CSV carries both top-1 figures: the table's (last) and the other (best = last + 1 in these rows)
     assert (r18["metric"], r18["uhkd_best_mean"], r18["uhkd_best_std"]) == ("last_top1", 86.0, 1.0)
     assert tables.run([str(results), "--dataset", "cifar100", "--last"]) == 0
@@ -141,14 +150,15 @@ def test_table_marks_borrowed_uhkd_settings(tmp_path, capsys):
     folder = write_results(tmp_path / "main", rows)
     assert tables.run([str(folder), "--dataset", "cifar100"]) == 0
     text = capsys.readouterr().out
-    assert md_row(text, "ConvNeXt-T → DeiT-T")[8] == "76.50 ± 0.00 (n=2)‡"
-    assert md_row(text, "Swin-T → ResNet18")[8] == "**86.00 ± 1.00 (n=3)**"  # its own pair's search: no mark
-    assert "‡ UHKD settings searched on another pair" in text and f"ConvNeXt-T→DeiT-T from trial x2 {SWIN}:{R18}" in text
+    assert md_row(text, "ConvNeXt-T → DeiT-T")[6] == "76.50 ± 0.00 (n=2)‡"
+    assert md_row(text, "Swin-T → ResNet18")[6] == "**86.00 ± 1.00 (n=3)**"  # its own pair's search: no mark
+    assert "‡ settings searched on another pair" in text
+    assert f"UHKD on ConvNeXt-T→DeiT-T from trial x2 {SWIN}:{R18}" in text
     assert tables.run([str(folder), "--dataset", "cifar100", "--format", "csv"]) == 0
     from io import StringIO
     csv = pd.read_csv(StringIO(capsys.readouterr().out), keep_default_na=False).set_index("student")
-    assert csv.loc[DEIT, "uhkd_weights_borrowed_from"] == f"x2 {SWIN}:{R18}"
-    assert csv.loc[R18, "uhkd_weights_borrowed_from"] == ""
+    assert csv.loc[DEIT, "uhkd_settings_borrowed_from"] == f"x2 {SWIN}:{R18}"
+    assert csv.loc[R18, "uhkd_settings_borrowed_from"] == ""
 
 
 def test_table_published_join(results, capsys):
@@ -157,10 +167,9 @@ def test_table_published_join(results, capsys):
     assert row[1] == "90.00 ± 1.00 (n=3) / pub 89.26 (Δ +0.74)"
     assert row[2] == "75.00 ± 1.41 (n=2) / pub 74.01 (Δ +0.99)"
     assert row[3] == "79.00 ± 1.00 (n=3) / pub 78.74 (Δ +0.26)"
-    assert row[4] == "— / pub 80.26"  # no DKD run of ours, a published DKD number
-    assert row[5] == "— / pub n/a"
-    assert row[7] == "80.50 ± 0.71 (n=2) / pub 80.54 (Δ -0.04)"
-    assert row[8] == "**86.00 ± 1.00 (n=3) / pub n/a**"
+    assert row[4] == "— / pub 80.26"  # no DKD run of ours on this pair, a published DKD number
+    assert row[5] == "80.50 ± 0.71 (n=2) / pub 80.54 (Δ -0.04)"
+    assert row[6] == "**86.00 ± 1.00 (n=3) / pub n/a**"
 
 
 def test_table_published_csv_and_latex(results, capsys):
@@ -171,7 +180,7 @@ def test_table_published_csv_and_latex(results, capsys):
     assert math.isnan(csv.loc[DEIT, "uhkd_published"])
     assert tables.run([str(results), "--dataset", "cifar100", "--format", "latex"]) == 0
     tex = capsys.readouterr().out
-    assert "\\textbf{86.00 $\\pm$ 1.00 (n=3)}" in tex and tex.startswith("\\begin{tabular}{lrrrrrrrrr}")
+    assert "\\textbf{86.00 $\\pm$ 1.00 (n=3)}" in tex and tex.startswith("\\begin{tabular}{lrrrrrrr}")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -186,12 +195,6 @@ def test_table_errors_name_the_filter(results, capsys, args, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_table_error_names_missing_columns(tmp_path, capsys):
-    rows = [{k: v for k, v in trial(SWIN, R18, "kd", 0, 70.0).items() if k != "teacher_top1"}]
-    assert tables.run([str(write_results(tmp_path / "s", rows)), "--dataset", "cifar100"]) == 2
-    assert capsys.readouterr().err == "error: results lack the column(s) teacher_top1 needed for the comparison table\n"
-
-
 def ablation_rows() -> list[dict]:
     rows = []
     for pair, base in ((f"{SWIN}:{R18}", 80.0), (f"{VITS}:{R18}", 70.0)):
@@ -200,12 +203,12 @@ def ablation_rows() -> list[dict]:
             add = lambda tag, delta, **kw: rows.append(  # noqa: E731
                 trial(teacher, R18, "uhkd", seed, base + delta + seed, tag=tag, **kw))
             add("full", 0.0)
-            add("w/o SRA", -2.0, **{"method.sra": False})
-            add("w/o FTM", -3.0, **{"method.spectrum": "none"})
+            add("w/o SRA", -2.0, **{"method.uhkd.sra": False})
+            add("w/o FTM", -3.0, **{"method.uhkd.spectrum": "none"})
             for beta, delta in ((0.0, -4.0), (0.5, -1.0), (2.0, 0.5)):
-                add(f"beta={beta:g}", delta, **{"method.beta": beta})
+                add(f"beta={beta:g}", delta, **{"method.uhkd.beta": beta})
             for band, delta in (("high", -5.0), ("full", -1.5)):
-                add(f"band={band}", delta, **{"method.band": band})
+                add(f"band={band}", delta, **{"method.uhkd.band": band})
     return rows
 
 
@@ -224,16 +227,16 @@ def test_ablation_table_and_curves(tmp_path, capsys):
 
     trials = common.read_trials(results)
     data = ablations.curve_data(trials)
-    assert sorted(set(data["param"])) == ["method.band", "method.beta"]  # alpha and k never vary
-    beta = data[(data["param"] == "method.beta") & (data["pair"] == f"{SWIN}:{R18}")]
+    assert sorted(set(data["param"])) == ["method.uhkd.band", "method.uhkd.beta"]  # alpha and k never vary
+    beta = data[(data["param"] == "method.uhkd.beta") & (data["pair"] == f"{SWIN}:{R18}")]
     assert beta["x"].tolist() == [0.0, 0.5, 1.0, 2.0]
     assert beta["mean"].tolist() == [76.5, 79.5, 80.5, 81.0] and beta["n"].tolist() == [2, 2, 2, 2]
-    band = data[(data["param"] == "method.band") & (data["pair"] == f"{VITS}:{R18}")]
+    band = data[(data["param"] == "method.uhkd.band") & (data["pair"] == f"{VITS}:{R18}")]
     assert band["value"].tolist() == ["low", "high", "full"] and band["mean"].tolist() == [70.5, 65.5, 69.0]
 
     fig = ablations.plot_curves(data)
     beta_ax, band_ax = fig.axes[:2]
-    for ax, param in ((beta_ax, "method.beta"), (band_ax, "method.band")):
+    for ax, param in ((beta_ax, "method.uhkd.beta"), (band_ax, "method.uhkd.band")):
         panel = data[data["param"] == param]
         for line, (_, expected) in zip(ax.lines, panel.groupby("pair", sort=False)):
             assert line.get_xdata().tolist() == expected["x"].tolist()
@@ -292,7 +295,7 @@ def report_rows() -> list[dict]:
     for (lr, beta), seed in itertools.product(itertools.product((1e-3, 1e-2, 1e-1), (0.5, 1.0, 2.0)), (0, 1)):
         # top-1 depends on the learning rate only: lr must get (nearly) all the importance.
         top1 = {1e-3: 60.0, 1e-2: 75.0, 1e-1: 70.0}[lr] + 0.1 * seed
-        rows.append(trial(SWIN, R18, "uhkd", seed, top1, **{"optim.lr": lr, "method.beta": beta}))
+        rows.append(trial(SWIN, R18, "uhkd", seed, top1, **{"optim.lr": lr, "method.uhkd.beta": beta}))
     rows.append(trial(SWIN, R18, "uhkd", 0, 99.0, status="stopped", **{"optim.lr": 0.5}))
     return rows
 
@@ -307,13 +310,13 @@ def test_sweep_report(tmp_path, capsys):
     assert best[:4] == [f"{SWIN}:{R18}", "75.05 ± 0.07 (n=2)", "0.01", "0.5"]  # beta ties: first kept
     imp = pd.read_csv(out / "importances.csv").set_index("scope")
     assert imp.loc[f"{SWIN}:{R18}", "sweep"] == "main" and imp.loc[f"{SWIN}:{R18}", "optim.lr"] > 0.9
-    assert imp.loc[f"{SWIN}:{R18}", ["optim.lr", "method.beta"]].sum() == pytest.approx(1.0)
+    assert imp.loc[f"{SWIN}:{R18}", ["optim.lr", "method.uhkd.beta"]].sum() == pytest.approx(1.0)
     assert (out / "parallel_coordinates.png").read_bytes().startswith(PNG_MAGIC)
     assert (out / "parallel_coordinates.pdf").read_bytes().startswith(PDF_MAGIC)
 
     trials, _ = common.ok_trials(common.read_trials(results))
     params = sweep_report.varying_params(trials)
-    assert params == ["optim.lr", "method.beta"]
+    assert params == ["optim.lr", "method.uhkd.beta"]
     fig, data = sweep_report.parallel_coordinates(trials, params, "best_top1")
     ax = fig.axes[0]
     assert len(ax.lines) == 18
@@ -321,7 +324,7 @@ def test_sweep_report(tmp_path, capsys):
     for line, (_, row) in zip(ax.lines, ordered.iterrows()):
         ys = line.get_ydata()
         assert ys[0] == pytest.approx({1e-3: 0.0, 1e-2: 0.5, 1e-1: 1.0}[row["optim.lr"]])  # log scale
-        assert ys[1] == pytest.approx((row["method.beta"] - 0.5) / 1.5)  # linear: range < 100x
+        assert ys[1] == pytest.approx((row["method.uhkd.beta"] - 0.5) / 1.5)  # linear: range < 100x
         assert ys[2] == pytest.approx((row["best_top1"] - 60.0) / 15.1)
 
 
@@ -344,7 +347,7 @@ def test_sweep_report_from_optuna_storage(tmp_path, capsys):
 
 def test_sweep_report_one_section_per_sweep_and_stopped_trials(tmp_path):
     write_results(tmp_path / "hpo", report_rows())
-    other = [trial(SWIN, R18, "kd", 0, 50.0 + t, sweep="other", **{"method.temperature": t}) for t in (1.0, 4.0)]
+    other = [trial(SWIN, R18, "kd", 0, 50.0 + t, sweep="other", **{"method.kd.temperature": t}) for t in (1.0, 4.0)]
     write_results(tmp_path / "other", other)
     out = tmp_path / "out"
     assert sweep_report.run([str(tmp_path), "--include-stopped", "--out-dir", str(out)]) == 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from analysis import ablations, curves, similarity, sweep_report, tables
+from analysis.common import read_epochs, read_trials
 from sweeps import ablations as ablation_sweep
 from sweeps import reproduce_tables
 from uhkd.models import create_stage_model, save_model_checkpoint
@@ -39,7 +40,7 @@ def quick_results(tmp_path_factory, ray_local) -> Path:
 
 @pytest.fixture(scope="session")
 def table_trials(quick_results) -> pd.DataFrame:
-    return pd.read_parquet(quick_results / "tables" / "trials.parquet")
+    return read_trials(quick_results / "tables")
 
 
 def md_cells(text: str, label: str) -> list[str]:
@@ -51,14 +52,14 @@ def test_table_matches_the_trial_rows(quick_results, table_trials, tmp_path, cap
     assert len(table_trials) == 8 and set(table_trials["status"]) == {"ok"}
     assert tables.run([str(quick_results), "--dataset", "mnist5k"]) == 0
     text = capsys.readouterr().out
-    cells = md_cells(text, "Swin-T → ResNet18")
+    cells = dict(zip(md_cells(text, "Teacher → Student (best-epoch top-1 %)"), md_cells(text, "Swin-T → ResNet18")))
     by_method = table_trials.groupby("method")["best_top1"]
-    for column, method in ((2, "scratch"), (3, "kd"), (7, "ofa"), (8, "uhkd")):
+    for header, method in (("Scratch", "scratch"), ("KD", "kd"), ("OFA", "ofa"), ("UHKD", "uhkd")):
         values = by_method.get_group(method)
-        assert cells[column] == f"{values.mean():.2f} ± {values.std():.2f} (n=2)"
-    assert cells[4] == cells[5] == cells[6] == "—"  # dkd, dist, fitnet were not run
+        assert cells[header] == f"{values.mean():.2f} ± {values.std():.2f} (n=2)"
+    assert not {"DKD", "DIST", "FitNet"} & set(cells)  # not run: no column
     gain = by_method.get_group("uhkd").mean() - by_method.get_group("ofa").mean()
-    assert cells[9] == f"{gain:+.2f}"
+    assert cells["Δ UHKD−OFA"] == f"{gain:+.2f}"
     assert "8 trials with status ok; none excluded" in text and "model.scale: tiny" in text
 
     out = tmp_path / "last.csv"
@@ -75,8 +76,7 @@ def test_curves_match_the_epoch_rows(quick_results, tmp_path):
     out = tmp_path / "curves"
     assert curves.run([str(quick_results / "tables"), "--method", "uhkd", "--out-dir", str(out)]) == 0
     data = pd.read_csv(out / "curves.csv")
-    epochs = pd.read_parquet(quick_results / "tables" / "epochs.parquet")
-    trials = pd.read_parquet(quick_results / "tables" / "trials.parquet")
+    epochs, trials = read_epochs(quick_results / "tables"), read_trials(quick_results / "tables")
     uhkd = epochs[epochs["trial_id"].isin(trials.loc[trials["method"] == "uhkd", "trial_id"])]
     assert set(data["metric"]) == {"top1", "loss", "loss_ce", "loss_kl", "loss_feat"}
     for metric in ("top1", "loss_feat"):
@@ -85,7 +85,7 @@ def test_curves_match_the_epoch_rows(quick_results, tmp_path):
 
 
 def test_ablations_match_the_tagged_rows(quick_results, tmp_path):
-    trials = pd.read_parquet(quick_results / "ablations" / "trials.parquet").set_index("tag")
+    trials = read_trials(quick_results / "ablations").set_index("tag")
     assert sorted(trials.index) == ["beta=0.2", "beta=5", "full"]
     out = tmp_path / "abl"
     assert ablations.run([str(quick_results), "--sweep", "ablations", "--out-dir", str(out)]) == 0
@@ -95,7 +95,7 @@ def test_ablations_match_the_tagged_rows(quick_results, tmp_path):
     beta = trials.loc["beta=5", "best_top1"]
     assert md_cells(md, "beta=5") == ["beta=5", f"{beta:.2f} (n=1) (Δ {beta - full:+.2f})"]
 
-    data = ablations.curve_data(pd.read_parquet(quick_results / "ablations" / "trials.parquet"))
+    data = ablations.curve_data(read_trials(quick_results / "ablations"))
     fig = ablations.plot_curves(data)
     assert [ax.get_xlabel() for ax in fig.axes] == ["β"]
     assert fig.axes[0].lines[0].get_xdata().tolist() == [0.2, 1.0, 5.0]

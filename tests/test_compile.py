@@ -16,7 +16,7 @@ from uhkd.trainer import LocalSession, NonFinite, Run, Session, compiled
 # student is the ViT: a tiny ResNet's gradients at initialisation are ill-conditioned (each block's last BN starts
 # at zero and the BN backward blows rounding up), so there even two float32 summation orders disagree at O(1)
 TINY = {"data.batch_size": 16, "optim.max_steps_per_epoch": 2, "data.limit_eval": 16, "optim.epochs": 1,
-        "model.student": "deit_tiny_patch16_224", "model.teacher": "resnet18", "method.stages": "4",
+        "model.student": "deit_tiny_patch16_224", "model.teacher": "resnet18", "method.uhkd.stages": "4",
         "eval_teacher": False}
 
 

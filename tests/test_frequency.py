@@ -138,9 +138,9 @@ def test_bands_differ():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(spectrum="phase"), "method.spectrum 'phase'; valid choices: amplitude, complex, log_amplitude, none"),
-    (dict(band="mid"), "method.band 'mid'; valid choices: full, high, low"),
-    (dict(k=0), "method.k must be >= 1"),
+    (dict(spectrum="phase"), "method.uhkd.spectrum 'phase'; valid choices: amplitude, complex, log_amplitude, none"),
+    (dict(band="mid"), "method.uhkd.band 'mid'; valid choices: full, high, low"),
+    (dict(k=0), "method.uhkd.k must be >= 1"),
 ])
 def test_bad_switches(kwargs, match):
     with pytest.raises(UserError, match=match):
@@ -148,7 +148,7 @@ def test_bad_switches(kwargs, match):
 
 
 def test_bad_sca():
-    with pytest.raises(UserError, match=r"method.sca 'conv' \(did you mean conv_bn\?\); valid choices: "
+    with pytest.raises(UserError, match=r"method.uhkd.sca 'conv' \(did you mean conv_bn\?\); valid choices: "
                                          r"conv_bn, linear"):
         FAM(5, 4, sca="conv")
 
@@ -216,7 +216,7 @@ def test_a_band_exists_only_below_the_grid_side(side, k, fits):
 
 def _pair(student, teacher, **overrides):
     cfg = build_config(None, {"method.name": "uhkd", "model.student": student, "model.teacher": teacher,
-                              "model.scale": "tiny", "data.img_size": 32, "data.dataset": "cifar100", **overrides})
+                              "model.scale": "tiny", "data.img_size": 32, "data.protocol": "cifar100", **overrides})
     torch.manual_seed(0)
     models = [create_stage_model(n, num_classes=10, img_size=32, scale="tiny") for n in (student, teacher)]
     return build_method(cfg, *models), models
@@ -225,12 +225,12 @@ def _pair(student, teacher, **overrides):
 def test_heterogeneous_pair_skips_the_levels_a_band_cannot_form(capsys):
     """ResNet18 (maps 8, 4, 2, 1) under a Swin teacher: with k = 3, `high` and `full` exist on the 8×8 and 4×4
     grids only; the run says so once and matches those two stages, each with the grid both sides share."""
-    low, (student, teacher) = _pair("resnet18", "swin_tiny_patch4_window7_224", **{"method.k": 3})
+    low, (student, teacher) = _pair("resnet18", "swin_tiny_patch4_window7_224", **{"method.uhkd.k": 3})
     grids = [level_grid(3, s, t)[1] for s, t in zip(student.stage_sizes, teacher.stage_sizes)]
     assert low.stages == (1, 2, 3, 4) and [f.grid for f in low.ftm] == grids
     assert "cannot be formed" not in capsys.readouterr().out
     for band in ("high", "full"):
-        distiller, _ = _pair("resnet18", "swin_tiny_patch4_window7_224", **{"method.k": 3, "method.band": band})
+        distiller, _ = _pair("resnet18", "swin_tiny_patch4_window7_224", **{"method.uhkd.k": 3, "method.uhkd.band": band})
         out = capsys.readouterr().out
         assert out.count("cannot be formed") == 1 and "stage 3 (k_eff 2 on a 2x2 grid)" in out and "stage 4" in out
         assert distiller.stages == (1, 2) and len(distiller.fam) == 2 and distiller.stage_weights == (0.25, 0.25)
@@ -241,8 +241,8 @@ def test_heterogeneous_pair_skips_the_levels_a_band_cannot_form(capsys):
 
 
 def test_a_band_formable_nowhere_is_one_error():
-    with pytest.raises(UserError, match="method.band=high cannot be formed at any matched stage with method.k=7"):
-        _pair("resnet18", "swin_tiny_patch4_window7_224", **{"method.band": "high", "method.stages": "3,4"})
+    with pytest.raises(UserError, match="method.uhkd.band=high cannot be formed at any matched stage with method.uhkd.k=7"):
+        _pair("resnet18", "swin_tiny_patch4_window7_224", **{"method.uhkd.band": "high", "method.uhkd.stages": "3,4"})
 
 
 @pytest.mark.parametrize("spectrum,band", [("amplitude", "low"), ("log_amplitude", "high"), ("complex", "low"),

@@ -1,5 +1,7 @@
-"""Every method on every heterogeneous family pair of SPEC §3 (scaled down), defaults, UHKD's ablation switches,
-bad input."""
+"""Contracts every registered method meets (the way timm's tests run over `list_models()`): it builds on every
+heterogeneous family pair of docs/protocol.md (scaled down), gives finite loss terms, sends gradients to the student
+and to every extra module, counts its extra parameters apart, and declares a valid default for every parameter
+under each protocol and student family. Then the published defaults, UHKD's ablation switches, bad input."""
 import dataclasses
 import functools
 import math
@@ -8,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from uhkd.config import RunConfig, apply_overrides, build_config
+from uhkd.config import CHOICES, RunConfig, apply_overrides, build_config
 from uhkd.errors import UserError
+from uhkd.methods import Protocol, build_method, method_params, registered, teacher_use
+from uhkd.methods.base import SCALARS, make_params, param_fields
 from uhkd.models import create_stage_model, load_teacher
-from uhkd.methods import build_method, resolve_method, teacher_use
-from uhkd.registry import METHODS
 
-PAIRS = [  # (student, teacher): every family combination of SPEC §3's CIFAR-100 and ImageNet-1K pairs
+PAIRS = [  # (student, teacher): every family combination of the CIFAR-100 and ImageNet-1K pairs
     ("resnet18", "swin_tiny_patch4_window7_224"), ("resnet18", "vit_small_patch16_224"),
     ("resnet18", "mixer_b16_224"), ("mobilenetv2_100", "swin_tiny_patch4_window7_224"),
     ("mobilenetv2_100", "deit_tiny_patch16_224"), ("mobilenetv2_100", "mixer_b16_224"),
@@ -25,6 +27,7 @@ PAIRS = [  # (student, teacher): every family combination of SPEC §3's CIFAR-10
     ("resmlp_12_224", "resnet50"),
     ("resnet18", "resnet34"),  # the homogeneous check
 ]
+METHODS = [cls.name for cls in registered()]
 X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 Y = torch.tensor([1, 7])
 
@@ -38,7 +41,7 @@ def model(name, role):
 
 def config(method, student="resnet18", teacher="vit_small_patch16_224", **overrides):
     return build_config(None, {"method.name": method, "model.student": student, "model.teacher": teacher,
-                               "model.scale": "tiny", "data.img_size": 32, "data.dataset": "cifar100",
+                               "model.scale": "tiny", "data.img_size": 32, "data.protocol": "cifar100",
                                **overrides})
 
 
@@ -48,7 +51,7 @@ def build(method, student="resnet18", teacher="vit_small_patch16_224", **overrid
                         model(teacher, "teacher"))
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("student,teacher", PAIRS)
 def test_forward_backward_on_every_pair(student, teacher, method):
     distiller = build(method, student, teacher).train()
@@ -60,33 +63,60 @@ def test_forward_backward_on_every_pair(student, teacher, method):
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())
     extras = distiller.extra_parameters()
-    assert (len(extras) > 0) == (method in ("fitnet", "ofa", "uhkd"))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in extras)
+    assert distiller.extra_param_count() == sum(p.numel() for p in extras)
+    own = {id(p) for p in distiller.student.parameters()}
     if distiller.teacher is not None:
+        own |= {id(p) for p in distiller.teacher.parameters()}
         assert not distiller.teacher.training
         assert all(p.grad is None for p in distiller.teacher.parameters())
+    assert not own & {id(p) for p in extras}
+    assert set(distiller.trainable_state_dict()) == {k for k in distiller.state_dict() if not k.startswith("teacher.")}
 
 
-@pytest.mark.parametrize("method,dataset,student,expected", [
-    ("kd", "cifar100", "resnet18", dict(alpha=1.0, temperature=1.0, beta=None, gamma=None)),
+@pytest.mark.parametrize("cls", registered(), ids=METHODS)
+def test_every_method_declares_itself_completely(cls):
+    """What the rest of the toolkit reads from the registry: a display name, its loss terms, typed parameters
+    with a default valid under every protocol and student family, a search space over its own parameters."""
+    assert cls.display and cls.paper and "ce" in cls.terms and len(set(cls.terms)) == len(cls.terms)
+    fields = param_fields(cls)
+    assert all(tp in SCALARS for tp, _ in fields.values())
+    assert set(cls.search_space) <= set(fields)
+    assert set(cls.learning_check.overrides) <= set(fields)
+    assert cls.learning_check.measure in ("agreement", *cls.terms)
+    for dataset in CHOICES["data.protocol"]:
+        for family in ("cnn", "token"):
+            protocol = Protocol(dataset, family)
+            assert set(cls.protocol_defaults(protocol)) <= set(fields)
+            params = make_params(cls, protocol, {})
+            assert all(isinstance(getattr(params, name), tp) for name, (tp, _) in fields.items())
+
+
+@pytest.mark.parametrize("method,protocol,student,expected", [  # the papers' / released configs' defaults
+    ("kd", "cifar100", "resnet18", dict(alpha=1.0, temperature=1.0)),
     ("dkd", "cifar100", "resnet18", dict(alpha=1.0, beta=2.0, temperature=1.0, warmup_epochs=20)),
-    ("dist", "cifar100", "resnet18", dict(beta=1.0, gamma=1.0, temperature=1.0, alpha=None)),
+    ("dist", "cifar100", "resnet18", dict(beta=1.0, gamma=1.0, temperature=1.0)),
     ("fitnet", "cifar100", "resnet18", dict(alpha=1.0, beta=1.0, temperature=1.0)),
-    ("uhkd", "cifar100", "resnet18", dict(alpha=1.0, beta=1.0, temperature=1.0, gamma=None)),
+    ("uhkd", "cifar100", "resnet18", dict(alpha=1.0, beta=1.0, temperature=1.0, k=7, stages="1,2,3,4")),
     ("ofa", "cifar100", "resnet18", dict(gamma=1.0, branch_weight=0.1, temperature=1.0)),
     ("ofa", "cifar100", "deit_tiny_patch16_224", dict(gamma=1.0, branch_weight=1.0)),
-    ("ofa", "imagenet1k", "resnet18", dict(gamma=1.5, branch_weight=1.0)),
-    ("ofa", "mnist5k", "mobilenetv2_100", dict(gamma=1.0, branch_weight=1.0)),
-    ("scratch", "cifar100", "resnet18", dict(alpha=None, temperature=None)),
+    ("ofa", "imagenet", "resnet18", dict(gamma=1.5, branch_weight=1.0)),
+    ("ofa", "other", "mobilenetv2_100", dict(gamma=1.0, branch_weight=1.0)),
 ])
-def test_resolved_defaults(method, dataset, student, expected):
-    resolved = resolve_method(config(method, student, **{"data.dataset": dataset}))
-    assert {k: getattr(resolved, k) for k in expected} == expected
+def test_resolved_defaults(method, protocol, student, expected):
+    params = method_params(config(method, student, **{"data.protocol": protocol}))
+    assert {k: getattr(params, k) for k in expected} == expected
+
+
+def test_defaults_follow_the_protocol_not_the_dataset_name():
+    """A class-folder copy of CIFAR-100 run under the cifar100 protocol gets CIFAR-100's defaults."""
+    folder = build_config("cifar100", {"method.name": "ofa", "model.student": "resnet18", "data.dataset": "folder"})
+    assert folder.data.protocol == "cifar100" and method_params(folder).branch_weight == 0.1
 
 
 def test_explicit_values_win_over_defaults():
-    resolved = resolve_method(config("ofa", **{"method.gamma": 2.0, "method.temperature": 4.0}))
-    assert (resolved.gamma, resolved.temperature, resolved.branch_weight) == (2.0, 4.0, 0.1)
+    params = method_params(config("ofa", **{"method.ofa.gamma": 2.0, "method.ofa.temperature": 4.0}))
+    assert (params.gamma, params.temperature, params.branch_weight) == (2.0, 4.0, 0.1)
 
 
 def test_dkd_warmup_ramps_linearly():
@@ -97,7 +127,7 @@ def test_dkd_warmup_ramps_linearly():
     assert values[3] == pytest.approx(values[2])
 
 
-@pytest.mark.parametrize("method", ["dkd", "ofa", "uhkd"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "scratch"])
 def test_one_hot_soft_targets_equal_class_indices(method):
     distiller = build(method).eval()
     with torch.no_grad():
@@ -120,8 +150,8 @@ def test_extra_modules_are_not_part_of_the_student():
 
 
 @pytest.mark.parametrize("method,override,term", [
-    ("fitnet", {"method.beta": 0}, "feat"), ("uhkd", {"method.beta": 0}, "feat"),
-    ("ofa", {"method.branch_weight": 0}, "ofa_branches"),
+    ("fitnet", {"method.fitnet.beta": 0}, "feat"), ("uhkd", {"method.uhkd.beta": 0}, "feat"),
+    ("ofa", {"method.ofa.branch_weight": 0}, "ofa_branches"),
 ])
 def test_zero_weight_builds_no_extra_modules(method, override, term):
     """A module whose loss is switched off would sit unused (and stop DistributedDataParallel)."""
@@ -133,19 +163,19 @@ def test_zero_weight_builds_no_extra_modules(method, override, term):
 def test_uhkd_frequency_block_size_per_stage():
     """ResNet18 student maps 8, 4, 2, 1 against ViT teacher maps 8: k_eff = min(k, H_t, W_t, H_s, W_s)."""
     assert build("uhkd").ks == [7, 4, 2, 1]
-    assert build("uhkd", **{"method.k": 3}).ks == [3, 3, 2, 1]
+    assert build("uhkd", **{"method.uhkd.k": 3}).ks == [3, 3, 2, 1]
 
 
 SWITCHES = [  # (override, `check` of what it names, terms equal to the default run's; the other terms change)
-    ({"method.alpha": 0}, lambda d, t: t["kl"].item() == 0, ("ce", "feat")),
-    ({"method.beta": 0}, lambda d, t: t["feat"].item() == 0 and len(d.fam) == 0, ("ce", "kl")),
-    ({"method.stages": "4"}, lambda d, t: d.stages == (4,) and len(d.fam) == 1, ("ce", "kl")),
-    ({"method.sra": False}, lambda d, t: all(f.sra is None for f in d.fam), ("ce", "kl")),
-    ({"method.sca": "conv_bn"}, lambda d, t: all(f.bn is not None for f in d.fam), ("ce", "kl")),
-    ({"method.spectrum": "none"}, lambda d, t: all(f.spectrum == "none" for f in d.ftm), ("ce", "kl")),
-    ({"method.k": 3}, lambda d, t: d.ks == [3, 3, 2, 1], ("ce", "kl")),
-    ({"method.band": "high"}, lambda d, t: all(f.band == "high" for f in d.ftm), ("ce", "kl")),
-    ({"method.stage_weights": "1,0,0,0"}, lambda d, t: d.stage_weights == (1, 0, 0, 0), ("ce", "kl")),
+    ({"method.uhkd.alpha": 0}, lambda d, t: t["kl"].item() == 0, ("ce", "feat")),
+    ({"method.uhkd.beta": 0}, lambda d, t: t["feat"].item() == 0 and len(d.fam) == 0, ("ce", "kl")),
+    ({"method.uhkd.stages": "4"}, lambda d, t: d.stages == (4,) and len(d.fam) == 1, ("ce", "kl")),
+    ({"method.uhkd.sra": False}, lambda d, t: all(f.sra is None for f in d.fam), ("ce", "kl")),
+    ({"method.uhkd.sca": "conv_bn"}, lambda d, t: all(f.bn is not None for f in d.fam), ("ce", "kl")),
+    ({"method.uhkd.spectrum": "none"}, lambda d, t: all(f.spectrum == "none" for f in d.ftm), ("ce", "kl")),
+    ({"method.uhkd.k": 3}, lambda d, t: d.ks == [3, 3, 2, 1], ("ce", "kl")),
+    ({"method.uhkd.band": "high"}, lambda d, t: all(f.band == "high" for f in d.ftm), ("ce", "kl")),
+    ({"method.uhkd.stage_weights": "1,0,0,0"}, lambda d, t: d.stage_weights == (1, 0, 0, 0), ("ce", "kl")),
 ]
 
 
@@ -153,8 +183,8 @@ SWITCHES = [  # (override, `check` of what it names, terms equal to the default 
 def test_each_ablation_switch_changes_only_what_it_names(override, check, unchanged):
     base, switched = build("uhkd").train(), build("uhkd", **override).train()
     key = next(iter(override))
-    changed = {f.name for f in dataclasses.fields(base.cfg) if getattr(base.cfg, f.name) != getattr(switched.cfg, f.name)}
-    assert changed == {key.split(".")[1]}
+    changed = {f.name for f in dataclasses.fields(base.p) if getattr(base.p, f.name) != getattr(switched.p, f.name)}
+    assert changed == {key.rsplit(".", 1)[1]}
     with torch.no_grad():
         _, terms_base = base(X, Y)
         _, terms = switched(X, Y)
@@ -163,7 +193,7 @@ def test_each_ablation_switch_changes_only_what_it_names(override, check, unchan
 
 
 def test_uhkd_without_kl_runs_on_a_pruned_teacher():
-    cfg = config("uhkd", **{"method.alpha": 0, "method.stages": "1,2"})
+    cfg = config("uhkd", **{"method.uhkd.alpha": 0, "method.uhkd.stages": "1,2"})
     use = teacher_use(cfg)
     assert use == (True, (1, 2), False)
     teacher = load_teacher("vit_small_patch16_224", "", num_classes=10, img_size=32, scale="tiny",
@@ -172,24 +202,27 @@ def test_uhkd_without_kl_runs_on_a_pruned_teacher():
     _, terms = distiller(X, Y)
     assert terms["kl"].item() == 0 and torch.isfinite(terms["feat"]) and terms["feat"].item() > 0
     assert teacher_use(config("kd")) == (True, (), True)
-    assert teacher_use(config("fitnet", **{"method.beta": 0})) == (True, (), True)
+    assert teacher_use(config("fitnet", **{"method.fitnet.beta": 0})) == (True, (), True)
     assert teacher_use(config("scratch")).needed is False
 
 
 @pytest.mark.parametrize("overrides,teacher,match", [
-    ({"method.name": "crd"}, True, "unknown method 'crd'; valid choices: dist, dkd, fitnet, kd, ofa, scratch, uhkd"),
+    ({"method.name": "crd"}, True, "unknown method 'crd'; valid choices: dist, dkd, fitnet, kd, ofa, "),
     ({"method.name": "kd"}, False, "method 'kd' needs a teacher"),
-    ({"method.alpha": -1.0}, True, "method.alpha must be a finite non-negative number, got -1.0"),
-    ({"method.beta": math.inf}, True, "method.beta must be a finite non-negative number, got inf"),
-    ({"method.gamma": math.nan}, True, "method.gamma must be a finite non-negative number, got nan"),
-    ({"method.stages": "1,5"}, True, "method.stages must be distinct stage indices from 1, 2, 3, 4, got '1,5'"),
-    ({"method.stage_weights": "1,-1,1,1"}, True, "method.stage_weights must be finite non-negative numbers"),
-    ({"method.spectrum": "phase"}, True, "method.spectrum 'phase'; valid choices: amplitude, complex, "),
+    ({"method.uhkd.alpha": -1.0}, True, "method.uhkd.alpha must be >= 0, got -1.0"),
+    ({"method.uhkd.beta": math.inf}, True, "method.uhkd.beta must be a finite number, got inf"),
+    ({"method.name": "dist", "method.dist.gamma": math.nan}, True, "method.dist.gamma must be a finite number, "
+                                                                   "got nan"),
+    ({"method.uhkd.stages": "1,5"}, True, "method.uhkd.stages must be distinct stage indices from 1, 2, 3, 4, got "
+                                          "'1,5'"),
+    ({"method.uhkd.stage_weights": "1,-1,1,1"}, True, "method.uhkd.stage_weights must be finite non-negative "
+                                                      "numbers"),
+    ({"method.uhkd.spectrum": "phase"}, True, "method.uhkd.spectrum 'phase'; valid choices: amplitude, complex, "),
 ])
 def test_bad_method_input_is_one_line(overrides, teacher, match):
-    cfg = apply_overrides(RunConfig(), {"model.student": "resnet18", "model.scale": "tiny", "data.img_size": 32,
-                                        **overrides})
     with pytest.raises(UserError, match=match) as err:
+        cfg = apply_overrides(RunConfig(), {"model.student": "resnet18", "model.scale": "tiny",
+                                            "data.img_size": 32, **overrides})
         build_method(cfg, model("resnet18", "student"), model("vit_small_patch16_224", "teacher") if teacher else None)
     assert "\n" not in str(err.value)
 

@@ -16,7 +16,7 @@ PAIRS = ["a:r18", "b:deit", "c:resmlp"]
 
 def _sweep(pairs, study=""):
     space = {"pair": tune.choice(pairs), "x": tune.uniform(0.0, 1.0)}
-    return Sweep("hetero_pairs", load_preset("quick"), space=space, asha=True, study=study)
+    return Sweep("hetero_pairs", load_preset("quick"), method="uhkd", space=space, asha=True, study=study)
 
 
 def test_split_budget():
@@ -54,7 +54,7 @@ def test_each_pair_its_share_and_its_own_persistent_study(tmp_path):
     studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
     assert studies == {study_name(sweep, "a:r18"): 3, study_name(sweep, "b:deit"): 2,
                        study_name(sweep, "c:resmlp"): 2}
-    assert study_name(sweep, "a:r18") == "hetero_pairs-quick-accuracy/a:r18"
+    assert study_name(sweep, "a:r18") == "hetero_pairs-quick-uhkd-accuracy/a:r18"
     completed = optuna.load_study(study_name=study_name(sweep, "b:deit"), storage=storage).trials
     assert [t.value for t in completed] == [20.0, 30.0] and all("x" in t.params for t in completed)
 

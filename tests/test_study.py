@@ -13,15 +13,15 @@ import urllib.request
 from pathlib import Path
 
 import optuna
-import pandas as pd
 import pytest
 
+from analysis.common import read_trials
 from uhkd.sweep.results import TRIALS
 from uhkd.sweep.search import study_name
 from uhkd.sweep.spec import Sweep, load_preset
 
 PAIRS = ["convnext_tiny:resnet18", "convnext_tiny:deit_tiny_patch16_224"]
-SEARCHED = ["method.alpha", "method.beta", "method.temperature", "method.spectrum"]  # the quick preset's space
+SEARCHED = ["method.uhkd.alpha", "method.uhkd.beta", "method.uhkd.temperature", "method.uhkd.spectrum"]  # UHKD's
 
 
 @pytest.mark.slow
@@ -38,12 +38,12 @@ def test_the_study_holds_every_finished_trial_per_pair(tmp_path, ray_local):
             "--set", "data.limit_train=128", "--set", "data.limit_eval=64", "--set", "data.batch_size=32",
             "--set", "optim.max_steps_per_epoch=2"]
     assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 0
-    trials = pd.read_parquet(tmp_path / "r" / "st" / TRIALS)
+    trials = read_trials(tmp_path / "r" / "st" / TRIALS)
     finished = trials[trials["status"] != "failed"]
     assert len(finished) == 4
 
     storage = f"sqlite:///{db}"
-    sweep = Sweep("hetero_pairs", load_preset("quick"))
+    sweep = Sweep("hetero_pairs", load_preset("quick"), method="uhkd")
     for pair in PAIRS:
         study = optuna.load_study(study_name=study_name(sweep, pair), storage=storage)
         done = sorted(([t.params[k] for k in SEARCHED], t.value) for t in study.trials

@@ -21,7 +21,7 @@ from realstack import free_port
 
 from uhkd.errors import UserError
 from uhkd.sweep.cli import SweepOptions
-from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, SweepTables, epochs_schema, loss_terms, merged_table, \
+from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, SweepTables, epochs_schema, merged_table, \
     trials_schema
 from uhkd.sweep.runner import concurrency, run, sweep_name, trial_bundles, trial_resources
 from uhkd.sweep.spec import Sweep, load_preset
@@ -48,23 +48,65 @@ def _script(name: str) -> list[str]:
 
 def test_schema_is_the_documented_contract():
     trials, epochs = trials_schema(), epochs_schema()
-    assert trials.metadata[b"uhkd.schema_version"] == b"2"
+    assert trials.metadata[b"uhkd.schema_version"] == b"3"
     assert trials.names[:13] == ["schema_version", "sweep", "trial_id", "preset", "tag", "weights_from", "dataset",
                                  "teacher", "student", "method", "pair", "seed", "split"]
-    assert trials.names[-25:] == [
-        "epochs", "epochs_run", "best_top1", "best_top5", "best_epoch", "last_top1", "last_top5", "teacher_top1",
-        "student_params", "extra_params", "images_per_s", "wall_time_s", "batch_per_worker", "train_workers",
-        "accumulation", "effective_batch", "lr_used", "status", "failure_reason", "student_checkpoint", "config_hash",
-        "toolkit_version", "git_commit", "started_at", "finished_at"]
+    assert trials.names[-26:] == [
+        "method_params", "epochs", "epochs_run", "best_top1", "best_top5", "best_epoch", "last_top1", "last_top5",
+        "teacher_top1", "student_params", "extra_params", "images_per_s", "wall_time_s", "batch_per_worker",
+        "train_workers", "accumulation", "effective_batch", "lr_used", "status", "failure_reason",
+        "student_checkpoint", "config_hash", "toolkit_version", "git_commit", "started_at", "finished_at"]
     types = dict(zip(trials.names, trials.types))
     assert types["schema_version"] == pa.int32() and types["seed"] == pa.int64()
-    assert types["method.alpha"] == pa.float64() and types["method.k"] == pa.int64()
-    assert types["method.sra"] == pa.bool_() and types["method.stages"] == pa.string()
+    assert types["method_params"] == pa.map_(pa.string(), pa.string())
+    assert types["method.name"] == pa.string() and types["method.w_ce"] == pa.float64()
     assert types["best_epoch"] == pa.int64() and types["finished_at"] == pa.timestamp("us", tz="UTC")
-    assert loss_terms() == ["ce", "dist", "dkd", "feat", "kl", "ofa", "ofa_branches"]
-    assert epochs.names == ["schema_version", "sweep", "trial_id", "epoch", "top1", "top5", "loss", "loss_ce",
-                            "loss_dist", "loss_dkd", "loss_feat", "loss_kl", "loss_ofa", "loss_ofa_branches", "lr",
+    assert epochs.names == ["schema_version", "sweep", "trial_id", "epoch", "top1", "top5", "loss", "losses", "lr",
                             "images_per_s", "epoch_time_s"]
+    assert dict(zip(epochs.names, epochs.types))["losses"] == pa.map_(pa.string(), pa.float64())
+
+
+def test_no_method_shapes_the_schema():
+    """Method parameters and loss terms live in the two map columns: no column is named after one, so a new
+    method (or a new loss term) leaves both tables' schema as it is."""
+    from uhkd.methods import registered
+    from uhkd.methods.base import param_fields
+
+    names = set(trials_schema().names) | set(epochs_schema().names)
+    for cls in registered():
+        assert not {f"method.{p}" for p in param_fields(cls)} & names
+        assert not {f"loss_{t}" for t in cls.terms} & names
+
+
+def test_version_2_tables_read_in_the_version_3_shape(tmp_path):
+    """A sweep folder written by schema 2 (one column per method field, one per loss term) reads as the same wide
+    frame a version-3 folder gives: each row's parameters under its own method's namespace."""
+    from analysis.common import read_epochs, read_trials
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    pq.write_table(pa.table({
+        "schema_version": pa.array([2, 2], pa.int32()), "sweep": ["old", "old"], "trial_id": ["a", "b"],
+        "method": ["uhkd", "kd"], "pair": [PAIR, PAIR], "status": ["ok", "ok"], "best_top1": [50.0, 40.0],
+        "method.name": ["uhkd", "kd"], "method.alpha": [0.5, 2.0], "method.beta": [3.0, None],
+        "method.gamma": pa.array([None, None], pa.float64()), "method.k": [7, 7], "method.sra": [True, True],
+        "method.temperature": [1.0, 4.0]}), folder / TRIALS)
+    pq.write_table(pa.table({"schema_version": pa.array([2, 2], pa.int32()), "sweep": ["old", "old"],
+                             "trial_id": ["a", "b"], "epoch": [1, 1], "loss_ce": [2.0, 2.5],
+                             "loss_feat": [0.5, None], "loss_kl": [0.1, 0.2]}), folder / EPOCHS)
+    trials = read_trials(folder).set_index("trial_id")
+    assert trials.loc["a", ["method.uhkd.alpha", "method.uhkd.beta", "method.uhkd.k", "method.uhkd.sra"]].tolist() \
+        == [0.5, 3.0, 7, True]
+    assert trials.loc["b", ["method.kd.alpha", "method.kd.temperature"]].tolist() == [2.0, 4.0]
+    assert pd.isna(trials.loc["b", "method.uhkd.alpha"]) and "method.kd.beta" not in trials.columns
+    epochs = read_epochs(folder).set_index("trial_id")
+    assert epochs.loc["a", ["loss_ce", "loss_feat", "loss_kl"]].tolist() == [2.0, 0.5, 0.1]
+    assert pd.isna(epochs.loc["b", "loss_feat"])
+
+
+def same_schema(stored: pa.Schema, expected: pa.Schema) -> bool:
+    """Names, types and the schema version (Parquet renames a map's entries field, which is no difference)."""
+    return stored.equals(expected) and stored.metadata == expected.metadata
 
 
 def _rows(trial_id: str, top1: float, epochs: int) -> tuple[dict, list[dict]]:
@@ -89,7 +131,7 @@ def test_a_trial_end_writes_only_its_part_files_compacted_once(tmp_path):
 
     compacted = SweepTables(str(tmp_path), "s").compact()
     assert not list((folder / PARTS).iterdir()) and len(compacted.trials) == 3 and len(compacted.epochs) == 6
-    assert pq.read_schema(folder / TRIALS).equals(trials_schema(), check_metadata=True)
+    assert same_schema(pq.read_schema(folder / TRIALS), trials_schema())
     assert pd.read_parquet(folder / EPOCHS)[["trial_id", "epoch"]].values.tolist() == [
         [f"t{i}", e] for i in range(3) for e in (1, 2)]
 
@@ -111,6 +153,7 @@ def test_sweeps_started_in_the_same_second_get_their_own_names(tmp_path):
 def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
     """hetero_pairs on the embedded cluster, teachers missing: they are trained first; every 1-worker trial runs
     in its own process with its checkpoints in its Tune folder, and the Parquet rows match what Tune recorded."""
+    from analysis.common import read_epochs, read_trials
     from sweeps import hetero_pairs
 
     results, teachers = tmp_path / "results", tmp_path / "teachers"
@@ -126,9 +169,9 @@ def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
         ["convnext_tiny", "", "scratch", "teacher", "final", "ok"]]
 
     folder = results / "hp"
-    assert pq.read_schema(folder / TRIALS).equals(trials_schema(), check_metadata=True)
-    assert pq.read_schema(folder / EPOCHS).equals(epochs_schema(), check_metadata=True)
-    trials, epochs = pd.read_parquet(folder / TRIALS), pd.read_parquet(folder / EPOCHS)
+    assert same_schema(pq.read_schema(folder / TRIALS), trials_schema())
+    assert same_schema(pq.read_schema(folder / EPOCHS), epochs_schema())
+    trials, epochs = read_trials(folder), read_epochs(folder)
     assert len(trials) == 2 and trials["trial_id"].is_unique
     assert set(trials["status"]) <= {"ok", "stopped"} and (trials["status"] == "ok").any()
     assert (trials["split"] == "tune").all() and (trials["method"] == "uhkd").all() and (trials["pair"] == PAIR).all()
@@ -137,7 +180,9 @@ def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
     assert layout == [[row.data_batch_size, 1, 1, row.data_batch_size] for row in
                       trials.rename(columns={"data.batch_size": "data_batch_size"}).itertuples()]
     assert trials["lr_used"].tolist() == trials["optim.lr"].tolist()  # no lr scaling unless optim.scale_lr
-    assert trials["method.beta"].between(0.05, 20).all() and trials["method.temperature"].isin([1, 2, 4]).all()
+    assert trials["method.uhkd.beta"].between(0.05, 20).all()
+    assert trials["method.uhkd.temperature"].isin([1, 2, 4]).all()
+    assert (trials["method.uhkd.k"] == 3).all()  # resolved method parameters, not only the searched ones
     assert (trials["method.w_ce"] == 1.0).all()  # resolved config columns, not only the searched ones
     assert trials["model.teacher_checkpoint"].eq(str(teachers / "convnext_tiny.pth")).all()
 
@@ -151,7 +196,7 @@ def test_quick_sweep_end_to_end(tmp_path, ray_local, capsys):
         assert mine["epoch"].tolist() == tune_history["epoch"].tolist() == list(range(1, row.epochs_run + 1))
         assert mine["top1"].tolist() == pytest.approx(tune_history["top1"].tolist())
         assert mine["loss_feat"].tolist() == pytest.approx(tune_history["loss_feat"].tolist())
-        assert mine["loss_dkd"].isna().all()  # a column of another method: null
+        assert "loss_dkd" not in mine.columns  # a term of another method
         last = tune_history.iloc[-1]
         assert row.best_top1 == pytest.approx(last["best_top1"]) and row.last_top1 == pytest.approx(last["top1"])
         assert row.student_params == last["student_params"] and row.extra_params == last["extra_params"] > 0
@@ -311,37 +356,49 @@ def test_unreachable_address_is_one_line(tmp_path, capsys, teacher_dir):
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_reproduce_tables_grid_takes_each_pairs_best_uhkd_weights(tmp_path, capsys):
+def test_reproduce_tables_grid_takes_each_searched_methods_best_settings(tmp_path, capsys):
+    """Every method hetero_pairs searched (here UHKD and DKD) runs its pair's best finished settings; a pair it never
+    tried borrows the best trial overall, recorded in `weights_from`; --set method.<name>.<param> wins for that
+    method's cells only."""
     from sweeps import reproduce_tables
 
-    hp = tmp_path / "results" / "hetero_pairs-quick-20260101-000000"
-    hp.mkdir(parents=True)
-    rows = [("swin_tiny_patch4_window7_224:resnet18", "ok", 50.0, 0.5, 2.0),
-            ("swin_tiny_patch4_window7_224:resnet18", "ok", 60.0, 0.7, 3.0),
-            ("swin_tiny_patch4_window7_224:resnet18", "stopped", 70.0, 0.9, 9.0),
-            ("convnext_tiny:resmlp_12_224", "ok", 80.0, 1.5, 0.1)]
-    pd.DataFrame([{"trial_id": str(i), "pair": p, "status": s, "method": "uhkd", "best_top1": b, "method.alpha": a,
-                   "method.beta": be, "method.temperature": 2.0, "method.spectrum": "complex"}
-                  for i, (p, s, b, a, be) in enumerate(rows)]).to_parquet(hp / TRIALS)
-    args = reproduce_tables.parser().parse_args(["--results", str(tmp_path / "results"),
-                                                 "--uhkd-set", "method.k=2"])
+    tables = SweepTables(str(tmp_path / "results"), "hetero_pairs-quick-20260101-000000")
+    rows = [("uhkd", "swin_tiny_patch4_window7_224:resnet18", "ok", 50.0, 0.5, 2.0),
+            ("uhkd", "swin_tiny_patch4_window7_224:resnet18", "ok", 60.0, 0.7, 3.0),
+            ("uhkd", "swin_tiny_patch4_window7_224:resnet18", "stopped", 70.0, 0.9, 9.0),
+            ("uhkd", "convnext_tiny:resmlp_12_224", "ok", 80.0, 1.5, 0.1),
+            ("dkd", "convnext_tiny:deit_tiny_patch16_224", "ok", 55.0, 2.0, 8.0)]
+    for i, (method, pair, status, top1, alpha, beta) in enumerate(rows):
+        extra = {"method.uhkd.temperature": 2.0, "method.uhkd.spectrum": "complex"} if method == "uhkd" else {}
+        tables.write_trial({"trial_id": str(i), "pair": pair, "status": status, "method": method,
+                            "best_top1": top1, f"method.{method}.alpha": alpha, f"method.{method}.beta": beta,
+                            **extra})
+    tables.compact()
+    args = reproduce_tables.parser().parse_args(["--results", str(tmp_path / "results"), "--methods",
+                                                 "scratch,kd,dkd,uhkd", "--set", "method.uhkd.k=2"])
     from uhkd.sweep.cli import options
 
     sweep = reproduce_tables.build(args, options(args))
-    assert len(sweep.cells) == 2 * 2 + 2 * 2 * 3  # scratch once per student and seed; kd, ofa, uhkd per pair
+    assert len(sweep.cells) == 2 * 2 + 2 * 2 * 3  # scratch once per student and seed; kd, dkd, uhkd per pair
     assert sweep.cells["scratch resnet18 s1"] == {"pair": ":resnet18", "method.name": "scratch", "seed": 1}
     assert sweep.cells["uhkd swin_tiny_patch4_window7_224:resnet18 s0"] == {
-        "pair": "swin_tiny_patch4_window7_224:resnet18", "method.name": "uhkd", "seed": 0, "method.alpha": 0.7,
-        "method.beta": 3.0, "method.temperature": 2.0, "method.spectrum": "complex", "method.k": "2",
-        "weights_from": "1 swin_tiny_patch4_window7_224:resnet18"}
-    # a pair hetero_pairs never tried takes the best UHKD trial overall, recorded as borrowed from that trial's pair
+        "pair": "swin_tiny_patch4_window7_224:resnet18", "method.name": "uhkd", "seed": 0, "method.uhkd.alpha": 0.7,
+        "method.uhkd.beta": 3.0, "method.uhkd.temperature": 2.0, "method.uhkd.spectrum": "complex",
+        "method.uhkd.k": "2", "weights_from": "1 swin_tiny_patch4_window7_224:resnet18"}
+    # a pair hetero_pairs never tried takes the best trial of that method overall, recorded as borrowed
     borrowed = sweep.cells["uhkd convnext_tiny:deit_tiny_patch16_224 s0"]
-    assert borrowed["method.alpha"] == 1.5 and borrowed["weights_from"] == "3 convnext_tiny:resmlp_12_224"
+    assert borrowed["method.uhkd.alpha"] == 1.5 and borrowed["weights_from"] == "3 convnext_tiny:resmlp_12_224"
+    dkd = sweep.cells["dkd convnext_tiny:deit_tiny_patch16_224 s0"]
+    assert (dkd["method.dkd.alpha"], dkd["method.dkd.beta"]) == (2.0, 8.0) and "method.uhkd.k" not in dkd
+    assert sweep.cells["dkd swin_tiny_patch4_window7_224:resnet18 s1"]["weights_from"] == \
+        "4 convnext_tiny:deit_tiny_patch16_224"
     assert "weights_from" not in sweep.cells["kd convnext_tiny:deit_tiny_patch16_224 s0"]
     assert sweep.force == {"data.split": "final"}
-    assert ("uhkd weights for convnext_tiny:deit_tiny_patch16_224: {'method.alpha': 1.5, 'method.beta': 0.1, "
-            "'method.temperature': 2.0, 'method.spectrum': 'complex'} (trial 3 of convnext_tiny:resmlp_12_224: "
-            "BORROWED") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert ("uhkd on convnext_tiny:deit_tiny_patch16_224: method.uhkd.alpha=1.5 method.uhkd.beta=0.1 "
+            "method.uhkd.temperature=2 method.uhkd.spectrum=complex (trial 3 of convnext_tiny:resmlp_12_224: "
+            "BORROWED") in out
+    assert "kd: its defaults (no finished hetero_pairs trial" in out
 
 
 def test_ablation_variants_are_tagged_and_skip_points_equal_to_full():
@@ -356,7 +413,7 @@ def test_ablation_variants_are_tagged_and_skip_points_equal_to_full():
                     "beta=5", "k=1", "k=2", "band=high", "band=full"]
     cell = sweep.cells["w/o FTM | swin_tiny_patch4_window7_224:resnet18 s0"]
     assert cell == {"pair": "swin_tiny_patch4_window7_224:resnet18", "seed": 0, "tag": "w/o FTM",
-                    "method.spectrum": "none"}
+                    "method.uhkd.spectrum": "none"}
     only = ablations.build(ablations.parser().parse_args(["--only", "k"]), options(args))
     assert [c["tag"] for c in only.cells.values()] == ["full", "k=1", "k=2"]  # k=3 is the quick preset's full UHKD
 

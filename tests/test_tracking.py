@@ -18,10 +18,10 @@ import pyarrow.fs as pafs
 import pytest
 from realstack import free_port
 
+from analysis.common import read_epochs, read_trials
 from uhkd.errors import UserError
 from uhkd.storage import checkpoint_folders
 from uhkd.sweep.cli import SweepOptions
-from uhkd.sweep.results import EPOCHS, TRIALS
 from uhkd.sweep.runner import run
 from uhkd.sweep.spec import Sweep, load_preset
 from uhkd.track_options import TrackOptions, parse_trackers
@@ -38,8 +38,8 @@ def tracked_sweep(tmp_path: Path, teacher_dir: str, track: TrackOptions, cells: 
                         name="tracked", sets=SMALL, track=track)
     outcome = run(Sweep("grid", load_preset("quick"), cells=cells, force={"data.split": "final"}), opts,
                   out=(out if out is not None else []).append)
-    epochs = pd.read_parquet(Path(outcome.folder) / EPOCHS)
-    assert set(pd.read_parquet(Path(outcome.folder) / TRIALS)["status"]) == {"ok"}
+    epochs = read_epochs(outcome.folder)
+    assert set(read_trials(outcome.folder)["status"]) == {"ok"}
     return outcome.folder, epochs
 
 
@@ -116,7 +116,7 @@ def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, te
     folder, epochs = tracked_sweep(tmp_path, teacher_dir, track, cells, summary)
 
     live = capsys.readouterr().out.splitlines()  # uhkd.sweep.console.LiveLines
-    trials = pd.read_parquet(Path(folder) / TRIALS).set_index("trial_id")
+    trials = read_trials(folder).set_index("trial_id")
     for row in epochs.itertuples():
         line = next(l for l in live if l.startswith(f"trial {row.trial_id} {PAIR} epoch {row.epoch}/2 "))
         assert f"top1 {row.top1:.2f} " in line and f"(ce {row.loss_ce:.4f} kl {row.loss_kl:.4f})" in line
@@ -177,7 +177,7 @@ def test_a_single_run_shows_and_tracks_every_epoch(tmp_path, capsys, request, wo
     assert all(f"top1 {r['top1']:.2f} " in line for r, line in zip(reports, lines, strict=True))
     runs = mlflow_runs((tmp_path / "mlruns").as_uri(), "uhkd.train")
     params, history = runs[out.name]
-    assert params["method.name"] == "uhkd" and params["method.alpha"] == "1.0"  # resolved method defaults
+    assert params["method.name"] == "uhkd" and params["method.uhkd.alpha"] == "1.0"  # resolved method defaults
     for key in ("top1", "loss_feat", "loss_kl", "images_per_s"):
         assert [s for s, _ in history[key]] == [r["epoch"] for r in reports] == [1, 2]
         assert [v for _, v in history[key]] == pytest.approx([r[key] for r in reports])

@@ -173,7 +173,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--teacher-checkpoint", "/nonexistent/t.pt"], "error: teacher checkpoint '/nonexistent/t.pt' not found"),
     (["--method", "magic"], "error: unknown method 'magic'; valid choices: "),
-    (["--student", "resnet18", "--set", "method.stages=1,5"], "error: method.stages must be distinct"),
+    (["--student", "resnet18", "--set", "method.uhkd.stages=1,5"], "error: method.uhkd.stages must be distinct"),
     (["--split", "sideways"], "error: unknown data.split 'sideways'; valid choices: final, tune"),
 ])
 def test_cli_bad_input_messages(tmp_path, capsys, args, message):

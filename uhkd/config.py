@@ -1,8 +1,9 @@
 """Typed configuration of one distillation run (= one sweep trial).
 
-A run is a `RunConfig` of four sections. Every field has a flat dotted key (`method.alpha`, `optim.lr`, `seed`):
-the same key is used by `--set key=value`, by the sweeps' search spaces and as the Parquet column name.
-Presets are small YAML files in `uhkd/presets/` that override the defaults below.
+A run is a `RunConfig` of four sections. Every field has a flat dotted key (`optim.lr`, `seed`): the same key is
+used by `--set key=value`, by the sweeps' search spaces and as the Parquet column name. A method's own parameters
+live in its namespace, `method.<name>.<param>` (`method.dkd.beta`); their types, bounds and defaults are the
+method's declarations (`uhkd.methods`). Presets are small YAML files in `uhkd/presets/` that override the defaults.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Mapping, get_type_hints
 
 import yaml
 
@@ -49,6 +50,7 @@ class DataConfig:
     download: bool = False
     mean: str = ""  # per-channel statistics, comma lists in [0, 1] units; "" = the dataset's (computed for `folder`)
     std: str = ""
+    protocol: str = "other"  # cifar100 | imagenet | other: the benchmark protocol whose method defaults apply
 
 
 @dataclass
@@ -73,29 +75,14 @@ class OptimConfig:
 
 @dataclass
 class MethodConfig:
-    """Loss hyperparameters. `None` means "the method's own default" (SPEC §2), resolved by the method."""
+    """The method and the label term every method shares. `params` holds the values set for the running method's
+    own parameters (`method.<name>.<param>`, by param name); the others take the method's defaults for the run's
+    protocol (`uhkd.methods.method_params`)."""
 
     name: str = "uhkd"
     w_ce: float = 1.0
     label_smoothing: float = 0.1
-    alpha: Union[float, None] = None  # KL weight (kd, fitnet, uhkd), TCKD weight (dkd)
-    beta: Union[float, None] = None  # feature weight (uhkd, fitnet), NCKD weight (dkd), inter-class (dist)
-    gamma: Union[float, None] = None  # intra-class (dist), target exponent (ofa)
-    temperature: Union[float, None] = None
-    warmup_epochs: Union[int, None] = None  # dkd loss warm-up
-    branch_weight: Union[float, None] = None  # ofa exit branches
-    stages: str = "1,2,3,4"  # matched stages, any subset of 1..4
-    stage_weights: str = ""  # comma list, one per stage; "" = 1/L each
-    k: int = 7
-    spectrum: str = "amplitude"  # amplitude | log_amplitude | complex | none
-    band: str = "low"  # low | high | full
-    sca: str = "linear"  # linear (projection of the cropped spectrum) | conv_bn (1x1 conv + BN on the full map)
-    sra: bool = True
-
-
-# Fields that mean different things to different methods (`None` = the method's own default, SPEC §2): a preset
-# never sets them, so a value meant for one method cannot change another (e.g. OFA's gamma is DIST's intra weight).
-PER_METHOD_KEYS: tuple[str, ...] = tuple(f"method.{f.name}" for f in fields(MethodConfig) if f.default is None)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,21 +109,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.isotropic_blocks": ("uhkd", "ofa"),
     "data.split": ("tune", "final"),
     "data.augment": ("cnn", "vit", "none"),
+    "data.protocol": ("cifar100", "imagenet", "other"),
     "optim.optimizer": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "step"),
-    "method.spectrum": ("amplitude", "log_amplitude", "complex", "none"),
-    "method.band": ("low", "high", "full"),
-    "method.sca": ("linear", "conv_bn"),
     "amp": ("auto", "bf16", "fp16", "off"),
     "compile": ("auto", "on", "cudagraphs", "off"),
 }
-
-
-def _scalar_type(tp: Any) -> type:
-    """`float | None` -> float; plain types unchanged."""
-    if get_origin(tp) is Union:
-        return next(a for a in get_args(tp) if a is not type(None))
-    return tp
 
 
 def _leaf_types() -> dict[str, Any]:
@@ -145,21 +123,36 @@ def _leaf_types() -> dict[str, Any]:
         hint = get_type_hints(RunConfig)[top.name]
         if dataclasses.is_dataclass(hint):
             for sub in fields(hint):
-                out[f"{top.name}.{sub.name}"] = get_type_hints(hint)[sub.name]
+                if sub.name != "params":
+                    out[f"{top.name}.{sub.name}"] = get_type_hints(hint)[sub.name]
         else:
             out[top.name] = hint
     return out
 
 
-LEAF_TYPES: dict[str, Any] = _leaf_types()
+LEAF_TYPES: dict[str, Any] = _leaf_types()  # every key but the methods' own parameters
+
+
+def method_key(key: str) -> tuple[str, str] | None:
+    """`method.<name>.<param>` -> (name, param); None for any other key."""
+    parts = key.split(".")
+    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "method" else None
+
+
+def is_config_key(key: str) -> bool:
+    """A key of `LEAF_TYPES` or of the form `method.<name>.<param>` (whether that method has it is for `coerce`)."""
+    return key in LEAF_TYPES or method_key(key) is not None
 
 
 def flatten(cfg: RunConfig) -> dict[str, Any]:
-    """All fields as `{dotted key: scalar}` (the Parquet hyperparameter columns)."""
+    """All fields as `{dotted key: scalar}`: the hyperparameter columns, the method's parameters as
+    `method.<name>.<param>`."""
     flat: dict[str, Any] = {}
     for key, value in dataclasses.asdict(cfg).items():
         if isinstance(value, dict):
+            params = value.pop("params", {})
             flat.update({f"{key}.{k}": v for k, v in value.items()})
+            flat.update({f"{key}.{value['name']}.{k}": v for k, v in params.items()})
         else:
             flat[key] = value
     return flat
@@ -170,51 +163,66 @@ def unflatten(flat: Mapping[str, Any]) -> RunConfig:
 
 
 def unknown_key(key: str) -> UserError:
-    """The error for a key no config field has: the keys of its section if that is one, else the sections."""
+    """The error for a key no config field has: the keys of its section if that is one, else the sections. A bare
+    `method.<param>` names the methods that have such a parameter."""
+    from .methods import method_keys
+
     section = key.partition(".")[0] + "."
     same = [k for k in LEAF_TYPES if k.startswith(section)]
+    if section == "method.":
+        owners = method_keys(key.partition(".")[2])
+        if owners:
+            return UserError(f"unknown config key {key!r}: method parameters are set per method, as "
+                             f"method.<name>.<param>: {', '.join(owners)}")
+        same += ["method.<name>.<param>"]
     listed = same or sorted({k.partition(".")[0] + ".*" if "." in k else k for k in LEAF_TYPES})
-    return choice_error("config key", key, LEAF_TYPES, listed)
+    return choice_error("config key", key, [*LEAF_TYPES, *method_keys(key.rpartition(".")[2])], listed)
+
+
+def check_key(key: str) -> None:
+    """Raise the error for a key no config field and no registered method's parameter has."""
+    if method_key(key):
+        from .methods import method_param
+
+        method_param(key)
+    elif key not in LEAF_TYPES:
+        raise unknown_key(key)
 
 
 def coerce(key: str, value: Any) -> Any:
     """Convert `value` (possibly a string from the command line or YAML) to the type of field `key`."""
+    if method_key(key):
+        from .methods import coerce_method_param
+
+        return coerce_method_param(key, value)
     if key not in LEAF_TYPES:
         raise unknown_key(key)
-    tp = LEAF_TYPES[key]
-    optional = get_origin(tp) is Union
-    base = _scalar_type(tp)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
-        if optional:
-            return None
-        raise UserError(f"config key {key!r} needs a {base.__name__}, got None")
-    try:
-        if base is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if base is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if base is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config key {key!r} needs a {base.__name__}, got {value!r}") from None
+    from .methods.base import coerce_scalar
+
+    return coerce_scalar(f"config key {key!r}", LEAF_TYPES[key], value)
 
 
 def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
-    """A copy of `cfg` with dotted-key overrides applied (values coerced to the field types)."""
+    """A copy of `cfg` with dotted-key overrides applied (values coerced to the field types). `method.name` goes
+    first: a new method starts from its own defaults, and a parameter of any other method is an error."""
     cfg = dataclasses.replace(
         cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name)) for f in fields(cfg)
                 if dataclasses.is_dataclass(getattr(cfg, f.name))}
     )
+    cfg.method.params = dict(cfg.method.params)
+    if "method.name" in overrides:
+        name = coerce("method.name", overrides["method.name"])
+        if name != cfg.method.name:
+            cfg.method.name, cfg.method.params = name, {}
     for key, value in overrides.items():
+        if owner := method_key(key):
+            value = coerce(key, value)
+            if owner[0] != cfg.method.name:
+                raise UserError(f"{key} sets a parameter of method {owner[0]!r}, but this run's method is "
+                                f"{cfg.method.name!r}; set method.{cfg.method.name}.<param> or choose --method "
+                                f"{owner[0]}")
+            cfg.method.params[owner[1]] = value
+            continue
         value = coerce(key, value)
         if "." in key:
             section, leaf = key.split(".", 1)
@@ -232,8 +240,7 @@ def parse_set(items: list[str]) -> dict[str, str]:
             raise UserError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         key = key.strip()
-        if key not in LEAF_TYPES:
-            raise unknown_key(key)
+        check_key(key)
         out[key] = value
     return out
 
@@ -260,19 +267,12 @@ def load_preset(name: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _check_preset(name: str, base: Mapping[str, Any], by_family: Mapping[str, Any]) -> None:
-    sections = [base, *(_flatten_mapping(v or {}) for v in by_family.values())]
-    leaked = sorted({k for section in sections for k in section if k in PER_METHOD_KEYS})
-    if leaked:
-        raise UserError(f"preset {name!r} sets {', '.join(leaked)}, which each method reads in its own sense; "
-                        f"leave them to the methods' defaults (uhkd/methods) or --set them for one run")
-
-
 def build_config(preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults <- preset <- the preset's recipe for the student's family (cnn / token) <- overrides.
 
     The family recipe is chosen after the overrides are known, so `--set model.student=deit_tiny_patch16_224`
-    gets the ViT/MLP-student recipe of SPEC §3; explicit overrides always win.
+    gets the ViT/MLP-student recipe (docs/protocol.md); explicit overrides always win. A preset's parameters of
+    methods other than the run's do not apply; an override's do not either, and are an error.
     """
     from .models import model_family  # lazy: keeps config import light
 
@@ -280,11 +280,11 @@ def build_config(preset: str | None = None, overrides: Mapping[str, Any] | None 
     raw = load_preset(preset) if preset else {}
     by_family = raw.pop("by_student_family", {}) or {}
     base = _flatten_mapping(raw)
-    if preset:
-        _check_preset(preset, base, by_family)
     student = str(overrides.get("model.student", base.get("model.student", ModelConfig.student)))
-    family = _flatten_mapping(by_family.get(model_family(student), {}) or {})
-    cfg = apply_overrides(RunConfig(), {**base, **family, **overrides})
+    layers = {**base, **_flatten_mapping(by_family.get(model_family(student), {}) or {})}
+    method = str(overrides.get("method.name", layers.get("method.name", MethodConfig.name)))
+    layers = {k: v for k, v in layers.items() if method_key(k) is None or method_key(k)[0] == method}
+    cfg = apply_overrides(RunConfig(), {**layers, **overrides})
     validate(cfg)
     return cfg
 
@@ -294,24 +294,18 @@ def _finite_non_negative(value: float) -> bool:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Config-level checks that need no model or data (names of models/methods/datasets are checked where built)."""
+    """Config-level checks that need no model or data (names of models and datasets are checked where built): the
+    choices and bounds of the fields, the method's name and its parameters."""
+    from .methods import method_params
+
     flat = flatten(cfg)
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
             raise choice_error(key, flat[key], choices)
-    for key in ("method.w_ce", "method.label_smoothing", "method.alpha", "method.beta", "method.gamma",
-                "method.temperature", "method.branch_weight", "optim.lr", "optim.weight_decay"):
-        value = flat[key]
-        if value is not None and not _finite_non_negative(value):
-            raise UserError(f"{key} must be a finite non-negative number, got {value!r}")
-    if cfg.method.temperature is not None and cfg.method.temperature <= 0:
-        raise UserError(f"method.temperature must be > 0, got {cfg.method.temperature!r}")
-    stages = parse_stages(cfg.method.stages)
-    weights = parse_stage_weights(cfg.method.stage_weights, len(stages))
-    if not all(_finite_non_negative(w) for w in weights):
-        raise UserError(f"method.stage_weights must be finite non-negative numbers, got {cfg.method.stage_weights!r}")
-    if cfg.method.k < 1:
-        raise UserError(f"method.k must be >= 1, got {cfg.method.k}")
+    for key in ("method.w_ce", "method.label_smoothing", "optim.lr", "optim.weight_decay"):
+        if not _finite_non_negative(flat[key]):
+            raise UserError(f"{key} must be a finite non-negative number, got {flat[key]!r}")
+    method_params(cfg)
     if not 0 < cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.workers < 0:
@@ -366,29 +360,6 @@ def batch_plan(cfg: RunConfig, world: int | None = None) -> BatchPlan:
                         f"{world} worker(s) {layout}; choose numbers that divide it, or set optim.scale_lr=true "
                         f"to scale the lr instead")
     return BatchPlan(batch, world, steps, target, 1.0)
-
-
-def parse_stages(text: str) -> tuple[int, ...]:
-    """"1,2,3,4" -> (1, 2, 3, 4); stages are 1-based stage indices in 1..4."""
-    try:
-        stages = tuple(int(s) for s in str(text).replace(" ", "").split(",") if s)
-    except ValueError:
-        raise UserError(f"method.stages must be a comma list of stage indices 1..4, got {text!r}") from None
-    if not stages or any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
-        raise UserError(f"method.stages must be distinct stage indices from 1, 2, 3, 4, got {text!r}")
-    return tuple(sorted(stages))
-
-
-def parse_stage_weights(text: str, n_stages: int) -> tuple[float, ...]:
-    if not text:
-        return tuple(1.0 / n_stages for _ in range(n_stages))
-    try:
-        weights = tuple(float(w) for w in str(text).split(","))
-    except ValueError:
-        raise UserError(f"method.stage_weights must be a comma list of numbers, got {text!r}") from None
-    if len(weights) != n_stages:
-        raise UserError(f"method.stage_weights has {len(weights)} values for {n_stages} stages: {text!r}")
-    return weights
 
 
 def config_hash(cfg: RunConfig) -> str:

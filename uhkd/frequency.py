@@ -181,11 +181,11 @@ class _Constants(nn.Module):
 
 def _check(spectrum: str, band: str, k: int) -> None:
     if spectrum not in SPECTRA:
-        raise choice_error("method.spectrum", spectrum, SPECTRA)
+        raise choice_error("method.uhkd.spectrum", spectrum, SPECTRA)
     if band not in BANDS:
-        raise choice_error("method.band", band, BANDS)
+        raise choice_error("method.uhkd.band", band, BANDS)
     if k < 1:
-        raise UserError(f"method.k must be >= 1, got {k}")
+        raise UserError(f"method.uhkd.k must be >= 1, got {k}")
 
 
 class FTM(nn.Module):
@@ -242,7 +242,7 @@ class FAM(nn.Module):
         super().__init__()
         _check(spectrum, band, k)
         if sca not in SCAS:
-            raise choice_error("method.sca", sca, SCAS)
+            raise choice_error("method.uhkd.sca", sca, SCAS)
         self.k, self.spectrum, self.band, self.sca, self.grid = k, spectrum, band, sca, grid
         self.constants = _Constants(size, k, spectrum, band, grid, mirror=True)
         self.proj = nn.Conv2d(in_channels, out_channels, 1, bias=False)

@@ -37,8 +37,8 @@ class Registry(Generic[T]):
         return self._prefixes[prefix](name)
 
     def names(self) -> list[str]:
-        """Registered names, then `prefix<name>` for each open-ended prefix."""
-        return sorted(self._items) + [f"{p}<name>" for p in self._prefixes]
+        """Registered names in registration order, then `prefix<name>` for each open-ended prefix."""
+        return list(self._items) + [f"{p}<name>" for p in self._prefixes]
 
     def __contains__(self, name: object) -> bool:
         return name in self._items or (isinstance(name, str) and any(name.startswith(p) for p in self._prefixes))

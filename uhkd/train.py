@@ -19,6 +19,7 @@ import torch
 from .config import RunConfig, config_hash, flatten, parse_set, unflatten
 from .errors import UserError
 from .hub import HUB
+from .plugins import add_plugin_flag, import_modules, load as load_plugins, loaded as loaded_plugins
 from .registry import DATASETS, METHODS
 from .storage import checkpoint_folders, exists, is_uri, join, location_of, ray_storage
 from .track_options import add_track_flags, parse_trackers, track_options
@@ -189,6 +190,7 @@ class RayTrainSession(TuneSession):
 def _worker(config: dict) -> dict:
     """The TorchTrainer's per-worker function. Bad input returns a `user_error` record instead of raising, so
     Ray Train does not retry what cannot succeed; `fit_ray_train` raises it on the driver."""
+    import_modules(config["plugins"])
     cfg = unflatten(config["cfg"])
     set_threads(cfg)
     try:
@@ -230,7 +232,7 @@ def fit_ray_train(cfg: RunConfig, *, storage_path: str, run_name: str, callbacks
     path, filesystem = ray_storage(storage_path)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": flatten(cfg)},
+        train_loop_config={"cfg": flatten(cfg), "plugins": loaded_plugins()},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -255,11 +257,11 @@ def _connect_ray(cfg: RunConfig) -> None:
 
     import ray
 
-    from .sweep.cluster import ray_messages_to_file, start_local
+    from .sweep.cluster import job_env, ray_messages_to_file, start_local
 
     if not ray.is_initialized():
         if address := os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=job_env())
         else:
             start_local(num_cpus=max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker)))
     ray_messages_to_file()
@@ -308,7 +310,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); required by every method but "
                    "scratch unless --set model.random_teacher=true")
     p.add_argument("--student", help="timm model name of the student")
-    p.add_argument("--method", help=f"one of {', '.join(METHODS.names())}")
+    p.add_argument("--method", help=f"one of {', '.join(METHODS.names())} (or a --plugin's)")
     p.add_argument("--dataset", help=" | ".join(DATASETS.names()))
     p.add_argument("--data-root", help="dataset folder")
     p.add_argument("--workers", type=int, help="Ray Train workers; 0 = in this process without Ray")
@@ -317,12 +319,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", help="quick | cifar100 | imagenet (default: the dataset's own)")
     p.add_argument("--split", help="tune (seeded 90/10 split of the training set) | final (train/test)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config field by its dotted key, e.g. --set optim.lr=0.1 (repeatable)")
+                   help="any config field by its dotted key, e.g. --set optim.lr=0.1, or a parameter of the run's "
+                        "method, --set method.uhkd.beta=2 (repeatable)")
     p.add_argument("--output", help="local or shared output folder (checkpoint, student.pt); default runs/<run name>")
     p.add_argument("--download", action="store_true", help="download the dataset if missing (CIFAR-100)")
     p.add_argument("--pretrained", metavar="hub|FILE",
                    help="student starts from ImageNet weights: hub = timm's from the Hugging Face hub (or its "
                         "cache), FILE = a local weight file (model.pretrained_file)")
+    add_plugin_flag(p)
     add_track_flags(p.add_argument_group("experiment tracking"))
     return p.parse_args(argv)
 
@@ -367,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
+        load_plugins(args.plugin)
         cfg = config_from_args(args)
         output = Path(cfg.output_dir or os.path.join("runs", run_name(cfg))).expanduser().resolve()
         cfg = dataclasses.replace(cfg, output_dir=str(output))

@@ -1,45 +1,86 @@
-"""Distillation methods (mdistiller style): `build_method(cfg, student, teacher) -> Distiller`.
+"""Distillation methods, one file each (mdistiller-style `Distiller`s that declare themselves: uhkd/methods/base.py).
 
-Registered names: scratch, kd, dkd, dist, fitnet, ofa, uhkd (`uhkd.registry.METHODS`).
+Every module of this package is imported here, so a new method file registers itself; user methods come in as
+plugins (`uhkd.plugins`). Everything else reads the registry: `registered()` in table order, `method_params(cfg)`
+for a run's resolved parameters, `build_method(cfg, student, teacher)` for its `Distiller`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import importlib
+import pkgutil
+from typing import Any
 
-from ..config import MethodConfig, RunConfig, validate
-from ..models import StageModel
+from ..config import MethodConfig, RunConfig, method_key
+from ..errors import choice_error
+from ..models import StageModel, model_family
 from ..registry import METHODS
-from . import fitnet, logit, ofa, uhkd  # noqa: F401  (register the methods)
-from .base import Distiller
+from .base import (CrossEntropy, Distiller, LearningCheck, Protocol, TeacherUse, by_year, coerce_param, make_params,
+                   param, param_fields, register_method)
 
-__all__ = ["Distiller", "TeacherUse", "build_method", "resolve_method", "teacher_use"]
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["CrossEntropy", "Distiller", "LearningCheck", "Protocol", "TeacherUse", "build_method",
+           "coerce_method_param", "method_class", "method_keys", "method_param", "method_params", "param", "register_method",
+           "registered", "resolve_method", "teacher_use"]
+
+
+def method_class(name: str) -> type[Distiller]:
+    return METHODS.get(name)
+
+
+def registered() -> list[type[Distiller]]:
+    """Every registered method (plugins included) in table order: by publication year, then name."""
+    return by_year([METHODS.get(name) for name in METHODS.names()])
+
+
+def protocol(cfg: RunConfig) -> Protocol:
+    return Protocol(cfg.data.protocol, model_family(cfg.model.student))
+
+
+def method_params(cfg: RunConfig) -> Any:
+    """The run's method parameters (the method's `Params`): its defaults <- its defaults for the run's protocol and
+    student family <- the values the run sets."""
+    return make_params(METHODS.get(cfg.method.name), protocol(cfg), cfg.method.params)
 
 
 def resolve_method(cfg: RunConfig) -> MethodConfig:
-    """A copy of `cfg.method` whose `None` fields that the method uses hold its defaults (SPEC §2)."""
-    cls = METHODS.get(cfg.method.name)
-    fill = {k: v for k, v in cls.defaults(cfg).items() if getattr(cfg.method, k) is None}
-    return dataclasses.replace(cfg.method, **fill)
+    """A copy of `cfg.method` whose `params` hold every parameter of the method (what a results row records)."""
+    return dataclasses.replace(cfg.method, params=dataclasses.asdict(method_params(cfg)))
 
 
-class TeacherUse(NamedTuple):
-    needed: bool  # False: the method trains without a teacher
-    stages: tuple[int, ...]  # teacher stage maps the method reads (() = logits only)
-    logits: bool  # whether the method reads the teacher's logits
+def method_param(key: str) -> type[Distiller]:
+    """The method whose parameter `method.<name>.<param>` is; an unknown method or parameter is a `UserError`."""
+    name, leaf = method_key(key)
+    if name not in METHODS:
+        raise choice_error(f"method {name!r} in config key", key, METHODS.names())
+    cls = METHODS.get(name)
+    if leaf not in param_fields(cls):
+        raise choice_error("config key", key, [f"method.{name}.{p}" for p in param_fields(cls)]
+                           or [f"(none: method {name!r} has no parameters)"])
+    return cls
+
+
+def coerce_method_param(key: str, value: Any) -> Any:
+    """`value` for `method.<name>.<param>`, of that parameter's type and within its bounds."""
+    return coerce_param(method_param(key), key, value)
+
+
+def method_keys(leaf: str) -> list[str]:
+    """`method.<name>.<leaf>` for every method that has a parameter `leaf`."""
+    return [f"method.{cls.name}.{leaf}" for cls in registered() if leaf in param_fields(cls)]
 
 
 def teacher_use(cfg: RunConfig) -> TeacherUse:
     """What the method reads from the teacher: pass to `load_teacher(stages=..., needs_logits=...)` (OR the
     logits with teacher evaluation) so unused layers are pruned."""
-    method = resolve_method(cfg)
-    cls = METHODS.get(method.name)
-    return TeacherUse(cls.needs_teacher, cls.teacher_stages(method), cls.uses_teacher_logits(method))
+    return METHODS.get(cfg.method.name).teacher_use(method_params(cfg))
 
 
 def build_method(cfg: RunConfig, student: StageModel, teacher: StageModel | None) -> Distiller:
     """The method `cfg.method.name` around `student` (and the frozen `teacher`), its extra modules built from the
     models' stage shapes."""
-    validate(cfg)
-    method = resolve_method(cfg)
-    return METHODS.get(method.name)(method, student, teacher)
+    cls = METHODS.get(cfg.method.name)
+    return cls(method_params(cfg), CrossEntropy(cfg.method.w_ce, cfg.method.label_smoothing), student, teacher)

@@ -2,19 +2,26 @@
 width, matched by MSE to the teacher map resized to the student's grid."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import MethodConfig
 from ..models import StageModel
-from ..registry import METHODS
-from .base import FeatureKD
+from .base import CrossEntropy, FeatureKD, register_method
 
 
-@METHODS.register("fitnet")
+@register_method
 class FitNet(FeatureKD):
-    def __init__(self, cfg: MethodConfig, student: StageModel, teacher: StageModel | None) -> None:
-        super().__init__(cfg, student, teacher)
+    name = "fitnet"
+    display = "FitNet"
+    reference = "fitnet"
+    paper = "Romero, Ballas, Kahou, Chassang, Gatta, Bengio, FitNets: Hints for Thin Deep Nets, ICLR 2015"
+    year = 2015
+    search_space = {"alpha": {"loguniform": [0.1, 4.0]}, "beta": {"loguniform": [0.05, 20.0]}}
+
+    def __init__(self, p: Any, ce: CrossEntropy, student: StageModel, teacher: StageModel | None) -> None:
+        super().__init__(p, ce, student, teacher)
         self.regressors = nn.ModuleList(
             nn.Conv2d(student.stage_channels[s - 1], teacher.stage_channels[s - 1], 1) for s in self.stages)
 

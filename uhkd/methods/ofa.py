@@ -4,6 +4,7 @@ every branch learn the teacher's logits with `ofa_loss`. The branches have the l
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,11 +13,9 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..config import MethodConfig, RunConfig, parse_stages
 from ..losses import ofa_loss
-from ..models import StageModel, model_kind
-from ..registry import METHODS
-from .base import Distiller, hard_labels
+from ..models import StageModel
+from .base import CrossEntropy, Distiller, Protocol, hard_labels, param, parse_stages, register_method
 
 FINAL_GRID = 7  # token branches merge patches down towards a 7×7 grid
 BRANCH_HEADS = 4
@@ -104,24 +103,42 @@ def init_branch(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-@METHODS.register("ofa")
+@register_method
 class OFA(Distiller):
     """CE + L_OFA(head) + w·Σ_stage L_OFA(branch)."""
 
+    name = "ofa"
+    display = "OFA"
+    reference = "ofa"
+    paper = "Hao, Guo, Han, Wang, Xu, Xu, One-for-All: Bridge the Gap Between Heterogeneous Architectures in " \
+            "Knowledge Distillation, NeurIPS 2023"
+    code = "https://github.com/Hao840/OFAKD"
+    year = 2023
     terms = ("ce", "ofa", "ofa_branches")
+    search_space = {"gamma": {"uniform": [1.0, 2.0]}, "branch_weight": {"loguniform": [0.05, 2.0]}}
+
+    @dataclass(frozen=True)
+    class Params:
+        gamma: float = param(1.0, low=0, doc="exponent modulating the target-class term (1.5 on ImageNet)")
+        temperature: float = param(1.0, low=0, low_open=True, doc="softmax temperature")
+        branch_weight: float = param(1.0, low=0, doc="weight of the exit branches' losses (0.1 for CNN students "
+                                                    "on CIFAR-100)")
+        stages: str = param("1,2,3,4", doc="student stages with an exit branch, a comma list of 1..4")
+
+        def check(self) -> None:
+            parse_stages(self.stages)
 
     @classmethod
-    def defaults(cls, cfg: RunConfig) -> dict[str, Any]:
-        cnn_on_cifar = cfg.data.dataset == "cifar100" and model_kind(cfg.model.student) == "cnn"
-        return dict(gamma=1.5 if cfg.data.dataset == "imagenet1k" else 1.0, temperature=1.0,
-                    branch_weight=0.1 if cnn_on_cifar else 1.0)
+    def protocol_defaults(cls, protocol: Protocol) -> dict[str, Any]:
+        """The released configs: γ = 1.5 on ImageNet-1K; branch weight 0.1 for CNN students on CIFAR-100."""
+        out: dict[str, Any] = {"gamma": 1.5} if protocol.dataset == "imagenet" else {}
+        if protocol.dataset == "cifar100" and protocol.family == "cnn":
+            out["branch_weight"] = 0.1
+        return out
 
-    @classmethod
-    def matched_stages(cls, cfg: MethodConfig) -> tuple[int, ...]:
-        return parse_stages(cfg.stages) if cfg.branch_weight > 0 else ()
-
-    def __init__(self, cfg: MethodConfig, student: StageModel, teacher: StageModel | None) -> None:
-        super().__init__(cfg, student, teacher)
+    def __init__(self, p: Any, ce: CrossEntropy, student: StageModel, teacher: StageModel | None) -> None:
+        super().__init__(p, ce, student, teacher)
+        self.stages = parse_stages(p.stages) if p.branch_weight > 0 else ()
         n = student.num_classes
         if student.kind == "cnn":
             width = max(student.num_features, teacher.num_features)
@@ -133,7 +150,7 @@ class OFA(Distiller):
         self.branches.apply(init_branch)
 
     def forward(self, images: Tensor, target: Tensor, epoch: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
-        c = self.cfg
+        p = self.p
         class_tokens: list[Tensor | None] = [None] * 4
         if self.student.has_class_token and self.stages:
             logits, feats, class_tokens = self.student.forward_with_class_tokens(images)
@@ -141,9 +158,9 @@ class OFA(Distiller):
             logits, feats = self.student(images)
         logits_t = self.teacher_logits(images)
         labels = hard_labels(target)
-        head = ofa_loss(logits.float(), logits_t, labels, c.gamma, c.temperature)
+        head = ofa_loss(logits.float(), logits_t, labels, p.gamma, p.temperature)
         branch_logits = (branch(feats[s - 1]) if isinstance(branch, CNNBranch) else
                          branch(feats[s - 1], class_tokens[s - 1]) for s, branch in zip(self.stages, self.branches))
-        branches = sum((ofa_loss(z.float(), logits_t, labels, c.gamma, c.temperature) for z in branch_logits),
+        branches = sum((ofa_loss(z.float(), logits_t, labels, p.gamma, p.temperature) for z in branch_logits),
                        head.new_zeros(()))
-        return logits, {"ce": self.ce(logits, target), "ofa": head, "ofa_branches": c.branch_weight * branches}
+        return logits, {"ce": self.ce(logits, target), "ofa": head, "ofa_branches": p.branch_weight * branches}

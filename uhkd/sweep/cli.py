@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..config import parse_set
+from ..plugins import add_plugin_flag, load as load_plugins
 from ..track_options import TrackOptions, add_track_flags, parse_trackers
 from ..validate import Problems
 from .spec import load_preset, preset_names
@@ -100,7 +101,9 @@ def sweep_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="continue the interrupted sweep --name (default: the latest of this sweep and preset)")
     g.add_argument("--seed", type=int, default=0, help="seed of the search (Optuna sampler)")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config field for every trial by its dotted key, e.g. --set optim.lr=0.01 (repeatable)")
+                   help="a config field for every trial by its dotted key, e.g. --set optim.lr=0.01; a method's "
+                        "parameter, --set method.dkd.beta=8, for that method's trials (repeatable)")
+    add_plugin_flag(g)
     add_track_flags(g)
     return p
 
@@ -110,7 +113,9 @@ def pairs_flag(p: argparse.ArgumentParser) -> None:
 
 
 def options(args: argparse.Namespace) -> SweepOptions:
-    """Validated shared options; every bad value is listed (one `UserError`, one line per problem)."""
+    """Validated shared options; every bad value is listed (one `UserError`, one line per problem). The plugins are
+    imported first: their methods are names and keys like any other."""
+    load_plugins(args.plugin)
     problems = Problems()
     problems.check(load_preset, args.preset)
     cluster = args.cluster.strip()

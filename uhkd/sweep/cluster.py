@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 
 import ray
 
+from .. import plugins
 from ..errors import UserError
 
 
@@ -78,10 +79,14 @@ def _describe() -> str:
 WORKER_ENV = ("RAY_TRAIN_", "TUNE_", "HF_HUB_OFFLINE")  # settings the trials and their Train runs read
 
 
-def _job_env() -> dict:
+def job_env() -> dict:
     """This process's settings for Ray's workers, as the job's runtime environment: workers of a cluster started
-    elsewhere inherit that cluster's environment, not this process's."""
-    return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV)}}
+    elsewhere inherit that cluster's environment, not this process's; the user's plugins go with it (`py_modules`),
+    so trials on any node import them."""
+    env: dict = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV)}}
+    if plugins.modules():
+        env["py_modules"] = plugins.modules()
+    return env
 
 
 CLIENT_SPAWN_TRIES = 5
@@ -91,7 +96,7 @@ CLIENT_SPAWN_FAILURES = ("Starting Ray client server failed", "Proxy failed to C
 def _init(address: str) -> None:
     for attempt in range(1, CLIENT_SPAWN_TRIES + 1):
         try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=_job_env())
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=job_env())
             return
         except (ConnectionError, RuntimeError, ValueError) as exc:
             reason = _reason(exc)
@@ -121,7 +126,7 @@ def start_local(num_cpus: int | None = None) -> str:
     # warning that the token is on is said in the toolkit's own line instead.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-             log_to_driver=False, logging_level=logging.WARNING)
+             log_to_driver=False, logging_level=logging.WARNING, runtime_env=job_env())
     token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # what ray.init settled on
     return "token authentication on" if token else "token authentication off (RAY_AUTH_MODE)"
 

@@ -1,37 +1,44 @@
-"""The two Parquet tables of a sweep (`trials.parquet`, `epochs.parquet`, schema version 1; README "Results
-schema").
+"""The two Parquet tables of a sweep (`trials.parquet`, `epochs.parquet`, schema version 3; docs/results-schema.md).
 
 A trial's end writes only that trial's rows, as two part files `parts/<trial_id>.trials.parquet` and
 `parts/<trial_id>.epochs.parquet` (constant cost however many trials the sweep has); the sweep compacts the parts
 into the two tables once, when `Tuner.fit` returns (also after an interruption). Readers (`merged_table`) merge the
 parts a running or crashed sweep has not compacted yet, a part replacing its trial's rows. Every file is written
 through a temporary name and a rename (a single PUT on object stores), so a reader or a crash never sees half a file.
-The schema is fixed: a column that is null in every row keeps its type, and the config columns follow
-`uhkd.config.RunConfig` field by field.
+The schema is fixed: a column that is null in every row keeps its type, the config columns follow
+`uhkd.config.RunConfig` field by field, and what differs between methods — their parameters, their loss terms — is
+held in two map columns (`method_params`, `losses`), so a new method never changes the schema. `wide` turns either
+table into the familiar wide frame (`method.<name>.<param>` and `loss_<term>` columns); `upgrade` reads version 2.
 """
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from functools import lru_cache
-from typing import Any, Iterable, Union, get_args, get_origin
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..config import LEAF_TYPES
+import pandas as pd
+
+from ..config import LEAF_TYPES, method_key
 from ..errors import UserError
-from ..registry import METHODS
 from ..storage import open_location
 
-SCHEMA_VERSION = 2  # 2: weights_from and the effective-batch columns (batch_per_worker ... lr_used) added
+# 2: weights_from and the effective-batch columns (batch_per_worker ... lr_used) added
+# 3: method parameters in the map column `method_params`, loss terms in the map column `losses`
+SCHEMA_VERSION = 3
 TRIALS = "trials.parquet"
 EPOCHS = "epochs.parquet"
 PARTS = "parts"  # per-trial part files not compacted yet
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _ARROW = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
+METHOD_PARAMS = pa.map_(pa.string(), pa.string())  # param -> its value as JSON
+LOSSES = pa.map_(pa.string(), pa.float64())  # term -> the epoch's mean weighted loss
 
 _IDENTITY = [("schema_version", pa.int32()), ("sweep", pa.string()), ("trial_id", pa.string())]
 _TRIAL_HEAD = [("preset", pa.string()), ("tag", pa.string()), ("weights_from", pa.string()), ("dataset", pa.string()),
@@ -48,30 +55,93 @@ _TRIAL_TAIL = [("epochs", pa.int64()), ("epochs_run", pa.int64()), ("best_top1",
                ("finished_at", TIMESTAMP)]
 
 
-def _arrow_type(tp: Any) -> pa.DataType:
-    if get_origin(tp) is Union:  # Optional[float] -> float
-        tp = next(a for a in get_args(tp) if a is not type(None))
-    return _ARROW[tp]
-
-
-def loss_terms() -> list[str]:
-    """Every loss term name of every registered method (the fixed `loss_<term>` columns)."""
-    import uhkd.methods  # noqa: F401  (registers the methods)
-
-    return sorted({t for name in METHODS.names() for t in METHODS.get(name).terms})
-
-
 @lru_cache(maxsize=1)
 def trials_schema() -> pa.Schema:
     taken = {name for name, _ in _IDENTITY + _TRIAL_HEAD + _TRIAL_TAIL}
-    config = [(key, _arrow_type(tp)) for key, tp in LEAF_TYPES.items() if key not in taken]
-    return _schema(_IDENTITY + _TRIAL_HEAD + config + _TRIAL_TAIL)
+    config = [(key, _ARROW[tp]) for key, tp in LEAF_TYPES.items() if key not in taken]
+    return _schema(_IDENTITY + _TRIAL_HEAD + config + [("method_params", METHOD_PARAMS)] + _TRIAL_TAIL)
 
 
 @lru_cache(maxsize=1)
 def epochs_schema() -> pa.Schema:
-    metrics = ["top1", "top5", "loss", *(f"loss_{t}" for t in loss_terms()), "lr", "images_per_s", "epoch_time_s"]
-    return _schema(_IDENTITY + [("epoch", pa.int64())] + [(m, pa.float64()) for m in metrics])
+    return _schema(_IDENTITY + [("epoch", pa.int64())] + [(m, pa.float64()) for m in ("top1", "top5", "loss")]
+                   + [("losses", LOSSES)] + [(m, pa.float64()) for m in ("lr", "images_per_s", "epoch_time_s")])
+
+
+def trial_record(row: dict) -> dict:
+    """A trials row as stored: the method's `method.<name>.<param>` values gathered into `method_params`."""
+    params = {method_key(k)[1]: json.dumps(v) for k, v in row.items() if method_key(k)}
+    return {k: v for k, v in row.items() if not method_key(k)} | ({"method_params": params} if params else {})
+
+
+def epoch_record(row: dict) -> dict:
+    """An epochs row as stored: the `loss_<term>` values gathered into `losses`."""
+    losses = {k[len("loss_"):]: v for k, v in row.items() if k.startswith("loss_")}
+    return {k: v for k, v in row.items() if not k.startswith("loss_")} | ({"losses": losses} if losses else {})
+
+
+def _map_items(value: Any) -> list[tuple[str, Any]]:
+    """A map cell as pandas or pyarrow gives it (a list of pairs, a dict or None) as a list of pairs."""
+    if value is None or (isinstance(value, float) and value != value):
+        return []
+    return list(value.items()) if isinstance(value, dict) else [tuple(item) for item in value]
+
+
+def flat_trial(record: dict) -> dict:
+    """The inverse of `trial_record`: `method_params` spread into `method.<name>.<param>` keys."""
+    out = {k: v for k, v in record.items() if k != "method_params"}
+    out.update({f"method.{record['method']}.{k}": json.loads(v) for k, v in _map_items(record.get("method_params"))})
+    return out
+
+
+def flat_epoch(record: dict) -> dict:
+    """The inverse of `epoch_record`: `losses` spread into `loss_<term>` keys."""
+    out = {k: v for k, v in record.items() if k != "losses"}
+    out.update({f"loss_{k}": v for k, v in _map_items(record.get("losses"))})
+    return out
+
+
+def wide(table: pa.Table, name: str) -> pd.DataFrame:
+    """The table as a pandas frame with the map columns spread out: trials get one `method.<name>.<param>`
+    column per parameter of the methods present (null where a row's method has no such parameter), epochs one
+    `loss_<term>` column per term."""
+    frame = upgrade(table, name).to_pandas()
+    column, prefix = ("method_params", None) if name == TRIALS else ("losses", "loss_")
+    spread: dict[str, list] = {}
+    for i, cell in enumerate(frame[column]):
+        for key, value in _map_items(cell):
+            out = f"method.{frame['method'].iat[i]}.{key}" if prefix is None else f"{prefix}{key}"
+            spread.setdefault(out, [None] * len(frame))[i] = json.loads(value) if prefix is None else value
+    extra = pd.DataFrame({k: spread[k] for k in sorted(spread)}, index=frame.index)
+    if prefix is not None:
+        extra = extra.astype("float64")
+    return pd.concat([frame.drop(columns=[column]), extra], axis=1)
+
+
+def upgrade(table: pa.Table, name: str) -> pa.Table:
+    """A version-2 table in version 3's shape (tables of version 3 as they are): the per-field method columns
+    (`method.alpha`, ...) become `method_params` entries of the parameters each row's method has, the `loss_<term>`
+    columns become `losses` entries."""
+    if ("method_params" if name == TRIALS else "losses") in table.column_names:
+        return table
+    rows = table.to_pylist()
+    if name == TRIALS:
+        from ..methods import method_class, param_fields
+
+        def params(row: dict) -> dict:
+            try:
+                names = param_fields(method_class(row.get("method") or ""))
+            except UserError:  # a method this installation lacks: its values stay in its old columns' meaning
+                names = {}
+            return {f"method.{row['method']}.{p}": row[f"method.{p}"] for p in names
+                    if row.get(f"method.{p}") is not None}
+
+        records = [trial_record({**row, **params(row)}) for row in rows]
+    else:
+        records = [epoch_record({k: v for k, v in row.items() if not (k.startswith("loss_") and v is None)})
+                   for row in rows]
+    schema = trials_schema() if name == TRIALS else epochs_schema()
+    return pa.Table.from_pylist([{**r, "schema_version": r.get("schema_version") or 2} for r in records], schema=schema)
 
 
 def _schema(columns: list[tuple[str, pa.DataType]]) -> pa.Schema:
@@ -124,7 +194,7 @@ def merged_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table | None:
     schema = trials_schema() if name == TRIALS else epochs_schema()
     tables = [ds.dataset(paths, schema=schema, filesystem=fs, format="parquet").to_table()] if paths else []
     if fs.get_file_info(path).type == pafs.FileType.File:
-        table = read_table(fs, path)
+        table = upgrade(read_table(fs, path), name)
         if tables and "trial_id" in table.column_names:
             replaced = tables[0]["trial_id"].combine_chunks()
             table = table.filter(pc.invert(pc.is_in(table["trial_id"], value_set=replaced)))
@@ -147,19 +217,19 @@ class SweepTables:
         self.epochs: dict[tuple[str, int], dict] = {}
 
     def load(self) -> "SweepTables":
-        """Read every row written so far (compacted or not)."""
-        for name, rows in ((TRIALS, self.trials), (EPOCHS, self.epochs)):
+        """Read every row written so far (compacted or not), in the form `write_trial` takes."""
+        for name, rows, flat in ((TRIALS, self.trials, flat_trial), (EPOCHS, self.epochs, flat_epoch)):
             table = merged_table(self.fs, f"{self.folder}/{name}", name)
             for row in table.to_pylist() if table is not None else ():
-                rows[row["trial_id"] if name == TRIALS else (row["trial_id"], row["epoch"])] = row
+                rows[row["trial_id"] if name == TRIALS else (row["trial_id"], row["epoch"])] = flat(row)
         return self
 
     def write_trial(self, trial: dict, epochs: Iterable[dict] = ()) -> None:
         """Record one trial's row and epoch rows: its two part files, whatever the number of trials."""
         identity = {"schema_version": SCHEMA_VERSION, "sweep": self.sweep, "trial_id": trial["trial_id"]}
         self.fs.create_dir(f"{self.folder}/{PARTS}", recursive=True)
-        for name, rows, schema in ((EPOCHS, [{**r, **identity} for r in epochs], epochs_schema()),
-                                   (TRIALS, [{**trial, **identity}], trials_schema())):
+        for name, rows, schema in ((EPOCHS, [{**epoch_record(r), **identity} for r in epochs], epochs_schema()),
+                                   (TRIALS, [{**trial_record(trial), **identity}], trials_schema())):
             write_atomic(pa.Table.from_pylist(rows, schema=schema), self.fs,
                          f"{self.folder}/{PARTS}/{trial['trial_id']}.{name}")
 
@@ -170,9 +240,9 @@ class SweepTables:
         parts = _parts(self.fs, self.folder, TRIALS) + _parts(self.fs, self.folder, EPOCHS)
         if not parts:
             return self
-        for name, rows, schema in ((EPOCHS, self.epochs.values(), epochs_schema()),
-                                   (TRIALS, self.trials.values(), trials_schema())):
-            table = _ordered(pa.Table.from_pylist(list(rows), schema=schema), name)
+        for name, records, schema in ((EPOCHS, map(epoch_record, self.epochs.values()), epochs_schema()),
+                                      (TRIALS, map(trial_record, self.trials.values()), trials_schema())):
+            table = _ordered(pa.Table.from_pylist(list(records), schema=schema), name)
             write_atomic(table, self.fs, f"{self.folder}/{name}")
         for path in parts:
             self.fs.delete_file(path)

@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
-from ..config import LEAF_TYPES, RunConfig, coerce
+from ..config import LEAF_TYPES, RunConfig, coerce, is_config_key, method_key
 from ..errors import UserError, choice_error, one_line
+from ..plugins import loaded as loaded_plugins
 from ..storage import check_folder, exists, is_uri, join, open_location, ray_storage
 from . import lock
 from .cli import SweepOptions, parse
@@ -133,8 +134,8 @@ def trial_configs(sweep: Sweep, base: dict[str, Any]) -> list[dict[str, Any]]:
     if sweep.cells:
         return [{**base, "cell": cell} for cell in grid_cells(sweep)]
     for key in sweep.space:
-        if key not in LEAF_TYPES and key != "pair":
-            raise choice_error("search-space key", key, [*LEAF_TYPES, "pair"])
+        if not is_config_key(key) and key != "pair":
+            raise choice_error("search-space key", key, [*LEAF_TYPES, "method.<name>.<param>", "pair"])
     pair_domain = sweep.space.get("pair")
     candidates = getattr(pair_domain, "categories", None) or ([pair_domain] if pair_domain else [None])
     return [{**base, **({"pair": p} if p else {})} for p in candidates]
@@ -164,6 +165,16 @@ def check_configs(configs: list[dict[str, Any]], dataset: bool = True) -> tuple[
         runs.append(cfg)
     problems.raise_any()
     return runs, teachers
+
+
+def check_method_sets(sets: dict[str, Any], methods: set[str], kind: str) -> None:
+    """A `--set method.<name>.<param>` applies to the trials of that method; naming a method the sweep does not run
+    is an error (the value would silently not be used)."""
+    unused = sorted(k for k in sets if method_key(k) and method_key(k)[0] not in methods)
+    if unused:
+        raise UserError(f"--set {', '.join(unused)}: {kind} runs no trial of method "
+                        f"{' or '.join(sorted({method_key(k)[0] for k in unused}))} (it runs "
+                        f"{', '.join(sorted(methods))}); set method.<name>.<param> of a method it runs")
 
 
 def trial_bundles(workers: int, cpus_per_worker: float, gpus_per_trial: float,
@@ -306,7 +317,8 @@ class Plan:
 def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
     teacher_dir = join(opts.teacher_dir)
     base = {"_preset": sweep.preset.run_preset, "_run": run_overrides(sweep, opts),
-            "_sweep_dir": join(opts.results, name), "_teacher_dir": teacher_dir, "_resources": opts.trial_resources}
+            "_sweep_dir": join(opts.results, name), "_teacher_dir": teacher_dir, "_resources": opts.trial_resources,
+            "_plugins": loaded_plugins()}
     if sweep.cells:
         planned = len(sweep.cells)
     else:
@@ -318,6 +330,7 @@ def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
         planned = opts.num_samples or int(sweep.preset.budget(sweep.kind).get("num_samples", 1))
     # the dataset must be where trials train: checked here when that is this machine, else by each trial
     runs, teachers = check_configs(trial_configs(sweep, base), dataset=opts.cluster == "local")
+    check_method_sets(opts.sets, {r.method.name for r in runs}, sweep.kind)
     from ..models import check_checkpoint_file
 
     missing = missing_teachers(teachers, teacher_dir)

@@ -3,7 +3,7 @@
 Pairs train at very different speeds (a DeiT student starts slowly where a ResNet18 one does not), so one ASHA
 bracket over all pairs stops every slow pair early, and one TPE model then samples only the fast pairs. Here each
 pair gets its share of the sample budget (`split_budget`), its own TPE study (`PairSearch`; with `--study DB` they
-persist as `<kind>-<preset>-<objective>/<pair>`), and its own ASHA rungs (`PairASHA`), keyed by `config["pair"]`.
+persist as `<kind>-<preset>-<method>-<objective>/<pair>`), and its own ASHA rungs (`PairASHA`), keyed by `config["pair"]`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def split_budget(total: int, pairs: list[str]) -> dict[str, int]:
 
 
 def study_name(sweep: Sweep, pair: str) -> str:
-    return f"{sweep.kind}-{sweep.preset.name}-{sweep.objective}/{pair}"
+    return f"{sweep.kind}-{sweep.preset.name}-{sweep.method}-{sweep.objective}/{pair}"
 
 
 class PairSearch(Searcher):

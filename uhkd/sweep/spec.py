@@ -2,8 +2,9 @@
 
 A preset has a run preset (`run_preset`, one of `uhkd/presets`), fixed config overrides (`run`), a default
 `budget`, and one section per sweep (`teachers`, `hetero_pairs`, `reproduce_tables`, `ablations`) that may add its
-own `run` and `budget`. Search-space entries are `{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`,
-`{randint: [lo, hi]}` or `{choice: [...]}`.
+own `run` and `budget`. A method's search space is its own declaration (`search_space` in its file); a preset's
+`hetero_pairs.space.<method>` adds or replaces entries for that preset. Entries are `{loguniform: [lo, hi]}`,
+`{uniform: [lo, hi]}`, `{randint: [lo, hi]}` or `{choice: [...]}`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import yaml
 from ..errors import UserError, choice_error
 
 PRESET_DIR = Path(__file__).with_name("presets")
-DOMAINS = ("loguniform", "uniform", "randint", "choice")
 
 
 def preset_names() -> list[str]:
@@ -48,9 +48,25 @@ def load_preset(name: str) -> SweepPreset:
     return SweepPreset(name, raw.get("run_preset", name), raw)
 
 
+def search_space(preset: SweepPreset, method: str) -> dict[str, Any]:
+    """`method`'s hetero_pairs search space under `preset`, by dotted key (`method.<name>.<param>`): the method's
+    own declaration, with the preset's entries for it added or replacing."""
+    from ..methods import method_class, param_fields
+
+    cls = method_class(method)
+    own = (preset.section("hetero_pairs").get("space") or {}).get(method) or {}
+    for param in own:
+        if param not in param_fields(cls):
+            raise choice_error(f"parameter in preset {preset.name!r} hetero_pairs.space.{method}", param,
+                               param_fields(cls))
+    return {f"method.{method}.{k}": v for k, v in {**cls.search_space, **own}.items()}
+
+
 def domain(key: str, spec: Any) -> Any:
-    """A Tune search domain from a preset entry such as `{loguniform: [0.05, 20]}`."""
+    """A Tune search domain from a search-space entry such as `{loguniform: [0.05, 20]}`."""
     from ray import tune
+
+    from ..methods.base import DOMAINS
 
     if not (isinstance(spec, Mapping) and len(spec) == 1 and next(iter(spec)) in DOMAINS):
         raise UserError(f"search space entry {key!r} must be one of {', '.join(DOMAINS)} as a one-key mapping, "
@@ -72,6 +88,7 @@ class Sweep:
 
     kind: str
     preset: SweepPreset
+    method: str = ""  # the method a search sweep searches (its studies are named after it)
     space: dict[str, Any] = field(default_factory=dict)
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)
     force: dict[str, Any] = field(default_factory=dict)

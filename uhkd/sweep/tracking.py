@@ -1,5 +1,5 @@
 """Experiment tracking (`--track tensorboard|mlflow|wandb`) through Ray Tune's own logger callbacks, adapted so
-that each run logs its resolved config as the flat dotted keys (`method.alpha`, `optim.lr`, ...) and, per epoch,
+that each run logs its resolved config as the flat dotted keys (`method.uhkd.alpha`, `optim.lr`, ...) and, per epoch,
 every loss term, top-1/top-5, lr, images/s and epoch time with the epoch as the step.
 
 A sweep hands the callbacks to Tune; a single `python -m uhkd.train` run drives the same callbacks through

@@ -3,7 +3,8 @@ most one worker (checkpoints through `tune.report`), on a Ray Train `TorchTraine
 
 A trial's Tune config holds everything the trial needs (module globals do not reach trial actors):
 `_preset` (run preset), `_run` (fixed overrides), `_sweep_dir` (the sweep's location: a folder or a URI),
-`_teacher_dir` (a location), `_resources` (custom Ray resources each worker reserves), optionally `cell`
+`_teacher_dir` (a location), `_resources` (custom Ray resources each worker reserves), `_plugins` (the modules of
+the user's `--plugin`s, which Ray ships to the workers and each trial imports), optionally `cell`
 (grid sweeps: this trial's own cell, `{"label": ..., "set": overrides}`) and the sampled hyperparameters under
 their dotted config keys, plus `pair` ("teacher:student"). `run_config` turns it into the `RunConfig`, on the trial and on the driver (for the
 Parquet row) alike.
@@ -21,8 +22,9 @@ from typing import Any, Mapping
 
 import pyarrow.fs as pafs
 
-from ..config import LEAF_TYPES, RunConfig, build_config
+from ..config import RunConfig, build_config, is_config_key, method_key
 from ..errors import UserError
+from ..plugins import import_modules
 from ..storage import join, location_of, open_location
 from ..trainer import METRICS_LOG, STUDENT
 
@@ -50,12 +52,16 @@ LABELS = ("tag", "weights_from")  # cell entries that label the trial's row inst
 
 def trial_overrides(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """(dotted overrides, labels) of a trial config: fixed overrides < grid cell < sampled values; the labels are
-    the cell's `LABELS` ("" when absent)."""
-    overrides = dict(config.get("_run", {}))
+    the cell's `LABELS` ("" when absent). The fixed overrides' parameters of other methods than the trial's (a
+    grid's `--set method.dkd.beta=8` in its kd cells) do not apply."""
     cell = dict(config["cell"]["set"]) if "cell" in config else {}
     labels = {key: str(cell.pop(key, "")) for key in LABELS}
+    sampled = {k: v for k, v in config.items() if is_config_key(k) or k == "pair"}
+    method = {**config.get("_run", {}), **cell, **sampled}.get("method.name")
+    overrides = {k: v for k, v in config.get("_run", {}).items()
+                 if method is None or method_key(k) is None or method_key(k)[0] == method}
     overrides.update(cell)
-    overrides.update({k: v for k, v in config.items() if k in LEAF_TYPES or k == "pair"})
+    overrides.update(sampled)
     if "pair" in overrides:
         overrides["model.teacher"], overrides["model.student"] = split_pair(overrides.pop("pair"))
     teacher = overrides.get("model.teacher", "")
@@ -68,6 +74,7 @@ def run_config(config: Mapping[str, Any], trial_id: str) -> RunConfig:
     """The resolved run of a trial (method defaults filled in): what it trains, and the Parquet config columns."""
     from ..methods import resolve_method
 
+    import_modules(config.get("_plugins", ()))
     overrides, _ = trial_overrides(config)
     cfg = build_config(config["_preset"], overrides)
     runs = "tune" if in_process(cfg.workers) else "train"
