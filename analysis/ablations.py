@@ -4,9 +4,10 @@ Component table: rows are the trials' `tag` (the ablation sweep tags full UHKD "
 e.g. "w/o FTM", "w/o SRA", "sca=conv_bn", "single level", "w/o KL", "beta=0"), one column per pair, each cell mean ±
 std over seeds and its difference to "full".
 
-Curves: for each of method.uhkd.beta, .alpha, .k and .band, the UHKD trials of a pair that keep every
-other ablation switch at the pair's most common value ("one factor at a time"), top-1 against the value, one line per
-pair with a mean ± std band over seeds.
+Curves: for each of method.uhkd.beta, .alpha, .k and .band, the UHKD trials of a pair that keep every other
+ablation switch at the pair's most common value ("one factor at a time"), top-1 against the value: a row of panels
+per pair (their scales differ), the mean over seeds with ± std error bars at the measured values, n in the legend and
+the teacher's top-1 as a dashed reference line.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, line_colors, ok_trials, pair_label, read_trials,
-                             render, require_columns, save_figure, select, signed, write_text)
+from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, figure_title, integer_ticks, line_colors, ok_trials,
+                             pair_label, panel_rows, percent_axis, read_trials, render, require_columns, row_legend,
+                             save_figure, select, signed, teacher_line, write_text)
 from uhkd.errors import UserError
 
 SWITCHES = tuple(f"method.uhkd.{p}" for p in ("spectrum", "sra", "sca", "stages", "alpha", "beta", "k", "band"))
@@ -100,34 +102,45 @@ def curve_data(trials: pd.DataFrame, metric: str = "best_top1") -> pd.DataFrame:
             order = CATEGORY_ORDER.get(param)
             if order:
                 points.sort(key=lambda p: order.index(p[0]) if p[0] in order else len(order))
+            teachers = fixed["teacher_top1"].dropna().round(6).unique() if "teacher_top1" in fixed else []
             for i, (value, stat) in enumerate(points):
                 records.append({"param": param, "pair": pair, "value": value, "x": i if order else float(value),
-                                "mean": stat.mean, "std": stat.std, "n": stat.n})
+                                "mean": stat.mean, "std": stat.std, "n": stat.n,
+                                "teacher_top1": teachers.mean() if len(teachers) else math.nan,
+                                "teachers": len(teachers)})
     if not records:
         raise UserError(f"no UHKD pair has trials at two or more values of {', '.join(present)} with the other "
                         "switches fixed; nothing to plot")
     return pd.DataFrame(records)
 
 
-def plot_curves(data: pd.DataFrame, metric: str = "best_top1") -> Figure:
-    """One panel per parameter, one line per pair (mean) with a ± std band; lines in `data` order."""
-    params = list(dict.fromkeys(data["param"]))
-    fig = Figure(figsize=(4 * len(params), 3.2), layout="constrained")
-    axes = fig.subplots(1, len(params), squeeze=False)[0]
+def plot_curves(data: pd.DataFrame, metric: str = "best_top1", title: str = "") -> Figure:
+    """A row of panels per pair, one per parameter it has a curve for (no empty slot): mean top-1 at each measured
+    value with ± std error bars, the teacher's top-1 dashed; whole-number ticks for whole-number values (k)."""
+    pairs = list(dict.fromkeys(data["pair"]))
+    params = {pair: list(dict.fromkeys(data.loc[data["pair"] == pair, "param"])) for pair in pairs}
+    fig = Figure(layout="constrained")
     colors = line_colors(data["pair"])
-    for ax, param in zip(axes, params):
-        panel = data[data["param"] == param]
-        for pair, line in panel.groupby("pair", sort=False):
-            x, mean, std = line["x"].to_numpy(), line["mean"].to_numpy(), np.nan_to_num(line["std"].to_numpy())
-            ax.plot(x, mean, marker="o", label=pair_label(pair), color=colors[pair])
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=colors[pair])
-        if param in CATEGORY_ORDER:
-            ax.set_xticks(panel["x"].unique(), panel.drop_duplicates("x")["value"].astype(str))
-        ax.set_xlabel(SYMBOLS[param])
-        ax.set_ylabel("best-epoch top-1 (%)" if metric == "best_top1" else "last-epoch top-1 (%)")
-        ax.grid(alpha=0.3)
-    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
-    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize="small")
+    for pair, axes in zip(pairs, panel_rows(fig, [len(params[p]) for p in pairs], width=3.4, legend=2.4)):
+        for ax, param in zip(axes, params[pair]):
+            line = data[(data["pair"] == pair) & (data["param"] == param)]
+            n = sorted(set(line["n"]))
+            seeds = f"n={n[0]}" if len(n) == 1 else f"n={n[0]}–{n[-1]}"
+            ax.errorbar(line["x"], line["mean"], yerr=line["std"].fillna(0), marker="o", capsize=3,
+                        color=colors[pair], label=f"UHKD, mean ± std over seeds ({seeds} per point)")
+            teacher_line(ax, line["teacher_top1"].iloc[0], int(line["teachers"].iloc[0]))
+            if param in CATEGORY_ORDER:
+                ax.set_xticks(line["x"], line["value"].astype(str))
+            elif all(float(v).is_integer() for v in line["x"]):
+                integer_ticks(ax.xaxis)
+            ax.set_title(pair_label(pair), fontsize="medium")
+            ax.set_xlabel(SYMBOLS[param])
+            ax.set_ylabel("best-epoch top-1" if metric == "best_top1" else "last-epoch top-1")
+            percent_axis(ax.yaxis)
+            ax.grid(alpha=0.3)
+        row_legend(axes)
+    if title:
+        fig.suptitle(title)
     return fig
 
 
@@ -159,7 +172,8 @@ def main(args: argparse.Namespace) -> list[Path]:
     except UserError as exc:
         skipped.append(f"component table: {exc}")
     try:
-        outputs += save_figure(plot_curves(curve_data(trials, metric), metric), out_dir / "ablation_curves")
+        title = figure_title(trials, "UHKD ablations: top-1 against one factor, the others at their most common value")
+        outputs += save_figure(plot_curves(curve_data(trials, metric), metric, title), out_dir / "ablation_curves")
     except UserError as exc:
         skipped.append(f"curves: {exc}")
     if not outputs:

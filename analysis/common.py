@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from uhkd.errors import UserError, one_line
 from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, merged_table, open_location, wide
@@ -158,7 +159,7 @@ def signed(value: float, digits: int = 2) -> str:
 
 
 def published_results() -> pd.DataFrame:
-    """The published numbers shipped with the toolkit (SPEC §4): one row per number with its source."""
+    """The published numbers shipped with the toolkit (docs/protocol.md#published-numbers): one row per number with its source."""
     with resources.files("uhkd").joinpath("reference/published_results.csv").open() as handle:
         table = pd.read_csv(handle, keep_default_na=False)
     table["top1"] = table["top1"].astype(float)
@@ -225,6 +226,59 @@ def _latex_escape(text: str) -> str:
                          ("†", "\\dag{}")):
         text = text.replace(raw, escaped)
     return text
+
+
+SPLITS = {"final": "final split: the test set", "tune": "tune split: the held-out part of the training set"}
+
+
+def figure_title(trials: pd.DataFrame, what: str) -> str:
+    """`what`, then the sweep(s), dataset(s) and split(s) of `trials`: every figure says what it shows."""
+    def values(column: str) -> list[str]:
+        return sorted(trials[column].dropna().astype(str).unique()) if column in trials.columns else []
+
+    splits = [SPLITS.get(s, f"split {s}") for s in values("split")]
+    where = [w for w in (", ".join(values("sweep")), ", ".join(values("dataset")), "; ".join(splits)) if w]
+    line = " · ".join(where)
+    return f"{what}\n" + (line if len(line) <= 110 else "\n".join(where))
+
+
+def panel_rows(fig: Figure, counts: Sequence[int], width: float = 3.6, height: float = 2.9,
+               legend: float = 0.0) -> list[list]:
+    """Axes in rows of `counts[i]` panels each and no empty slot (a row with fewer panels has wider ones); `legend`
+    inches more on the right for legends beside the rows."""
+    fig.set_size_inches(width * max(counts) + legend, height * len(counts))
+    if len(set(counts)) == 1:
+        return [list(row) for row in fig.subplots(len(counts), counts[0], squeeze=False)]
+    return [list(row.subplots(1, n, squeeze=False)[0]) for row, n in zip(fig.subfigures(len(counts), 1), counts)]
+
+
+def integer_ticks(axis) -> None:
+    """Ticks at whole numbers only (epochs, k)."""
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def percent_axis(axis) -> None:
+    """Tick labels of a 0-100 top-1 axis in per cent, with the digits the ticks need (95%, 95.5%)."""
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.6g}%"))
+
+
+def teacher_line(ax, top1: float, checkpoints: int = 1) -> None:
+    """The teacher's top-1 on the same evaluation set as a dashed reference line (none when unknown); `checkpoints`:
+    how many distinct measurements `top1` is the mean of."""
+    if not pd.isna(top1):
+        mean = f" (mean of {checkpoints} checkpoints)" if checkpoints > 1 else ""
+        ax.axhline(top1, color="0.35", linestyle="--", linewidth=1, label=f"teacher {top1:.2f}%{mean}")
+
+
+def row_legend(axes: Sequence) -> None:
+    """One legend beside a row of panels, holding every labelled line of the row once (reference lines last)."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    order = sorted(handles, key=lambda label: label.startswith("teacher "))
+    axes[-1].legend([handles[label] for label in order], order, loc="upper left", bbox_to_anchor=(1.02, 1),
+                    fontsize="small", frameon=False)
 
 
 def line_colors(labels: Iterable[str]) -> dict[str, tuple]:

@@ -116,12 +116,14 @@ def plot_similarity(table: pd.DataFrame, title: str = "") -> Figure:
         for i, label in enumerate(labels):
             rows = table[(table["metric"] == metric) & (table["student"] == label)].set_index("stage").loc[stages]
             ax.bar(np.arange(len(stages)) + (i - (len(labels) - 1) / 2) * width, rows["mean"], width,
-                   yerr=rows["std"].fillna(0), capsize=3, label=f"student {label}")
+                   yerr=rows["std"].fillna(0), capsize=3,
+                   label=f"student {label}, mean ± std over images (n={int(rows['n'].iloc[0])})")
         ax.set_xticks(range(len(stages)), [f"stage {s}" for s in stages])
         ax.set_title("cosine similarity" if metric == "cosine" else "Pearson correlation")
         ax.set_ylim(min(0.0, table["mean"].min() - 0.05), 1.0)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small", frameon=False)
     if title:
         fig.suptitle(title)
     return fig
@@ -141,8 +143,9 @@ def map_panels(images: torch.Tensor, teacher: torch.Tensor, aligned: dict[str, t
     return rows
 
 
-def plot_maps(panels: list[list[tuple[str, np.ndarray]]], stage: int) -> Figure:
-    """One row per image; feature maps share a colour scale per row, differences use the same scale."""
+def plot_maps(panels: list[list[tuple[str, np.ndarray]]], stage: int, what: str = "") -> Figure:
+    """One row per image; feature maps share a colour scale per row, differences use the same scale; `what` (the
+    pair and images) heads the title."""
     cols = len(panels[0])
     fig = Figure(figsize=(1.9 * cols, 1.9 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), cols, squeeze=False)
@@ -156,7 +159,7 @@ def plot_maps(panels: list[list[tuple[str, np.ndarray]]], stage: int) -> Figure:
                 ax.imshow(array, cmap="magma" if title.startswith("|") else "viridis", vmin=low, vmax=high)
             ax.set_title(title, fontsize=8)
             ax.set_axis_off()
-    fig.suptitle(f"stage {stage} features (channel mean), aligned to the teacher")
+    fig.suptitle(f"{what + ': ' if what else ''}stage {stage} features (channel mean), aligned to the teacher")
     return fig
 
 
@@ -204,11 +207,15 @@ def main(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "similarity.csv", index=False, float_format="%.6f")
-    bars = save_figure(plot_similarity(table, pair_label(f"{args.teacher}:{args.student}")), out / "similarity_bars")
+    pair = pair_label(f"{args.teacher}:{args.student}")
+    title = (f"Features of {pair}, student aligned to the teacher\n"
+             f"{args.dataset} test images · {args.k}×{args.k} {args.band}-frequency {args.spectrum} spectrum")
+    bars = save_figure(plot_similarity(table, title), out / "similarity_bars")
     stage = args.map_stage - 1
     panels = map_panels(images[:args.images], teacher_maps[stage], {k: v[stage] for k, v in aligned.items()},
                         args.map_images)
-    return [out / "similarity.csv", *bars, *save_figure(plot_maps(panels, args.map_stage), out / "feature_maps")]
+    maps = plot_maps(panels, args.map_stage, f"{pair}, {args.dataset} test images")
+    return [out / "similarity.csv", *bars, *save_figure(maps, out / "feature_maps")]
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,9 @@
 One section per sweep. Hyperparameters are the run-config columns (flat dotted keys) that vary among a sweep's
 finished trials; teacher and student appear as `pair`, seeds are averaged (a configuration's score is its mean over
 seeds). Importances come from an Optuna study rebuilt from the trial rows of each pair (one completed Optuna trial
-per row); --study sqlite:///path.db adds the importances of the sweep's own persisted study.
+per row), only for a pair with enough trials (max(10, 5 per varying hyperparameter); else the report says why);
+--study sqlite:///path.db adds the importances of the sweep's own persisted study. The plot draws one line per trial
+(trials sharing a configuration side by side), stopped trials dashed.
 """
 from __future__ import annotations
 
@@ -18,15 +20,19 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, ok_trials, pair_label, read_trials, render,
-                             require_columns, save_figure, select, write_text)
+from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, figure_title, ok_trials, pair_label, percent_axis,
+                             read_trials, render, require_columns, save_figure, select, write_text)
 from uhkd.config import LEAF_TYPES, method_key
 from uhkd.errors import UserError
 
+METRIC_NAMES = {"best_top1": "best-epoch top-1", "last_top1": "last-epoch top-1"}
+SHARED_SPREAD = 0.12  # of an axis: the most that separates the lines of trials sharing a configuration
 # Run identity and location, not hyperparameters; teacher and student are reported together as `pair`.
 NOT_SEARCHED = {"seed", "name", "output_dir", "data.root", "model.teacher_checkpoint", "model.pretrained_file",
                 "model.teacher", "model.student"}
+MIN_TRIALS, MIN_TRIALS_PER_PARAM = 10, 5
 EVALUATORS = {
     "fanova": lambda: optuna.importance.FanovaImportanceEvaluator(seed=0),
     "ped-anova": optuna.importance.PedAnovaImportanceEvaluator,
@@ -36,9 +42,14 @@ EVALUATORS = {
 
 def varying_params(trials: pd.DataFrame) -> list[str]:
     """Config columns (and `pair`) with more than one distinct value among `trials`: the run's fields and the
-    methods' parameters (`method.<name>.<param>`)."""
+    methods' parameters (`method.<name>.<param>`); a value and none count as two (a method without that parameter)."""
     keys = ["pair"] + [k for k in trials.columns if (k in LEAF_TYPES or method_key(k)) and k not in NOT_SEARCHED]
-    return [k for k in keys if k in trials.columns and trials[k].astype(str).nunique() > 1]
+    return [k for k in keys if k in trials.columns and categories(trials[k]).nunique() > 1]
+
+
+def importance_minimum(params: int) -> int:
+    """Trials a pair needs before its importances mean something: fANOVA fits a random forest to them."""
+    return max(MIN_TRIALS, MIN_TRIALS_PER_PARAM * params)
 
 
 def best_configs(trials: pd.DataFrame, params: Sequence[str], metric: str) -> pd.DataFrame:
@@ -54,13 +65,22 @@ def best_configs(trials: pd.DataFrame, params: Sequence[str], metric: str) -> pd
     return pd.DataFrame(records)
 
 
-def _text(value: object) -> str:
+def value_text(value: object) -> str:
+    """A config value as shown: floats to 4 significant digits, `n/a` where the trial's method has no such
+    parameter (a null)."""
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return "n/a"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def categories(values: pd.Series) -> pd.Series:
+    """Values as category names (`value_text`), so that a null is a category of its own."""
+    return values.map(value_text)
 
 
 def _distribution(values: pd.Series) -> optuna.distributions.BaseDistribution:
     if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values) or values.isna().any():
-        return optuna.distributions.CategoricalDistribution(sorted(values.astype(str).unique()))
+        return optuna.distributions.CategoricalDistribution(sorted(categories(values).unique()))
     low, high = values.min(), values.max()
     if pd.api.types.is_integer_dtype(values):
         return optuna.distributions.IntDistribution(int(low), int(high))
@@ -70,11 +90,12 @@ def _distribution(values: pd.Series) -> optuna.distributions.BaseDistribution:
 def rebuilt_study(trials: pd.DataFrame, params: Sequence[str], metric: str) -> optuna.Study:
     """A maximising in-memory study holding one completed trial per row (value = `metric`)."""
     dists = {p: _distribution(trials[p]) for p in params}
+    names = {p: categories(trials[p]) for p, d in dists.items()
+             if isinstance(d, optuna.distributions.CategoricalDistribution)}
     study = optuna.create_study(direction="maximize")
-    for _, row in trials.iterrows():
-        values = {p: str(row[p]) if isinstance(d, optuna.distributions.CategoricalDistribution)
-                  else int(row[p]) if isinstance(d, optuna.distributions.IntDistribution) else float(row[p])
-                  for p, d in dists.items()}
+    for i, row in trials.iterrows():
+        values = {p: names[p][i] if p in names else int(row[p])
+                  if isinstance(d, optuna.distributions.IntDistribution) else float(row[p]) for p, d in dists.items()}
         study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=float(row[metric])))
     return study
 
@@ -84,10 +105,14 @@ def importances(study: optuna.Study, evaluator: str) -> dict[str, float]:
     return optuna.importance.get_param_importances(study, evaluator=EVALUATORS[evaluator](), target=target)
 
 
-def parallel_coordinates(trials: pd.DataFrame, params: Sequence[str], metric: str) -> tuple[Figure, pd.DataFrame]:
-    """Each trial a line across one axis per parameter and the metric, values scaled to [0, 1] per axis
-    (log scale for positive ranges spanning ≥ 100×, categories evenly spaced); colour = metric.
-    Returns the figure and the plotted positions (one row per trial, in line order)."""
+def parallel_coordinates(trials: pd.DataFrame, params: Sequence[str], metric: str,
+                         title: str = "") -> tuple[Figure, pd.DataFrame]:
+    """Each trial a line across one axis per parameter and the metric, values scaled to [0, 1] per axis (log scale
+    for positive ranges spanning ≥ 100×, categories evenly spaced); colour = metric; stopped trials dashed, ending
+    in ×. Trials sharing a configuration (the same value on every parameter axis) are drawn side by side, the legend
+    says how many.
+    Returns the figure and the plotted positions before that spread (one row per trial, in line order), with
+    `shared` = k and `status`."""
     axes_names = [*params, metric]
     trials = trials.sort_values(metric, kind="stable")
     if "pair" in params:
@@ -99,29 +124,53 @@ def parallel_coordinates(trials: pd.DataFrame, params: Sequence[str], metric: st
         if isinstance(dist, optuna.distributions.CategoricalDistribution):
             choices = list(dist.choices)
             pos = np.linspace(0, 1, len(choices)) if len(choices) > 1 else np.array([0.5])
-            scaled[name] = values.astype(str).map(dict(zip(choices, pos))).to_numpy(float)
+            scaled[name] = categories(values).map(dict(zip(choices, pos))).to_numpy(float)
             ticks[name] = list(zip(pos, choices))
         else:
             x = np.log10(values.to_numpy(float)) if getattr(dist, "log", False) else values.to_numpy(float)
             span = x.max() - x.min()
             scaled[name] = (x - x.min()) / span if span else np.full(len(x), 0.5)
-            ticks[name] = [(0.0 if span else 0.5, f"{values.min():.4g}")] + ([(1.0, f"{values.max():.4g}")]
-                                                                             if span else [])
+            unit = "%" if name == metric else ""
+            ticks[name] = [(0.0 if span else 0.5, f"{values.min():.4g}{unit}")] + (
+                [(1.0, f"{values.max():.4g}{unit}")] if span else [])
     data = pd.DataFrame(scaled, index=trials.index)
-    fig = Figure(figsize=(max(4.0, 1.6 * len(axes_names)), 4), layout="constrained")
+    config = data[list(params)].round(9).apply(tuple, axis=1)
+    shared = config.map(config.value_counts()).to_numpy()
+    spread = (config.groupby(config).cumcount().to_numpy() - (shared - 1) / 2) * np.minimum(
+        0.02, SHARED_SPREAD / np.maximum(shared - 1, 1))
+    status = trials["status"] if "status" in trials.columns else pd.Series("ok", index=trials.index)
+    fig = Figure(figsize=(max(5.0, 1.7 * len(axes_names)), 4.4), layout="constrained")
     ax = fig.subplots()
     norm = Normalize(trials[metric].min(), trials[metric].max())
     cmap = colormaps["viridis"]
-    for (_, row), value in zip(data.iterrows(), trials[metric]):
-        ax.plot(range(len(axes_names)), row.to_numpy(), color=cmap(norm(value)), alpha=0.8)
+    for (_, row), value, offset, stopped in zip(data.iterrows(), trials[metric], spread, status == "stopped"):
+        ys = row.to_numpy() + np.r_[np.full(len(params), offset), 0.0]
+        ax.plot(range(len(axes_names)), ys, "--" if stopped else "-", color=cmap(norm(value)), alpha=0.85)
+        ax.plot(len(params), ys[-1], "x" if stopped else "o", color=cmap(norm(value)), markersize=6)
     for i, name in enumerate(axes_names):
         for y, label in ticks[name]:
-            ax.text(i, y, f" {label}", fontsize=7, va="center")
-    ax.set_xticks(range(len(axes_names)), axes_names, rotation=20)
+            ax.annotate(label, (i, y), xytext=(6, 0), textcoords="offset points", fontsize=7, va="center",
+                        bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    ax.set_xticks(range(len(axes_names)), [*params, METRIC_NAMES.get(metric, metric)], rotation=20)
+    ax.set_xlim(-0.3, len(axes_names) - 0.6)
     ax.set_yticks([])
     ax.grid(axis="x", color="k", alpha=0.6)
-    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label=metric)
-    return fig, data
+    colorbar = fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label=f"{METRIC_NAMES.get(metric, metric)}")
+    percent_axis(colorbar.ax.yaxis)
+    counts = status.value_counts()
+    handles = [Line2D([], [], color="0.3", linestyle="-", marker="o", label=f"finished (n={counts.get('ok', 0)})")]
+    if counts.get("stopped", 0):
+        handles.append(Line2D([], [], color="0.3", linestyle="--", marker="x",
+                              label=f"stopped early by the scheduler (n={counts['stopped']})"))
+    sizes = config.value_counts().value_counts().sort_index()
+    if sizes.index.max() > 1:
+        repeated = ", ".join(f"{n} configuration{'s' * (n > 1)} run {k}×" for k, n in sizes.items() if k > 1)
+        handles.append(Line2D([], [], color="0.3", linewidth=0.8,
+                              label=f"{repeated}: their lines side by side"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small", frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig, data.assign(shared=shared, status=status)
 
 
 def _importance_table(records: list[dict]) -> str:
@@ -131,25 +180,32 @@ def _importance_table(records: list[dict]) -> str:
 
 
 def sweep_section(trials: pd.DataFrame, metric: str, evaluator: str) -> tuple[list[str], list[dict], list[str]]:
-    """Markdown lines of one sweep (best configuration per pair, per-pair importances), the importance records
-    (scope = pair) and the sweep's varying parameters ([] when nothing varies)."""
+    """Markdown lines of one sweep (best configuration per pair, per-pair importances or why there are none), the
+    importance records (scope = pair) and the sweep's varying parameters ([] when nothing varies)."""
     params = varying_params(trials)
     if not params:
         return ["No hyperparameter varies among these trials.", ""], [], []
     best = best_configs(trials, params, metric)
     config = [p for p in params if p != "pair"]
-    rows = [[r["pair"], Stat(r["mean"], r["std"], int(r["n"])).text(), *(_text(r[p]) for p in config), r["trials"]]
+    rows = [[r["pair"], Stat(r["mean"], r["std"], int(r["n"])).text(), *(value_text(r[p]) for p in config), r["trials"]]
             for _, r in best.iterrows()]
     lines = ["### Best configuration per pair", "", render(["Pair", metric, *config, "trials"], rows, "md"),
              "### Hyperparameter importances", ""]
-    records = []
+    records, notes = [], []
     for pair, group in trials.groupby("pair", sort=True):
-        own = [p for p in config if group[p].astype(str).nunique() > 1]
-        if own and len(group) >= 2:
-            records.append({"scope": pair, **importances(rebuilt_study(group, own, metric), evaluator)})
-    lines += ([f"Optuna {evaluator} importances of {metric} per pair (normalised to sum 1 per row)", "",
-               _importance_table(records)] if records else
-              ["No pair has two or more trials with a varying hyperparameter.", ""])
+        own = [p for p in config if categories(group[p]).nunique() > 1]
+        if not own:
+            continue
+        if len(group) < importance_minimum(len(own)):
+            notes.append(f"- {pair}: left out, {len(group)} trials for {len(own)} varying hyperparameters; "
+                         f"importances need at least {importance_minimum(len(own))} trials (max({MIN_TRIALS}, "
+                         f"{MIN_TRIALS_PER_PARAM} per hyperparameter))")
+            continue
+        records.append({"scope": pair, **importances(rebuilt_study(group, own, metric), evaluator)})
+    if records:
+        lines += [f"Optuna {evaluator} importances of {metric} per pair (normalised to sum 1 per row)", "",
+                  _importance_table(records)]
+    lines += (notes + [""] if notes else ["No pair has a varying hyperparameter.", ""] if not records else [])
     return lines, records, params
 
 
@@ -203,13 +259,20 @@ def main(args: argparse.Namespace) -> list[Path]:
         records += [{"sweep": sweep, **r} for r in imp]
         if params:
             stem = "parallel_coordinates" if len(sweeps) == 1 else f"parallel_coordinates_{sweep}"
-            figures += save_figure(parallel_coordinates(group, params, metric)[0], out / stem)
+            title = figure_title(group, f"{METRIC_NAMES[metric]} and hyperparameters, one line per trial")
+            figures += save_figure(parallel_coordinates(group, params, metric, title)[0], out / stem)
     if args.study:
         study = _load_study(args.study, args.study_name)
-        imp = {"scope": f"study {study.study_name}", **importances(study, args.evaluator)}
-        records.append(imp)
-        text += [f"## Optuna study {study.study_name}", "",
-                 f"Optuna {args.evaluator} importances of the study's objective", "", _importance_table([imp])]
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        searched = len({p for t in done for p in t.params})
+        text += [f"## Optuna study {study.study_name}", ""]
+        if len(done) < importance_minimum(searched):
+            text += [f"Importances left out: {len(done)} completed trials for {searched} hyperparameters; they need "
+                     f"at least {importance_minimum(searched)}.", ""]
+        else:
+            imp = {"scope": f"study {study.study_name}", **importances(study, args.evaluator)}
+            records.append(imp)
+            text += [f"Optuna {args.evaluator} importances of the study's objective", "", _importance_table([imp])]
     if not figures and not args.study:
         raise UserError(f"no hyperparameter varies within any sweep ({', '.join(sweeps)}); nothing to report "
                         "beyond the table of analysis/tables.py")

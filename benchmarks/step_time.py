@@ -1,7 +1,8 @@
 """UHKD training-step time over KD training-step time, same pair, batch and student, measured interleaved in one
-process; the `sca=conv_bn` order (SPEC §1.1: 1.43 on CPU); the 2025 baselines beside them, RSD and PAT (published
-anchors: RSD's epoch close to KD's, PAT's ~3.2x); with `--compile`, the same steps under torch.compile (the
-trainer's `compile` switch); model FLOPs per image and the FLOP utilisation (MFU) of each step; peak memory.
+process; the `sca=conv_bn` order (docs/method.md#sca-the-channel-projection); the 2025 baselines RSD and PAT beside
+them (published: RSD's epoch close to KD's, PAT's ~3.2x; docs/baselines.md#pat); with `--compile`, the same steps
+under torch.compile (the trainer's `compile` switch); model FLOPs per image and the FLOP utilisation (MFU) of each
+step; peak memory.
 
     python benchmarks/step_time.py                      # ViT-S / Swin-T -> ResNet18 at 224 batch 8, tiny pair at 32, CPU
     python benchmarks/step_time.py --device cuda --batch 128 --amp bf16 --compile on

@@ -66,8 +66,7 @@ def main() -> None:
     from sweeps import hetero_pairs
     from uhkd.sweep.cli import options
     from uhkd.sweep.cluster import connect
-    from uhkd.sweep.runner import plan
-    from uhkd.sweep.teachers import train_teachers
+    from uhkd.sweep.runner import plan, train_teachers
 
     results = args.results or tempfile.mkdtemp(prefix="uhkd-overhead-")
     Path(results).mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Teacher checkpoints `<teacher-dir>/<timm name>.pth`, which the other sweeps load by name (`--teacher-dir` may be
 a URI such as s3://bucket/teachers: the teachers are uploaded there and every node fetches them once).
 
-cifar100: fine-tunes ImageNet-pretrained timm teachers on CIFAR-100 (SPEC §3: AdamW 5e-5, cosine, warm-up 20, clip
+cifar100: fine-tunes ImageNet-pretrained timm teachers on CIFAR-100 (docs/protocol.md#recipes: AdamW 5e-5, cosine, warm-up 20, clip
 5) from local weight files `<pretrained-dir>/<timm name>.{safetensors,pth,bin}`, each teacher one Ray Train trial.
 imagenet: the pretrained models are the teachers; their weight files are converted, nothing trains.
 quick: trains the tiny teachers from scratch on the offline digits (the other quick sweeps do this by themselves

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,12 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+# The example plugin is a registered method here as well: the registry's contracts (tests/test_methods.py,
+# tests/test_learning.py) check a user's method exactly as they check the built-in ones.
+from uhkd.plugins import load  # noqa: E402
+
+load([str(Path(__file__).resolve().parents[1] / "examples" / "my_method.py")])
+
 
 @pytest.fixture(scope="session")
 def ray_local():
@@ -24,7 +31,10 @@ def ray_local():
     import ray
     from realstack import kill_left_behind
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from uhkd.sweep.cluster import job_env
+
+    # job_env: the example plugin loaded above goes to the workers (py_modules), as a sweep's own cluster ships it
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=job_env())
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     yield ray
     ray.shutdown()

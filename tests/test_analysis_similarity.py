@@ -76,6 +76,8 @@ def test_similarity_heterogeneous_pair_figures_hold_the_table(tmp_path):
     assert table["mean"].between(-1, 1).all() and set(table["stage"]) == {1, 2, 3, 4}
 
     fig = similarity.plot_similarity(table)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        f"student {s}, mean ± std over images (n=12)" for s in similarity.STUDENTS]
     for ax, metric in zip(fig.axes, similarity.METRICS):
         bars = [c for c in ax.containers if isinstance(c, BarContainer)]
         for container, label in zip(bars, similarity.STUDENTS):

@@ -1,4 +1,5 @@
-"""Golden values of the logit losses against independent float64 numpy loops written from SPEC §2."""
+"""Golden values of the logit losses against independent float64 numpy loops written from the formulas of
+docs/baselines.md#conventions."""
 import math
 
 import numpy as np
@@ -54,7 +55,8 @@ def np_dist(zs, zt, beta, gamma, t):
 
 
 def np_ofa(zs, zt, y, gamma, t):
-    """SPEC §2 written per class: −[(1+p_t,ŷ)^γ − 1]·log p_s,ŷ − Σ_{c≠ŷ} p_t,c^γ · log p_s,c."""
+    """docs/baselines.md#conventions written per class:
+    −[(1+p_t,ŷ)^γ − 1]·log p_s,ŷ − Σ_{c≠ŷ} p_t,c^γ · log p_s,c."""
     total = []
     for a, b, g in zip(zs.tolist(), zt.tolist(), y.tolist()):
         ps, pt = softmax(a, t), softmax(b, t)

@@ -1,7 +1,7 @@
 """Contracts every registered method meets (the way timm's tests run over `list_models()`): it builds on every
-heterogeneous family pair of docs/protocol.md (scaled down), gives finite loss terms, sends gradients to the student
-and to every extra module, counts its extra parameters apart, and declares a valid default for every parameter
-under each protocol and student family. Then the published defaults, UHKD's ablation switches, bad input."""
+heterogeneous family pair of docs/protocol.md#pairs (scaled down), gives finite loss terms, sends gradients to the
+student and to every extra module, counts its extra parameters apart, and declares a valid default for every
+parameter under each protocol and student family. Then the published defaults, UHKD's ablation switches, bad input."""
 import dataclasses
 import functools
 import math
@@ -16,7 +16,7 @@ from uhkd.methods import Protocol, build_method, method_params, registered, teac
 from uhkd.methods.base import SCALARS, make_params, param_fields
 from uhkd.models import create_stage_model, load_teacher
 
-PAIRS = [  # (student, teacher): every family combination of the CIFAR-100 and ImageNet-1K pairs
+PAIRS = [  # (student, teacher): every family combination of docs/protocol.md#pairs (CIFAR-100 and ImageNet-1K)
     ("resnet18", "swin_tiny_patch4_window7_224"), ("resnet18", "vit_small_patch16_224"),
     ("resnet18", "mixer_b16_224"), ("mobilenetv2_100", "swin_tiny_patch4_window7_224"),
     ("mobilenetv2_100", "deit_tiny_patch16_224"), ("mobilenetv2_100", "mixer_b16_224"),

@@ -8,7 +8,7 @@ import torch
 from uhkd.errors import UserError
 from uhkd.models import create_stage_model, load_teacher, model_family, model_kind, save_model_checkpoint
 
-FAMILY_MODELS = {  # one model per family (SPEC §3 names), scaled down
+FAMILY_MODELS = {  # one model per family (docs/protocol.md#pairs names), scaled down
     "resnet18": "cnn", "mobilenetv2_100": "cnn", "convnext_tiny": "cnn", "vit_small_patch16_224": "vit",
     "deit_tiny_patch16_224": "vit", "swin_tiny_patch4_window7_224": "vit", "swin_pico_patch4_window7_224": "vit",
     "mixer_b16_224": "mlp", "resmlp_12_224": "mlp",

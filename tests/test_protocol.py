@@ -1,6 +1,7 @@
-"""The presets carry the published protocol: SPEC §2's method parameters for every preset × method, SPEC §3's
-recipe for every pair of the cifar100 and imagenet sweeps, the effective batch on any worker count, and the teacher
-rules (scratch builds none; a distilling run needs a checkpoint unless it asks for a random teacher)."""
+"""The presets carry the published protocol: the methods' defaults (docs/baselines.md, docs/method.md) for every
+preset × method, the recipe (docs/protocol.md#recipes) for every pair of the cifar100 and imagenet sweeps, the
+effective batch on any worker count, and the teacher rules (scratch builds none; a distilling run needs a checkpoint
+unless it asks for a random teacher)."""
 from __future__ import annotations
 
 import math
@@ -53,8 +54,9 @@ def test_every_preset_resolves_every_baseline_to_its_published_defaults(preset, 
     assert resolved.params == published_params(method, PROTOCOL[preset], student)
 
 
-# SPEC §3 per dataset × student family; where SPEC is silent, the released OFA-KD configs (configs/{cifar,imagenet}/
-# {cnn,vit_mlp}.yaml, 8 GPUs): ImageNet CNN warm-up 3 and effective batch 8 × 64, ImageNet ViT/MLP min lr 1e-6.
+# docs/protocol.md#recipes per dataset × student family; where the paper is silent, the released OFA-KD configs
+# (configs/{cifar,imagenet}/{cnn,vit_mlp}.yaml, 8 GPUs): ImageNet CNN warm-up 3 and effective batch 8 × 64,
+# ImageNet ViT/MLP min lr 1e-6.
 RECIPE = {
     ("cifar100", "cnn"): dict(epochs=300, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", min_lr=1e-3,
                               warmup_epochs=3, weight_decay=2e-3, effective_batch=1024, batch_size=128,
@@ -69,8 +71,9 @@ RECIPE = {
                                   warmup_epochs=20, weight_decay=0.05, effective_batch=1024, batch_size=128,
                                   augment="vit", label_smoothing=0.1, clip_grad=5.0, ema_decay=0.99996),
 }
-AUGMENT = {"cnn": dict(rand_augment=False, mixup=0.0, cutmix=0.0, erase=0.0),  # SPEC §3: RandAugment m9, mixup
-           "vit": dict(rand_augment=True, mixup=0.8, cutmix=1.0, erase=0.25)}  # 0.8, cutmix 1.0, erase 0.25
+# docs/protocol.md#recipes: RandAugment m9, mixup 0.8, cutmix 1.0, random erasing 0.25 for ViT/MLP students
+AUGMENT = {"cnn": dict(rand_augment=False, mixup=0.0, cutmix=0.0, erase=0.0),
+           "vit": dict(rand_augment=True, mixup=0.8, cutmix=1.0, erase=0.25)}
 
 
 def recipe_of(cfg) -> dict:

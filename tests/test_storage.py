@@ -4,6 +4,7 @@ Ray nodes that share no disk, with every table, checkpoint, exported student and
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,26 @@ def _run(args: list[str], cluster, cwd: Path, timeout: float = 900) -> subproces
 
 def _read(server, key: str) -> pd.DataFrame:
     return pq.read_table(f"{server.bucket}/{key}", filesystem=server.filesystem()).to_pandas()
+
+
+@pytest.mark.slow
+def test_a_plugin_reaches_trials_on_a_node_that_cannot_see_its_file(two_nodes, s3_server, tmp_path):
+    """`--plugin FILE` where FILE lies in a folder the second node sees as an empty tmpfs: its trials can only
+    import the method because Ray ships the plugin to them (the job's runtime_env py_modules)."""
+    work = two_nodes.hidden[0] / "plugin"
+    work.mkdir()
+    plugin = work / "my_method.py"
+    shutil.copy(ROOT / "examples" / "my_method.py", plugin)
+    model = create_stage_model("convnext_tiny", num_classes=10, img_size=32, scale="tiny")
+    save_model_checkpoint(tmp_path / "convnext_tiny.pth", model)
+    teachers, results = s3_server.uri("pl/teachers"), s3_server.uri("pl/results")
+    copy(str(tmp_path / "convnext_tiny.pth"), join(teachers, "convnext_tiny.pth"))
+    done = _run([str(ROOT / "sweeps" / "reproduce_tables.py"), "--cluster", two_nodes.address, "--plugin",
+                 str(plugin), "--methods", "zkd", "--pairs", PAIR, "--seeds", "0", "--epochs", "1", "--results",
+                 results, "--teacher-dir", teachers, "--name", "pl", *ON_WORKER, *SMALL], two_nodes, work)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = _read(s3_server, "pl/results/pl/trials.parquet")
+    assert trials[["method", "status"]].values.tolist() == [["zkd", "ok"]]
 
 
 @pytest.mark.slow

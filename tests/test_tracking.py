@@ -1,6 +1,6 @@
-"""--track: a real sweep logged to an MLflow file store, W&B offline and TensorBoard, read back with each tracker's
-own formats and compared with epochs.parquet; a single uhkd.train run; a local `mlflow server` (slow); the flag
-without its packages."""
+"""--track: a real sweep logged to MLflow (its default SQLite store), W&B offline and TensorBoard, read back with each
+tracker's own formats and compared with epochs.parquet, and the MLflow command the sweep prints run as printed; a
+single uhkd.train run; a local `mlflow server` (slow); the flag without its packages or with a folder as its store."""
 from __future__ import annotations
 
 import glob
@@ -24,7 +24,7 @@ from uhkd.storage import checkpoint_folders
 from uhkd.sweep.cli import SweepOptions
 from uhkd.sweep.runner import run
 from uhkd.sweep.spec import Sweep, load_preset
-from uhkd.track_options import TrackOptions, parse_trackers
+from uhkd.track_options import TrackOptions, mlflow_command, mlflow_store, parse_trackers
 
 PAIR = "convnext_tiny:resnet18"
 LOCAL = pafs.LocalFileSystem()
@@ -55,6 +55,23 @@ def mlflow_runs(uri: str, experiment: str) -> dict[str, tuple[dict, dict]]:
                    for key in r.data.metrics}
         out[r.data.tags["trial_id"]] = (r.data.params, history)
     return out
+
+
+def run_printed(command: str) -> str:
+    """A printed command run as a user would (bash, this environment's python first on PATH), with no MLflow setting
+    inherited (no MLFLOW_ALLOW_FILE_STORE, no MLFLOW_TRACKING_URI)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def printed_mlflow(lines: list[str], says: str) -> str:
+    """The command printed on the line after the `mlflow: ...` line that contains `says`."""
+    (i,) = [i for i, line in enumerate(lines) if line.startswith("mlflow: ") and says in line]
+    assert lines[i + 1].startswith("  MLFLOW_TRACKING_URI=")
+    return lines[i + 1].strip()
 
 
 def assert_same_as_parquet(runs: dict, epochs: pd.DataFrame, keys=("top1", "loss", "loss_kl", "lr")) -> None:
@@ -111,9 +128,18 @@ def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, te
                                                                     capsys):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cells = {"a": {"pair": PAIR, "method.name": "kd"}, "b": {"pair": PAIR, "method.name": "kd", "optim.lr": 1e-3}}
-    track = TrackOptions(("mlflow", "wandb", "tensorboard"), mlflow_uri=str(tmp_path / "mlruns"))
+    track = TrackOptions(("mlflow", "wandb", "tensorboard"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db")
     summary: list[str] = []
     folder, epochs = tracked_sweep(tmp_path, teacher_dir, track, cells, summary)
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = mlflow_runs(store, "tracked")
+    listed = run_printed(printed_mlflow(summary, f"experiment 'tracked' (id 1) in {store}, one run per trial"))
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("tracked").experiment_id])
+    rows = [line.split()[-2:] for line in listed.splitlines() if len(line.split()) == 5]  # date time UTC name id
+    assert sorted(rows) == sorted([r.info.run_name, r.info.run_id] for r in logged) and len(rows) == 2
+    assert sorted(runs) == sorted(set(epochs["trial_id"]))
 
     live = capsys.readouterr().out.splitlines()  # uhkd.sweep.console.LiveLines
     trials = read_trials(folder).set_index("trial_id")
@@ -135,7 +161,7 @@ def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, te
     assert summary[-3:] == ["next:", f"  python analysis/tables.py {folder} --dataset mnist5k --split final",
                             f"  python analysis/sweep_report.py {folder} --include-stopped --out-dir figures"]
 
-    assert_same_as_parquet(mlflow_runs((tmp_path / "mlruns").as_uri(), "tracked"), epochs)
+    assert_same_as_parquet(runs, epochs)
 
     for trial_id in set(epochs["trial_id"]):
         mine = epochs[epochs["trial_id"] == trial_id].sort_values("epoch")
@@ -158,25 +184,37 @@ def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, te
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_single_run_shows_and_tracks_every_epoch(tmp_path, capsys, request, workers):
+def test_a_single_run_shows_and_tracks_every_epoch(tmp_path, capsys, request, monkeypatch, workers):
     """In-process (the loop prints) and on Ray Train (the driver prints what the run's checkpoints on its storage
-    hold, and tracks it): each epoch's line once on the console, and the same numbers in MLflow and TensorBoard."""
+    hold, and tracks it): each epoch's line once on the console, and the same numbers in MLflow (its default store,
+    mlflow.db in the working folder, read back by the printed command) and TensorBoard."""
     from uhkd.train import main
 
     if workers:
         request.getfixturevalue("ray_local")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
     args = ["--preset", "quick", "--workers", str(workers), "--epochs", "2", "--output", str(out), "--track",
-            "mlflow,tensorboard", "--mlflow-uri", str(tmp_path / "mlruns"), "--set", "optim.max_steps_per_epoch=2",
-            "--set", "data.limit_eval=64"]
+            "mlflow,tensorboard", "--set", "optim.max_steps_per_epoch=2", "--set", "data.limit_eval=64"]
     assert main(args) == 0
     log = out / "metrics.jsonl" if workers == 0 else Path(checkpoint_folders(LOCAL, str(out))[0]) / "metrics.jsonl"
     reports = [json.loads(line) for line in log.read_text().splitlines()]
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    console = capsys.readouterr().out.splitlines()
+    lines = [line for line in console if line.startswith("epoch ")]
     assert [line.split(" loss ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert all(f"top1 {r['top1']:.2f} " in line for r, line in zip(reports, lines, strict=True))
-    runs = mlflow_runs((tmp_path / "mlruns").as_uri(), "uhkd.train")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = mlflow_runs(store, "uhkd.train")
     params, history = runs[out.name]
+    from mlflow.tracking import MlflowClient
+
+    (run,) = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("uhkd.train").experiment_id])
+    described = json.loads(run_printed(printed_mlflow(
+        console, f"mlflow: run {run.info.run_id} of experiment 'uhkd.train' (id 1) in {store}; read it back with:")))
+    assert described["info"]["run_id"] == run.info.run_id and described["info"]["status"] == "FINISHED"
+    assert described["data"]["params"]["method.name"] == "uhkd"
+    assert described["data"]["metrics"]["top1"] == pytest.approx(reports[-1]["top1"])
     assert params["method.name"] == "uhkd" and params["method.uhkd.alpha"] == "1.0"  # resolved method defaults
     for key in ("top1", "loss_feat", "loss_kl", "images_per_s"):
         assert [s for s, _ in history[key]] == [r["epoch"] for r in reports] == [1, 2]
@@ -187,6 +225,25 @@ def test_a_single_run_shows_and_tracks_every_epoch(tmp_path, capsys, request, wo
     assert main(args) == 0  # the same run again: it says so and shows no epoch again
     again = capsys.readouterr().out.splitlines()
     assert again[0] == "run already finished at epoch 2" and not [line for line in again if "epoch 1/2" in line]
+
+
+def test_the_mlflow_store_is_mlflows_default_sqlite_file_and_never_a_bare_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert mlflow_store("") == f"sqlite:///{tmp_path}/mlflow.db"  # MLflow 3's DEFAULT_TRACKING_URI, made absolute
+    assert mlflow_store("sqlite:///sub/m.db") == mlflow_store("sub/m.db") == f"sqlite:///{tmp_path}/sub/m.db"
+    assert mlflow_store("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/t.db")
+    assert mlflow_store("") == "sqlite:////srv/t.db"
+    (tmp_path / "mlruns").mkdir()
+    with pytest.raises(UserError) as err:
+        mlflow_store("mlruns")
+    assert str(err.value) == (
+        "--mlflow-uri 'mlruns' is a folder (an MLflow file store, which MLflow 3 keeps in maintenance mode); give a "
+        "SQLite file such as mlruns/mlflow.db, a tracking server http://HOST:PORT, or file:mlruns to keep logging to "
+        "that file store")
+    assert mlflow_command("file:mlruns", "experiments search") == (
+        "MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file:mlruns python -m mlflow experiments search")
 
 
 def test_track_needs_known_installed_trackers():

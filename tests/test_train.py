@@ -202,3 +202,22 @@ def test_student_from_pretrained_weights_keeps_their_normalisation(tmp_path):
     assert student["mean"] == pytest.approx([0.485, 0.456, 0.406])  # timm's ImageNet statistics, not MNIST's
     start, trained = imagenet.net.conv1.weight, student["state_dict"]["conv1.weight"]
     assert torch.nn.functional.cosine_similarity(start.flatten(), trained.flatten(), dim=0) > 0.9
+
+
+def test_the_console_says_when_the_teacher_is_random(tmp_path, capsys, teacher_dir):
+    """quick distils from a randomly initialised teacher (model.random_teacher): its top-1 line says so; a teacher
+    loaded from a checkpoint is not called random."""
+    small = ["--workers", "0", "--epochs", "1", "--set", "optim.max_steps_per_epoch=2", "--set", "data.limit_eval=64"]
+    assert main(["--preset", "quick", "--output", str(tmp_path / "random"), *small]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (measured,) = [line for line in lines if line.startswith("teacher ")]
+    assert measured.startswith("teacher deit_tiny_patch16_224 (random: no checkpoint, model.random_teacher=true) "
+                               "top1 ") and measured.endswith(" on the evaluation set")
+    (done,) = [line for line in lines if line.startswith("done: ")]
+    assert "teacher deit_tiny_patch16_224 (random: no checkpoint, model.random_teacher=true) top1 " in done
+
+    assert main(["--preset", "quick", "--output", str(tmp_path / "loaded"), "--teacher", "convnext_tiny",
+                 "--teacher-checkpoint", f"{teacher_dir}/convnext_tiny.pth", *small]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (measured,) = [line for line in lines if line.startswith("teacher ")]
+    assert measured.startswith("teacher convnext_tiny top1 ") and "random" not in " ".join(lines)

@@ -28,7 +28,7 @@ class ModelConfig:
     teacher: str = "vit_small_patch16_224"  # "" = no teacher (method `scratch`)
     teacher_checkpoint: str = ""  # local file; "" = none: a run that distils is refused unless random_teacher
     random_teacher: bool = False  # distil from a randomly initialised teacher when there is no checkpoint (quick)
-    pretrained_file: str = ""  # local ImageNet weight file the student starts from (teacher fine-tuning, SPEC §3)
+    pretrained_file: str = ""  # local ImageNet weight file the student starts from (teacher fine-tuning, docs/protocol.md#recipes)
     scale: str = "full"  # full | tiny (scaled-down widths and depths for tests and the quick preset)
     isotropic_blocks: str = "uhkd"  # stage ends of 12-block isotropic models: uhkd = 3,6,9,12; ofa = 2,4,10,12
     channels_last: bool = True  # GPU only
@@ -42,7 +42,7 @@ class DataConfig:
     split: str = "final"  # tune = seeded 90/10 split of the training set; final = train/test
     val_fraction: float = 0.1
     batch_size: int = 128  # per worker
-    augment: str = "cnn"  # cnn | vit | none  (SPEC §3 recipes)
+    augment: str = "cnn"  # cnn | vit | none  (docs/protocol.md#recipes)
     device_data: bool = True  # in-memory datasets: uint8 tensor on the training device, batched augmentation
     loader_workers: int = 4
     limit_train: int = 0  # 0 = all images; >0 keeps a seeded random N (tests, smoke runs)

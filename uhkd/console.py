@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from .storage import checkpoint_folders, open_location
+from .storage import METRICS_LOG, checkpoint_folders, open_location
 
 T = TypeVar("T")
 
@@ -59,8 +59,6 @@ class FollowCheckpoints:
         self._shown = max(self._shown, len(reports))
 
     def _reports(self) -> list[dict]:
-        from .trainer import METRICS_LOG  # (the trainer imports this module)
-
         for folder in checkpoint_folders(self.fs, self.run):
             try:
                 with self.fs.open_input_stream(f"{folder}/{METRICS_LOG}") as f:

@@ -1,4 +1,4 @@
-"""UHKD's frequency-domain feature matching (SPEC §1.1): FTM on the teacher, FAM on the student.
+"""UHKD's frequency-domain feature matching (docs/method.md): FTM on the teacher, FAM on the student.
 
 Both turn an NCHW map into a sequence B × k² × C of per-token normalised "frequency tokens":
 SRR (2-D DFT, orthonormal, float32; a k×k block of bins; a spectrum form) then SRT (flatten, LayerNorm per token).

@@ -1,4 +1,4 @@
-"""Logit losses of the baselines, exactly in SPEC §2's conventions.
+"""Logit losses of the baselines, in the conventions of docs/baselines.md#conventions.
 
 p^τ = softmax(z / τ); sums over classes, means over the batch; `target` = class indices (B,).
 """

@@ -2,8 +2,8 @@
 
 Every model is a real timm model; stage features come from its `forward_intermediates`. Which intermediates are the
 4 stages is read from the model's `feature_info`: hierarchical models (all reductions not equal) use the last tap of
-each of their last 4 resolutions; isotropic models (ViT, DeiT, Mixer, ResMLP) use SPEC §1.1's blocks, scaled to the
-model's depth. Shapes come from a dry forward.
+each of their last 4 resolutions; isotropic models (ViT, DeiT, Mixer, ResMLP) use UHKD's blocks
+(docs/method.md#stage-taps), scaled to the model's depth. Shapes come from a dry forward.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ FAMILIES: dict[str, str] = {
     "vit": "vit", "deit": "vit", "swin": "vit",
     "mixer": "mlp", "resmlp": "mlp",
 }
-# Stage-end blocks of a 12-block isotropic model (1-based), SPEC §1.1.
+# Stage-end blocks of a 12-block isotropic model (1-based), docs/method.md#stage-taps.
 ISOTROPIC_BLOCKS: dict[str, tuple[int, ...]] = {"uhkd": (3, 6, 9, 12), "ofa": (2, 4, 10, 12)}
 SCALES = ("full", "tiny")
 EXAMPLES = ("resnet18", "resnet50", "mobilenetv2_100", "convnext_tiny", "vit_small_patch16_224",
@@ -45,7 +45,7 @@ EXAMPLES = ("resnet18", "resnet50", "mobilenetv2_100", "convnext_tiny", "vit_sma
             "swin_nano_patch4_window7_224", "mixer_b16_224", "resmlp_12_224")
 _FAMILY_RE = re.compile(r"^(%s)(?=\d|_)" % "|".join(sorted(FAMILIES, key=len, reverse=True)))
 
-# Swin-P / Swin-N (SPEC §3) are not in timm: registered here as timm Swin variants.
+# Swin-P / Swin-N (docs/protocol.md#pairs) are not in timm: registered here as timm Swin variants.
 default_cfgs = generate_default_cfgs({
     name: dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9,
                interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
@@ -84,7 +84,7 @@ def model_kind(name: str) -> str:
 
 
 def model_family(name: str) -> str:
-    """"cnn" or "token" (ViT and MLP models): selects the SPEC §3 training recipe."""
+    """"cnn" or "token" (ViT and MLP models): selects the training recipe (docs/protocol.md#recipes)."""
     return "cnn" if model_kind(name) == "cnn" else "token"
 
 
@@ -107,7 +107,7 @@ def _build_timm(name: str, family: str, *, num_classes: int, img_size: int, scal
         kwargs.update(pretrained=True, **({} if pretrained_file == HUB else dict(
             pretrained_cfg_overlay=dict(file=pretrained_file))))
     tiny = scale == "tiny"
-    small = img_size < 224  # small inputs: patch/window sizes of stack notes
+    small = img_size < 224  # e.g. 32 px: 16-px patches would leave a 2x2 token grid; ViT/DeiT use 4, Swin 2 (window 4)
     if FAMILIES[family] != "cnn":
         kwargs["img_size"] = img_size
     if family in ("vit", "deit") and small:

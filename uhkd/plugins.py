@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from .errors import UserError, one_line
 
 _loaded: dict[str, ModuleType] = {}  # module name -> module, in load order
+_files: dict[str, str] = {}  # module name -> the file a file plugin was loaded from
 
 
 def add_plugin_flag(parser: Any) -> None:
@@ -64,13 +65,16 @@ def load(specs: Iterable[str]) -> list[str]:
             kind = "not found" if isinstance(exc, ModuleNotFoundError) and exc.name == spec else "failed to import"
             raise UserError(f"plugin {spec!r} {kind}: {type(exc).__name__}: {one_line(exc, 200)}") from None
         _loaded[module.__name__] = module
+        if is_file:
+            _files[module.__name__] = str(path.resolve())
         names.append(module.__name__)
     return names
 
 
 def loaded() -> list[str]:
-    """The module names of the plugins loaded in this process."""
-    return list(_loaded)
+    """The plugins loaded in this process, as `import_modules` takes them: `name=file` for a file plugin (a worker on
+    this machine can load it from there when Ray did not ship it), the module name otherwise."""
+    return [f"{name}={_files[name]}" if name in _files else name for name in _loaded]
 
 
 def modules() -> list[ModuleType]:
@@ -78,9 +82,16 @@ def modules() -> list[ModuleType]:
     return list(_loaded.values())
 
 
-def import_modules(names: Iterable[str]) -> None:
-    """In a Ray worker: import the plugins the driver loaded, by module name (Ray's `py_modules` put them on the
-    worker's path)."""
-    for name in names:
-        if name not in _loaded:
+def import_modules(specs: Iterable[str]) -> None:
+    """In a Ray worker: import the plugins the driver loaded (`loaded()`), by module name where Ray's `py_modules`
+    put them on the worker's path, else from the driver's file (a cluster that shares this machine's disk)."""
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if name in _loaded:
+            continue
+        try:
             _loaded[name] = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name or not path or not Path(path).is_file():
+                raise
+            _loaded[name] = _from_file(Path(path))

@@ -71,6 +71,13 @@ def ray_storage(location: str) -> tuple[str, pafs.FileSystem | None]:
     return (path, None) if isinstance(fs, pafs.LocalFileSystem) else (path, fs)
 
 
+# A run's checkpoint is a folder of these files (uhkd.trainer writes them, the consoles and the sweep driver read them)
+CHECKPOINT = "checkpoint.pt"  # the run's state, every report so far included
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # in-process runs: the state before the latest, to fall back to
+STUDENT = "student.pt"  # the exported student, in the checkpoint of a run's last epoch
+METRICS_LOG = "metrics.jsonl"  # the reports, one JSON line each, for readers that should not load the state
+
+
 def checkpoint_folders(fs: pafs.FileSystem, run: str) -> list[str]:
     """The `checkpoint_*` folders Tune or Ray Train saved in the run folder `run` on `fs`, newest first (their
     names sort by time); [] while there is none."""

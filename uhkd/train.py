@@ -22,9 +22,9 @@ from .hub import HUB
 from .plugins import add_plugin_flag, import_modules, load as load_plugins, loaded as loaded_plugins
 from .registry import DATASETS, METHODS
 from .storage import checkpoint_folders, exists, is_uri, join, location_of, ray_storage
-from .track_options import add_track_flags, parse_trackers, track_options
+from .track_options import add_track_flags, track_options
 from .trainer import (CHECKPOINT, STUDENT, LocalSession, Session, epoch_line, read_checkpoint, resume_line,
-                      train_loop)
+                      teacher_label, train_loop)
 
 DEFAULT_PRESET = {"cifar100": "cifar100", "imagenet1k": "imagenet", "mnist5k": "quick"}
 RAY_TRAIN_ENV = {
@@ -71,6 +71,15 @@ def preflight(cfg: RunConfig, teacher_file: bool = True, dataset: bool = True, n
             check_checkpoint_file(m.teacher_checkpoint, "teacher checkpoint")
     if m.pretrained_file and m.pretrained_file != HUB and not exists(m.pretrained_file):
         raise UserError(f"pretrained weight file {m.pretrained_file!r} not found")
+
+
+def dataset_summary(cfg: RunConfig) -> str:
+    """What a dataset read from its files (a class-folder tree, timm's factory names) holds here: classes, images
+    per split, the mean/std used; "" for the others."""
+    from .data import get_dataset
+
+    d = cfg.data
+    return get_dataset(d.dataset, d.root, d.mean, d.std).summary()
 
 
 def node_name() -> str:
@@ -305,7 +314,8 @@ def _train(cfg: RunConfig, output: Path, tracker: Any) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m uhkd.train", description="One distillation run (SPEC protocol).")
+    p = argparse.ArgumentParser(prog="python -m uhkd.train",
+                                description="One distillation run (the protocol: docs/protocol.md).")
     p.add_argument("--teacher", help="timm model name of the teacher")
     p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); required by every method but "
                    "scratch unless --set model.random_teacher=true")
@@ -349,7 +359,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     problems = Problems()
     for item in args.sets:
         overrides.update(problems.check(parse_set, [item]) or {})
-    problems.check(parse_trackers, args.track)
+    problems.check(track_options, args)
     if args.output and is_uri(args.output):
         problems.add(f"--output {args.output!r} is a URI; a single run writes to a local or shared folder (a "
                      f"sweep's --results takes a URI)")
@@ -376,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = Path(cfg.output_dir or os.path.join("runs", run_name(cfg))).expanduser().resolve()
         cfg = dataclasses.replace(cfg, output_dir=str(output))
         preflight(cfg)  # before Ray starts
+        found = dataset_summary(cfg)
+        if found:
+            print(found, flush=True)
         tracker = _tracker(args, cfg, output) if args.track else None
         metrics = _train(cfg, output, tracker)
     except UserError as err:
@@ -383,11 +396,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if tracker is not None:
         tracker.end(failed=metrics.get("status") == "failed")
+        for line in tracker.read_back():
+            print(line)
     if metrics.get("status") == "failed":  # the reason was printed already
         return 1
     folder = metrics.get("checkpoint") or cfg.output_dir  # Ray Train: the student is in the last checkpoint
-    print(f"done: top1 {metrics['top1']:.2f} (best {metrics['best_top1']:.2f} at epoch {metrics['best_epoch']}), "
-          f"teacher top1 {metrics['teacher_top1']:.2f}; student saved as {join(folder, STUDENT)}")
+    teacher = "" if math.isnan(metrics["teacher_top1"]) else f", {teacher_label(cfg)} top1 {metrics['teacher_top1']:.2f}"
+    print(f"done: top1 {metrics['top1']:.2f} (best {metrics['best_top1']:.2f} at epoch {metrics['best_epoch']})"
+          f"{teacher}; student saved as {join(folder, STUDENT)}")
     return 0
 
 

@@ -37,12 +37,8 @@ from .data.loader import WorkerData
 from .errors import UserError, one_line
 from .methods import Distiller, build_method, teacher_use
 from .models import create_stage_model, load_teacher, save_model_checkpoint
-from .storage import local_file
+from .storage import CHECKPOINT, METRICS_LOG, PREVIOUS_CHECKPOINT, STUDENT, local_file
 
-CHECKPOINT = "checkpoint.pt"
-PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
-STUDENT = "student.pt"
-METRICS_LOG = "metrics.jsonl"
 NAN = float("nan")
 # settings that may change between a run and its resumption (where things are, not what is trained)
 RESUMABLE_CHANGES = frozenset({"name", "output_dir", "data.root", "data.download", "data.loader_workers",
@@ -239,6 +235,13 @@ def resume_line(last: dict) -> str:
         f"resuming after epoch {last['epoch']}"
 
 
+def teacher_label(cfg: RunConfig) -> str:
+    """"teacher <name>", saying so when it is randomly initialised (no checkpoint, `model.random_teacher`)."""
+    m = cfg.model
+    random = m.random_teacher and not m.teacher_checkpoint
+    return f"teacher {m.teacher}" + (" (random: no checkpoint, model.random_teacher=true)" if random else "")
+
+
 def epoch_line(m: dict, epochs: int, terms: tuple[str, ...]) -> str:
     parts = " ".join(f"{t} {m[f'loss_{t}']:.4f}" for t in terms)
     return (f"epoch {m['epoch']}/{epochs} loss {m['loss']:.4f} ({parts}) top1 {m['top1']:.2f} top5 {m['top5']:.2f} "
@@ -352,7 +355,7 @@ class Run:
                 return metrics
         elif self.teacher is not None and self.cfg.eval_teacher:
             self.teacher_top1 = evaluate(self.teacher.forward_logits, self.data, self.session, self.dtype)[0]
-            self._log(f"teacher {self.cfg.model.teacher} top1 {self.teacher_top1:.2f} on the evaluation set")
+            self._log(f"{teacher_label(self.cfg)} top1 {self.teacher_top1:.2f} on the evaluation set")
         while self.epoch < self.cfg.optim.epochs:
             metrics = self._train_epoch(self.epoch + 1)
             self.history.append(metrics)

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, Subset
 from ..errors import UserError
 from ..registry import DATASETS
 from .cifar import CIFAR100, download_cifar100, read_cifar100, require as require_cifar100
-from .folder import FOLDER, check_folders
+from .folder import FOLDER, check_folders, class_mismatch
 from .imagenet import ImageNet
 from .info import DatasetInfo
 from .memory import ArrayDataset
@@ -90,8 +90,10 @@ def load_split(dataset: str, root: str, split: str, val_fraction: float = 0.1, d
         train, evalset = take(train, train_idx), take(train, val_idx)
     elif split == "final":
         evalset = info.load(root, False, False)
-        if getattr(train, "classes", None) != getattr(evalset, "classes", None):
-            raise UserError(f"{dataset} at {root!r}: train and evaluation sets have different class folders")
+        problem = class_mismatch(list(getattr(train, "classes", [])), list(getattr(evalset, "classes", [])),
+                                 ("the training set", "the evaluation set"))
+        if problem:
+            raise UserError(f"{dataset} at {root!r}: {problem}")
     else:
         raise UserError(f"unknown data.split {split!r}; valid choices: final, tune")
     return _limit(train, limit_train), _limit(evalset, limit_eval)

@@ -1,4 +1,4 @@
-"""Augmentation recipes of SPEC §3 and the batch-level operations shared by both data paths.
+"""Augmentation recipes (docs/protocol.md#recipes) and the batch-level operations shared by both data paths.
 
 Images stay in [0, 1] everywhere: every model normalises its own inputs. A recipe's per-image part (random resized
 crop, flip, RandAugment) runs either per image with PIL in a DataLoader (`image_transform`) or on whole uint8 batches

@@ -1,4 +1,4 @@
-"""CIFAR-100 from the official python archive (SPEC §5), read with our own loader.
+"""CIFAR-100 from the official python archive (docs/protocol.md#datasets), read with our own loader.
 
 The archive is a pickle, and unpickling can run any code a crafted file names: `_SafeUnpickler` admits only the
 globals the format needs to rebuild numpy arrays (dicts, lists, str/bytes and ints need none), and refuses the rest.

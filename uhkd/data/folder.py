@@ -4,6 +4,7 @@ from its training images and cached (or given with `data.mean` / `data.std`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -46,9 +47,33 @@ def expected(folder: Path) -> str:
 
 
 def check_folders(what: str, root: str) -> None:
+    """train/ and val/ exist and hold the same class folders (labels follow the sorted folder names)."""
     for part in PARTS:
         if not (Path(root) / part).is_dir():
             raise UserError(f"{what} not found at {root!r}: {expected(Path(root) / part)}")
+    problem = class_mismatch(*(class_names(Path(root) / part) for part in PARTS))
+    if problem:
+        raise UserError(f"{what} at {root!r}: {problem}")
+
+
+def class_names(folder: Path) -> list[str]:
+    """The class folders of `folder`, sorted: the labels `ImageFolder` gives them."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir())
+
+
+def class_mismatch(train: list[str], val: list[str], names: tuple[str, str] = ("train/", "val/")) -> str:
+    """"" when train and val have the same classes, else which classes each side lacks."""
+    if train == val:
+        return ""
+    only = [(names[0], sorted(set(train) - set(val))), (names[1], sorted(set(val) - set(train)))]
+    listed = "; ".join(f"{len(classes)} only in {name}: {_some(classes)}" for name, classes in only if classes)
+    return (f"{names[0]} has {len(train)} class folders and {names[1]} {len(val)}; they must be the same (labels "
+            f"follow the sorted folder names): {listed or 'same names, in another order'}")
+
+
+def _some(names: list[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _check_folder(root: str, download: bool) -> None:
@@ -59,9 +84,12 @@ def _check_folder(root: str, download: bool) -> None:
 
 def _resolve_folder(root: str) -> DatasetInfo:
     _check_folder(root, False)
-    train = ClassFolders(root, train=True)
-    mean, std = cached_stats(f"folder|{Path(root).resolve()}|{len(train)}|{','.join(train.classes)}", train)
-    return dataclasses.replace(FOLDER, num_classes=len(train.classes), mean=mean, std=std, resolve=None)
+    train, val = ClassFolders(root, train=True), ClassFolders(root, train=False)
+    stats = cached_stats(f"folder|{Path(root).resolve()}|{len(train)}|{','.join(train.classes)}", train)
+    found = (f"{len(train.classes)} classes at {root}, {len(train)} images in {PARTS[0]}/ and {len(val)} in "
+             f"{PARTS[1]}/")
+    return dataclasses.replace(FOLDER, num_classes=len(train.classes), mean=stats.mean, std=stats.std, resolve=None,
+                               found=found, stats_from=stats.origin)
 
 
 FOLDER = DatasetInfo("folder", 0, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False, 0.875,

@@ -18,12 +18,29 @@ class DatasetInfo:
     load: Callable[[str, bool, bool], Any]  # (root, train, download) -> map-style dataset of (PIL image, label)
     check: Callable[[str, bool], None]  # (root, download): cheap presence check, UserError if missing
     resolve: Callable[[str], "DatasetInfo"] | None = None  # root -> this info with classes and statistics filled in
+    found: str = ""  # what `resolve` read at the root: classes and images per split
+    stats_from: str = ""  # where the mean/std of a resolved dataset come from
 
     def at(self, root: str, mean: str = "", std: str = "") -> "DatasetInfo":
         """This dataset's info for the files at `root`; `mean`/`std` (comma lists) replace its statistics."""
         info = self.resolve(root) if self.resolve is not None else self
         given = {k: _triple(k, v) for k, v in (("mean", mean), ("std", std)) if v}
-        return dataclasses.replace(info, **given) if given else info
+        if not given:
+            return info
+        named = " and ".join(f"data.{k}" for k in given)
+        origin = f"given by {named}" + ("" if len(given) == 2 or not info.stats_from else f"; {info.stats_from}")
+        return dataclasses.replace(info, **given, stats_from=origin)
+
+    def summary(self) -> str:
+        """One line on what a dataset read from its files holds and the normalisation used ("" for the others)."""
+        if not self.found:
+            return ""
+        return (f"dataset {self.name}: {self.found}; mean {_numbers(self.mean)} std {_numbers(self.std)} "
+                f"({self.stats_from})")
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:.4g}" for v in values)
 
 
 def _triple(key: str, text: str) -> tuple[float, float, float]:

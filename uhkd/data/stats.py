@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -17,19 +17,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uhkd" / "dataset-stats"
 
 
-def cached_stats(key: str, dataset: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of `dataset` (items `(PIL image, label)`), read from the cache entry `key` when there is one."""
+class Stats(NamedTuple):
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    origin: str  # where they come from: "computed from N training images, cached in PATH" or "cached in PATH"
+
+
+def cached_stats(key: str, dataset: Any) -> Stats:
+    """Mean and std of `dataset` (items `(PIL image, label)`), read from the cache entry `key` when there is one."""
     path = cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         entry = json.loads(path.read_text())
         if entry.get("key") == key:
-            return tuple(entry["mean"]), tuple(entry["std"])
+            return Stats(tuple(entry["mean"]), tuple(entry["std"]), f"cached in {path}")
     mean, std = channel_stats(dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"key": key, "mean": mean, "std": std}))
     os.replace(tmp, path)  # several workers may compute it at once: the last complete write wins
-    return mean, std
+    return Stats(mean, std, f"computed from {min(len(dataset), SAMPLE)} training images, cached in {path}")
 
 
 def channel_stats(dataset: Any, sample: int = SAMPLE) -> tuple[tuple[float, ...], tuple[float, ...]]:

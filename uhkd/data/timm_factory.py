@@ -65,8 +65,10 @@ def factory_info(name: str) -> DatasetInfo:
     def resolve(root: str) -> DatasetInfo:
         train = _open(name, root, True, False)
         key = f"{name}|{Path(root).resolve() if root else ''}|{len(train)}|{len(train.classes)}"
-        mean, std = cached_stats(key, train)
-        return dataclasses.replace(info, num_classes=len(train.classes), mean=mean, std=std, resolve=None)
+        stats = cached_stats(key, train)
+        return dataclasses.replace(info, num_classes=len(train.classes), mean=stats.mean, std=stats.std, resolve=None,
+                                   found=f"{len(train.classes)} classes, {len(train)} training images",
+                                   stats_from=stats.origin)
 
     def check(root: str, download: bool) -> None:
         if not download:  # opening it is the check (a folder scan, or reading a torchvision archive's index)

@@ -6,7 +6,7 @@ between the aligned student and the teacher at that stage. The teacher's own wei
 by the feature loss and by a regulariser that keeps the prompted teacher's logits near the plain teacher's.
 
 Module layout, initialisation and defaults follow the authors' released code (jimmylin0979/PAT, Apache-2.0, an
-OFA-KD fork; read to learn them, not copied). Where ours differs, and why: docs/baselines-2025.md."""
+OFA-KD fork; read to learn them, not copied). Where ours differs, and why: docs/baselines.md#pat."""
 from __future__ import annotations
 
 import math

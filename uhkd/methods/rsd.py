@@ -2,7 +2,7 @@
 a decoupling projector, and the teacher's pooled embedding are standardised over the batch; their cross-correlation
 is pushed to the identity (diagonal to 1: invariance; off-diagonal to 0, weighted by κ: decorrelation). Defaults,
 projector layout and initialisation are those of the authors' released code (VISION-SJTU/RSD, read to learn them;
-it carries no licence, nothing of it is copied). Where ours differs: docs/baselines-2025.md."""
+it carries no licence, nothing of it is copied). Where ours differs: docs/baselines.md#rsd."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -20,6 +20,7 @@ import uhkd
 
 from ..config import RunConfig, batch_plan, config_hash, flatten
 from ..errors import one_line
+from .ray_internals import ended_jobs, live_actors, other_jobs_running, placement_groups_of_dead_creators
 from .results import SweepTables
 from .trainable import run_config, trial_checkpoint, trial_overrides
 
@@ -241,20 +242,12 @@ def _job_id() -> bytes:
 
 def release_orphaned_groups() -> int:
     """Remove this job's placement groups whose creating actor has died; returns how many."""
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
-    job = _job_id()
-    removed = 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached or not pg.creator_actor_dead
-                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id != job):
-            continue
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-        removed += 1
-    return removed
+    orphaned = placement_groups_of_dead_creators(_job_id())
+    for group in orphaned:
+        remove_placement_group(group)
+    return len(orphaned)
 
 
 CLEANER = "PlacementGroupCleaner"  # Ray Train's detached per-run actor (ray.train.v2 ... placement_group_cleaner)
@@ -266,19 +259,15 @@ def stop_cleaners(orphaned_only: bool) -> int:
     `orphaned_only`) and of every job that has ended (a sweep driver killed before it could end its own; its
     controllers died with it); returns how many. A handle to an unnamed actor cannot be made from its id, so a
     zero-CPU task on the cleaner's node ends its process (Ray then records the detached actor as dead)."""
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    ended = {bytes.fromhex(job["JobID"]) for job in state.job_table() if job["IsDead"]}
-    alive = [gcs_pb2.ActorTableData.FromString(raw) for raw in
-             state._connect_and_get_accessor().get_actor_table(None, "ALIVE")]
-    live_workers, mine = {a.address.worker_id for a in alive}, _job_id()
+    ended, alive = ended_jobs(), live_actors()
+    live_workers, mine = {a.worker_id for a in alive}, _job_id()
     by_node: dict[str, list[int]] = {}
     for actor in alive:
-        ours = actor.job_id == mine and not (orphaned_only and actor.owner_address.worker_id in live_workers)
+        ours = actor.job_id == mine and not (orphaned_only and actor.owner_worker_id in live_workers)
         if actor.class_name == CLEANER and (ours or actor.job_id in ended):
-            by_node.setdefault(actor.address.node_id.hex(), []).append(actor.pid)
+            by_node.setdefault(actor.node_id, []).append(actor.pid)
     if not by_node:
         return 0
     kill = ray.remote(num_cpus=0, max_retries=0)(_kill_processes)
@@ -298,10 +287,7 @@ def _kill_processes(pids: list[int]) -> None:
 def stop_coordinator_if_alone() -> bool:
     """Kill Ray's detached, cluster-wide AutoscalingCoordinator actor (started by the first Train run, ~110 MB)
     when this is the cluster's only live job; whoever needs it next starts it again. Returns whether it did."""
-    from ray._private.state import state
-
-    me = ray.get_runtime_context().get_job_id()
-    if any(not job["IsDead"] and job["JobID"] != me for job in state.job_table()):
+    if other_jobs_running(ray.get_runtime_context().get_job_id()):
         return False
     try:
         actor = ray.get_actor(COORDINATOR[0], namespace=COORDINATOR[1])

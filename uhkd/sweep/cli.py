@@ -10,7 +10,7 @@ from typing import Sequence
 
 from ..config import parse_set
 from ..plugins import add_plugin_flag, load as load_plugins
-from ..track_options import TrackOptions, add_track_flags, parse_trackers
+from ..track_options import TrackOptions, add_track_flags, track_options
 from ..validate import Problems
 from .spec import load_preset, preset_names
 
@@ -134,7 +134,7 @@ def options(args: argparse.Namespace) -> SweepOptions:
     sets: dict[str, str] = {}
     for item in args.sets:
         sets.update(problems.check(parse_set, [item]) or {})
-    trackers = problems.check(parse_trackers, args.track) or ()
+    track = problems.check(track_options, args) or TrackOptions()
     problems.raise_any()
     return SweepOptions(
         preset=args.preset, cluster=cluster, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
@@ -142,7 +142,7 @@ def options(args: argparse.Namespace) -> SweepOptions:
         workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, data_root=args.data_root,
         teacher_dir=args.teacher_dir, results=args.results, name=args.name, resume=args.resume, seed=args.seed,
         sets=sets, pairs=getattr(args, "pairs", None), trial_resources=args.trial_resources,
-        track=TrackOptions(trackers, mlflow_uri=args.mlflow_uri, wandb_project=args.wandb_project))
+        track=track)
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, SweepOptions]:

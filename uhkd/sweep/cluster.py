@@ -15,12 +15,14 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import ray
 
 from .. import plugins
 from ..errors import UserError
+from .ray_internals import (autoscaler_config_file, client_address, cluster_node_groups, gcs_temp_dirs,
+                            quiet_token_notice, recorded_address)
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -37,35 +39,14 @@ def answers(address: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def recorded_address() -> str:
-    """The address `ray start --head` wrote in the default temp folder on this machine ("" if none)."""
-    from ray._private.utils import read_ray_address
-
-    return read_ray_address() or ""
-
-
-def _command_lines() -> Iterator[list[str]]:
-    """The arguments of each process running on this machine."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            yield cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-
-
 def started_elsewhere() -> list[str]:
     """Addresses recorded by `ray start` in the temp folders of the GCS servers running here (`--temp-dir`)."""
     found = set()
-    for args in _command_lines():
-        if not args[0].endswith("gcs_server"):
-            continue
-        for arg in args:
-            if arg.startswith("--log_dir="):  # <temp dir>/session_<...>/logs
-                recorded = Path(arg.removeprefix("--log_dir=")).parent.parent / "ray_current_cluster"
-                try:
-                    found.add(recorded.read_text().strip())
-                except OSError:
-                    pass
+    for temp_dir in gcs_temp_dirs():
+        try:
+            found.add((temp_dir / "ray_current_cluster").read_text().strip())
+        except OSError:
+            pass
     return sorted(a for a in found if a and answers(a))
 
 
@@ -124,7 +105,7 @@ def start_local(num_cpus: int | None = None) -> str:
     # Ray's token authentication stays as Ray sets it (on by default for local clusters since 2.59; tests and CI
     # turn it off with RAY_AUTH_MODE=disabled), and a dashboard never listens beyond this machine. Ray's console
     # warning that the token is on is said in the toolkit's own line instead.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    quiet_token_notice()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
              log_to_driver=False, logging_level=logging.WARNING, runtime_env=job_env())
     token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # what ray.init settled on
@@ -132,9 +113,7 @@ def start_local(num_cpus: int | None = None) -> str:
 
 
 def _current_address() -> str:
-    if ray.util.client.ray.is_connected():
-        return "ray://" + ray.util.client.ray.get_context().client_worker._conn_str  # noqa: SLF001
-    return ray.get_runtime_context().gcs_address
+    return client_address() if ray.util.client.ray.is_connected() else ray.get_runtime_context().gcs_address
 
 
 def connect(cluster: str) -> str:
@@ -147,8 +126,10 @@ def connect(cluster: str) -> str:
 def ray_messages_to_file() -> str:
     """Send this process's Ray log records (Tune's controller, Train's, the core worker's) to a file in the Ray
     session's logs folder instead of the console, where only the toolkit's lines belong. Returns the file."""
-    node = getattr(ray._private.worker, "_global_node", None)  # noqa: SLF001 (None for a Ray Client driver)
-    folder = Path(node.get_logs_dir_path()) if node is not None else Path(tempfile.gettempdir())
+    folder = Path(tempfile.gettempdir())  # a Ray Client driver's session is on the cluster
+    if not ray.util.client.ray.is_connected():
+        context = ray.get_runtime_context()
+        folder = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
     path = folder / f"uhkd-driver-{os.getpid()}.log"
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
@@ -168,7 +149,7 @@ def _connect(cluster: str) -> str:
                         f"--cluster local")
     if ray.is_initialized():
         current = _current_address()
-        if not explicit or _host_port(current) == _host_port(cluster):
+        if not explicit or (current and _host_port(current) == _host_port(cluster)):
             return f"ray: using this process's Ray instance ({_describe()})"
         ray.shutdown()  # an explicit address wins over the instance this process had
         _init(cluster)
@@ -205,13 +186,10 @@ def scalable_nodes(limit: int = 256) -> list[dict[str, float]] | None:
     """The nodes an autoscaling cluster may have (its node types x their maximum counts, the head's type once
     more), None on a fixed cluster. Autoscaler v2 and KubeRay publish their node types in the GCS; v1, what
     `ray up` runs, keeps them in the config file its monitor reads on the head node."""
-    from ray._private.state import state
-
     if ray.util.client.ray.is_connected():  # the cluster's state is read on the cluster
         return ray.get(ray.remote(num_cpus=0)(scalable_nodes).remote(limit))
-    config = state.get_cluster_config()
-    types = [(dict(g.resources), g.max_count) for g in (config.node_group_configs if config else ())
-             if g.max_count and g.resources] or _on_head_node(monitor_node_types)
+    types = [(shape, count) for shape, count in cluster_node_groups() if count and shape] or \
+        _on_head_node(monitor_node_types)
     if not types:
         return None
     return [shape for shape, count in types for _ in range(limit if count < 0 else min(count, limit))]
@@ -223,21 +201,18 @@ def monitor_node_types() -> list[tuple[dict[str, float], int]]:
     cloud provider to fill in are left out."""
     import yaml
 
-    gcs = f"--gcs-address={ray.get_runtime_context().gcs_address}"
-    for cmd in _command_lines():
-        path = next((a.split("=", 1)[1] for a in cmd if a.startswith("--autoscaling-config=")), None)
-        if path is None or gcs not in cmd or not any(a.endswith("monitor.py") for a in cmd):
-            continue
-        try:
-            config = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            return []
-        cap = int(config.get("max_workers", 2**31))
-        head = config.get("head_node_type")
-        types = (config.get("available_node_types") or {}).items()
-        return [({k: float(v) for k, v in t["resources"].items()},
-                 min(int(t.get("max_workers", cap)), cap) + (n == head)) for n, t in types if t.get("resources")]
-    return []
+    path = autoscaler_config_file(ray.get_runtime_context().gcs_address)
+    if path is None:
+        return []
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    cap = int(config.get("max_workers", 2**31))
+    head = config.get("head_node_type")
+    types = (config.get("available_node_types") or {}).items()
+    return [({k: float(v) for k, v in t["resources"].items()},
+             min(int(t.get("max_workers", cap)), cap) + (n == head)) for n, t in types if t.get("resources")]
 
 
 def _on_head_node(fn: Callable[[], list]) -> list:

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Sequence
@@ -23,6 +24,7 @@ from . import lock
 from .cli import SweepOptions, parse
 from .results import SweepTables
 from .spec import Sweep, SweepPreset
+from .teachers import CARRIED, install, teachers_sweep
 from .trainable import in_process, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
@@ -71,20 +73,22 @@ def pairs(sweep_kind: str, preset: SweepPreset, opts: SweepOptions) -> list[str]
     return listed
 
 
+def restorable(results: str, name: str) -> bool:
+    """Whether sweep `name` under `results` has Tune state to resume from."""
+    from ray import tune
+
+    path, filesystem = ray_storage(join(results, name, "tune"))
+    return tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+
+
 def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
     """(name, resuming): a new name (timestamp + random tail), the given one, or for a bare --resume the latest of
     this kind."""
-    from ray import tune
-
-    def restorable(name: str) -> bool:
-        path, filesystem = ray_storage(join(opts.results, name, "tune"))
-        return tune.Tuner.can_restore(path, storage_filesystem=filesystem)
-
     prefix = f"{sweep.kind}-{sweep.preset.name}"
     if opts.name:
-        if opts.resume and not restorable(opts.name):
+        if opts.resume and not restorable(opts.results, opts.name):
             raise UserError(f"nothing to resume: no sweep {opts.name!r} under {opts.results!r}")
-        if not opts.resume and restorable(opts.name):
+        if not opts.resume and restorable(opts.results, opts.name):
             raise UserError(f"sweep {opts.name!r} already exists under {opts.results!r}; add --resume to continue "
                             f"it or choose another --name")
         return opts.name, opts.resume
@@ -94,7 +98,7 @@ def sweep_name(sweep: Sweep, opts: SweepOptions) -> tuple[str, bool]:
         fs, root = open_location(opts.results)
         found = [] if fs.get_file_info(root).type != pafs.FileType.Directory else sorted(
             i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.base_name.startswith(prefix + "-"))
-        found = [n for n in found if restorable(n)]
+        found = [n for n in found if restorable(opts.results, n)]
         if not found:
             raise UserError(f"nothing to resume: no {prefix}-* sweep under {opts.results!r}")
         return found[-1], True
@@ -399,8 +403,6 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
     bundles = trial_bundles(cfg.workers, cfg.cpus_per_worker, gpus, opts.trial_resources, memory)
     max_concurrent = concurrency(nodes, bundles, gpus, opts.max_concurrent, budget.get("max_concurrent"), scalable)
     if p.missing:
-        from .teachers import train_teachers
-
         train_teachers(sweep.preset, p.missing, opts, out)
     resources = trial_resources(bundles)
     write_manifest(opts, name, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": p.planned,
@@ -414,6 +416,21 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, resuming: bool, out: Calla
     return _fit(tuner, opts, name, p.planned, max_concurrent, out)
 
 
+def train_teachers(preset: SweepPreset, models: Sequence[str], opts: SweepOptions,
+                   out: Callable[[str], None] = print) -> None:
+    """Train the missing teachers of `preset` on the cluster this process is connected to (before a sweep)."""
+    teacher_dir = join(opts.teacher_dir)
+    out(f"teachers: training the missing {', '.join(models)} into {teacher_dir} first")
+    # the students' data, model scale and step limits carry over (the checkpoint must match them); not their recipe
+    sets = {k: v for k, v in opts.sets.items() if k in CARRIED or (k.startswith("data.") and k != "data.split")}
+    topts = dataclasses.replace(opts, name="", resume=False, num_samples=None, epochs=None, seeds=None, sets=sets,
+                                pairs=None)
+    outcome = run(teachers_sweep(preset, models, seeds("teachers", preset, topts)[0]), topts, out)
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+    install([r for r in outcome.tables.trials.values() if r["student"] in models], teacher_dir, out)
+
+
 def compacted(results: str, name: str) -> SweepTables:
     return SweepTables(results, name).compact()
 
@@ -425,9 +442,10 @@ def tables_where_written(results: str, name: str) -> SweepTables:
 
     if not ray.util.client.ray.is_connected():
         return compacted(results, name)
-    from ray.air.util.node import _force_on_current_node  # under Ray Client: the client server's node
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.get(_force_on_current_node(ray.remote(num_cpus=0)(compacted)).remote(results, name))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # the server's node
+    return ray.get(ray.remote(num_cpus=0, scheduling_strategy=here)(compacted).remote(results, name))
 
 
 def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: int,
@@ -451,6 +469,10 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
     outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
                            interrupted=len(tables.trials) < planned, grid=grid)
+    from .tracking import read_back
+
+    for line in read_back(replace(opts.track, experiment=name)):
+        out(line)
     summarize(outcome, time.monotonic() - started, out)
     return outcome
 

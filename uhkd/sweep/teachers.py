@@ -2,18 +2,16 @@
 dir is a folder or a URI; trials fetch a URI's teachers into their node's cache).
 
 A teacher trains like a student of method `scratch` (starting from local ImageNet weights where the preset
-fine-tunes, SPEC §3); its exported student becomes the teacher checkpoint. Presets that do not fine-tune (ImageNet)
-convert the local weight files directly.
+fine-tunes, docs/protocol.md#recipes); its exported student becomes the teacher checkpoint. Presets that do not
+fine-tune (ImageNet) convert the local weight files directly.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import UserError
 from ..storage import copy, join
-from .cli import SweepOptions
 from .spec import Sweep, SweepPreset
 from .trainable import teacher_path
 
@@ -56,20 +54,3 @@ def install(rows: Sequence[dict], teacher_dir: str, out: Callable[[str], None] =
     if failed:
         reasons = "; ".join(f"{r['student']}: {r['failure_reason'] or r['status']}" for r in failed)
         raise UserError(f"teacher training failed ({reasons})")
-
-
-def train_teachers(preset: SweepPreset, models: Sequence[str], opts: SweepOptions,
-                   out: Callable[[str], None] = print) -> None:
-    """Train the missing teachers of `preset` on the cluster this process is connected to (before a sweep)."""
-    from .runner import run, seeds
-
-    teacher_dir = join(opts.teacher_dir)
-    out(f"teachers: training the missing {', '.join(models)} into {teacher_dir} first")
-    # the students' data, model scale and step limits carry over (the checkpoint must match them); not their recipe
-    sets = {k: v for k, v in opts.sets.items() if k in CARRIED or (k.startswith("data.") and k != "data.split")}
-    topts = dataclasses.replace(opts, name="", resume=False, num_samples=None, epochs=None, seeds=None, sets=sets,
-                                pairs=None)
-    outcome = run(teachers_sweep(preset, models, seeds("teachers", preset, topts)[0]), topts, out)
-    if outcome.interrupted:
-        raise KeyboardInterrupt
-    install([r for r in outcome.tables.trials.values() if r["student"] in models], teacher_dir, out)

@@ -13,25 +13,43 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
-from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+from ray.air.integrations.wandb import WandbLoggerCallback
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 
 from ..config import flatten
-from ..track_options import TrackOptions
+from ..errors import one_line
+from ..track_options import SQLITE, TrackOptions, mlflow_command, mlflow_store
+from .ray_internals import mlflow_runs, start_wandb_run, wait_for_wandb_files
 
 EPOCH_METRICS = ("top1", "top5", "best_top1", "loss", "lr", "images_per_s", "epoch_time_s")
 
 
 def mlflow_uri(given: str) -> str:
-    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
-    if "://" in uri or uri.startswith("sqlite:"):
-        if uri.startswith("file:"):
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        return uri
-    # a plain path: MLflow's file store, which MLflow 3 keeps in maintenance mode behind this opt-in
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return Path(uri).expanduser().resolve().as_uri()
+    uri = mlflow_store(given)
+    if uri.startswith("file:"):  # asked for by name: MLflow 3 keeps its file store behind this opt-in
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def mlflow_lines(uri: str, experiment: str, run_id: str = "") -> list[str]:
+    """Where MLflow holds the experiment (one run of it with `run_id`) and the MLflow command that reads it back."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith(SQLITE) and not Path(uri[len(SQLITE):]).is_file():  # opening it would create an empty one
+        return [f"mlflow: no store {uri} on this machine (under Ray Client it is on the head node)"]
+    try:
+        found = MlflowClient(uri).get_experiment_by_name(experiment)
+    except Exception as exc:  # MLflow and its stores (SQLAlchemy, HTTP) raise many types
+        return [f"mlflow: cannot read experiment {experiment!r} back from {uri}: {one_line(exc, 200)}"]
+    if found is None:
+        return [f"mlflow: no experiment {experiment!r} in {uri} (nothing was logged)"]
+    where = f"experiment {experiment!r} (id {found.experiment_id}) in {uri}"
+    if run_id:
+        return [f"mlflow: run {run_id} of {where}; read it back with:",
+                f"  {mlflow_command(uri, f'runs describe --run-id {run_id}')}"]
+    return [f"mlflow: {where}, one run per trial; list them with:",
+            f"  {mlflow_command(uri, f'runs list --experiment-id {found.experiment_id}')}"]
 
 
 def trial_params(trial: Any) -> dict[str, Any]:
@@ -63,41 +81,40 @@ def _step_result(result: dict) -> tuple[int, dict] | None:
 
 class MLflowTracking(MLflowLoggerCallback):
     def log_trial_start(self, trial: Any) -> None:
-        if trial not in self._trial_runs:
+        runs = mlflow_runs(self)
+        if runs is None:
+            super().log_trial_start(trial)
+        elif trial not in runs:
             tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
             run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
-            self._trial_runs[trial] = run.info.run_id
-            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial_params(trial))
+            runs[trial] = run.info.run_id
+            self.mlflow_util.log_params(run_id=runs[trial], params_to_log=trial_params(trial))
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         stepped = _step_result(result)
-        if stepped is not None:
-            if trial not in self._trial_runs:
+        runs = mlflow_runs(self)
+        if stepped is not None and runs is None:
+            super().log_trial_result(iteration, trial, stepped[1])
+        elif stepped is not None:
+            if trial not in runs:
                 self.log_trial_start(trial)
             epoch, metrics = stepped
             metrics.pop(TRAINING_ITERATION)
-            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=metrics, step=epoch)
-
-
-class _WandbRunActor(_WandbLoggingActor):
-    def run(self) -> None:
-        super().run()
-        # wait for wandb's service to write the run's files: Ray kills this actor as soon as `run` returns
-        self._wandb.teardown()
+            self.mlflow_util.log_metrics(run_id=runs[trial], metrics_to_log=metrics, step=epoch)
 
 
 class WandbTracking(WandbLoggerCallback):
-    _logger_actor_cls = _WandbRunActor
-
     def setup(self, *args: Any, **kwargs: Any) -> None:
+        wait_for_wandb_files(self)
         if self.kwargs.get("mode") != "offline":  # offline runs need no account (Ray's setup insists on a key)
             super().setup(*args, **kwargs)
 
     def log_trial_start(self, trial: Any) -> None:
-        self._start_logging_actor(
-            trial, [*self._exclude_results, *self.excludes, "config"], id=trial.trial_id, name=str(trial),
-            resume=False, reinit=True, allow_val_change=True, group=self.group or trial.experiment_dir_name,
-            project=self.project, config=trial_params(trial), **self.kwargs)
+        if not start_wandb_run(
+                self, trial, [*self.excludes, "config"], id=trial.trial_id, name=str(trial), resume=False,
+                reinit=True, allow_val_change=True, group=self.group or trial.experiment_dir_name,
+                project=self.project, config=trial_params(trial), **self.kwargs):
+            super().log_trial_start(trial)
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         stepped = _step_result(result)
@@ -128,6 +145,11 @@ def callbacks(options: TrackOptions) -> list[Any]:
                 project=options.wandb_project or os.environ.get("WANDB_PROJECT") or "uhkd", group=options.experiment,
                 mode=os.environ.get("WANDB_MODE", "offline"), dir=os.environ.get("WANDB_DIR") or os.getcwd()))
     return out
+
+
+def read_back(options: TrackOptions) -> list[str]:
+    """After a sweep (`options.experiment` = its name): where MLflow holds its runs and how to list them."""
+    return mlflow_lines(mlflow_uri(options.mlflow_uri), options.experiment) if "mlflow" in options.trackers else []
 
 
 @dataclass(eq=False)
@@ -170,6 +192,11 @@ class RunTracker:
         for c in self.callbacks:
             c.log_trial_end(self.trial, failed=failed)
             c.on_experiment_end([self.trial])
+
+    def read_back(self) -> list[str]:
+        """Where the trackers that have an experiment and a run id (MLflow) hold this run, and how to read it."""
+        return [line for c in self.callbacks if isinstance(c, MLflowTracking)
+                for line in mlflow_lines(c.tracking_uri, c.experiment_name, mlflow_runs(c)[self.trial])]
 
 
 def _ensure_ray() -> None:

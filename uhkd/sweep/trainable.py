@@ -25,8 +25,7 @@ import pyarrow.fs as pafs
 from ..config import RunConfig, build_config, is_config_key, method_key
 from ..errors import UserError
 from ..plugins import import_modules
-from ..storage import join, location_of, open_location
-from ..trainer import METRICS_LOG, STUDENT
+from ..storage import METRICS_LOG, STUDENT, join, location_of, open_location
 
 RAY_TRAIN_MIN_WORKERS = 2  # fewer: the trial trains in its own process, without Ray Train's actors
 
