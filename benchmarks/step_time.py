@@ -1,15 +1,16 @@
 """UHKD training-step time over KD training-step time, same pair, batch and student, measured interleaved in one
-process; the `sca=conv_bn` order (docs/method.md#sca-the-channel-projection); with `--compile`, the same steps under
-torch.compile (the trainer's `compile` switch); model FLOPs per image and the FLOP utilisation (MFU) of each step; peak
-memory.
+process; the `sca=conv_bn` order (docs/method.md#sca-the-channel-projection); the 2025 baselines RSD and PAT beside
+them (published: RSD's epoch close to KD's, PAT's ~3.2x; docs/baselines.md#pat); with `--compile`, the same steps
+under torch.compile (the trainer's `compile` switch); model FLOPs per image and the FLOP utilisation (MFU) of each
+step; peak memory.
 
     python benchmarks/step_time.py                      # ViT-S / Swin-T -> ResNet18 at 224 batch 8, tiny pair at 32, CPU
     python benchmarks/step_time.py --device cuda --batch 128 --amp bf16 --compile on
 
-A step = forward (teacher under no_grad), sum of the loss terms, backward, SGD step. Times are medians over
-`--steps` interleaved repetitions after `--warmup` (compiled variants compile during their first warm-up step).
-On a shared machine use `--threads 1 --clock cpu`: the process's CPU time per step does not count the time other
-processes hold the cores.
+A step = forward (teacher under no_grad; PAT's prompted teacher pass with gradients to its prompts), sum of the
+loss terms, backward, SGD step. Times are medians over `--steps` interleaved repetitions after `--warmup`
+(compiled variants compile during their first warm-up step). On a shared machine use `--threads 1 --clock cpu`: the
+process's CPU time per step does not count the time other processes hold the cores.
 
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one eager step (forward of teacher and student, backward of
 the student and the method's modules: matrix products, convolutions, attention; elementwise work is not counted),
@@ -38,7 +39,8 @@ from uhkd.models import create_stage_model, load_teacher
 from uhkd.trainer import compiled
 
 VARIANTS = {"kd": {"method.name": "kd"}, "uhkd": {"method.name": "uhkd"},
-            "uhkd_conv_bn": {"method.name": "uhkd", "method.uhkd.sca": "conv_bn"}}
+            "uhkd_conv_bn": {"method.name": "uhkd", "method.uhkd.sca": "conv_bn"},
+            "rsd": {"method.name": "rsd"}, "pat": {"method.name": "pat"}}
 COMPILED = ("kd", "uhkd")  # the variants also timed compiled with --compile
 PAIRS = {  # name: (teacher, student, img_size, scale, batch or None = --batch)
     "vit-s": ("vit_small_patch16_224", "resnet18", 224, "full", None),
@@ -194,7 +196,9 @@ def main() -> None:
                   f"{100 * achieved / args.peak_tflops:8.2f}% {100 * achieved / matmul:9.1f}% {mem:>8}")
         ratios = [f"uhkd/kd time {t['uhkd']['s'] / t['kd']['s']:.3f}",
                   f"conv_bn/kd {t['uhkd_conv_bn']['s'] / t['kd']['s']:.3f}",
-                  f"uhkd/kd FLOPs {t['uhkd']['flops'] / t['kd']['flops']:.3f}"]
+                  f"rsd/kd {t['rsd']['s'] / t['kd']['s']:.3f}", f"pat/kd {t['pat']['s'] / t['kd']['s']:.3f}",
+                  f"uhkd/kd FLOPs {t['uhkd']['flops'] / t['kd']['flops']:.3f}",
+                  f"pat/kd FLOPs {t['pat']['flops'] / t['kd']['flops']:.3f}"]
         if "uhkd+compile" in t:
             ratios += [f"compiled uhkd/kd time {t['uhkd+compile']['s'] / t['kd+compile']['s']:.3f}",
                        f"compile speed-up kd {t['kd']['s'] / t['kd+compile']['s']:.2f}x "

@@ -22,7 +22,7 @@ TINY = ["--preset", "quick", "--pairs", PAIR, "--epochs", "1", "--workers-per-tr
 
 @pytest.fixture(scope="session")
 def quick_results(tmp_path_factory, ray_local) -> Path:
-    """A results root with a reproduce_tables sweep (scratch, kd, ofa, uhkd x seeds 0, 1) and an ablations sweep
+    """A results root with a reproduce_tables sweep (scratch, kd, ofa, rsd, uhkd x seeds 0, 1) and an ablations sweep
     (full UHKD and the β curve points), one epoch each, against an untrained tiny teacher checkpoint."""
     root = tmp_path_factory.mktemp("quick")
     teachers = root / "teachers"
@@ -49,18 +49,18 @@ def md_cells(text: str, label: str) -> list[str]:
 
 
 def test_table_matches_the_trial_rows(quick_results, table_trials, tmp_path, capsys):
-    assert len(table_trials) == 8 and set(table_trials["status"]) == {"ok"}
+    assert len(table_trials) == 10 and set(table_trials["status"]) == {"ok"}
     assert tables.run([str(quick_results), "--dataset", "mnist5k"]) == 0
     text = capsys.readouterr().out
     cells = dict(zip(md_cells(text, "Teacher → Student (best-epoch top-1 %)"), md_cells(text, "Swin-T → ResNet18")))
     by_method = table_trials.groupby("method")["best_top1"]
-    for header, method in (("Scratch", "scratch"), ("KD", "kd"), ("OFA", "ofa"), ("UHKD", "uhkd")):
+    for header, method in (("Scratch", "scratch"), ("KD", "kd"), ("OFA", "ofa"), ("RSD", "rsd"), ("UHKD", "uhkd")):
         values = by_method.get_group(method)
         assert cells[header] == f"{values.mean():.2f} ± {values.std():.2f} (n=2)"
-    assert not {"DKD", "DIST", "FitNet"} & set(cells)  # not run: no column
+    assert not {"DKD", "DIST", "FitNet", "PAT"} & set(cells)  # not run: no column
     gain = by_method.get_group("uhkd").mean() - by_method.get_group("ofa").mean()
     assert cells["Δ UHKD−OFA"] == f"{gain:+.2f}"
-    assert "8 trials with status ok; none excluded" in text and "model.scale: tiny" in text
+    assert "10 trials with status ok; none excluded" in text and "model.scale: tiny" in text
 
     out = tmp_path / "last.csv"
     assert tables.run([str(quick_results), "--dataset", "mnist5k", "--last", "--format", "csv", "--out",

@@ -102,6 +102,9 @@ def test_every_method_declares_itself_completely(cls):
     ("ofa", "cifar100", "deit_tiny_patch16_224", dict(gamma=1.0, branch_weight=1.0)),
     ("ofa", "imagenet", "resnet18", dict(gamma=1.5, branch_weight=1.0)),
     ("ofa", "other", "mobilenetv2_100", dict(gamma=1.0, branch_weight=1.0)),
+    ("rsd", "imagenet", "deit_tiny_patch16_224", dict(weight=0.1, kappa=0.01, expansion=2)),
+    ("pat", "cifar100", "resnet18", dict(alpha=1.0, beta=1.0, gamma=1.0, temperature=1.0, queries=64, width=512,
+                                         heads=8, prompt_stages="1,2,3,4")),
 ])
 def test_resolved_defaults(method, protocol, student, expected):
     params = method_params(config(method, student, **{"data.protocol": protocol}))
@@ -207,7 +210,7 @@ def test_uhkd_without_kl_runs_on_a_pruned_teacher():
 
 
 @pytest.mark.parametrize("overrides,teacher,match", [
-    ({"method.name": "crd"}, True, "unknown method 'crd'; valid choices: dist, dkd, fitnet, kd, ofa, "),
+    ({"method.name": "crd"}, True, r"unknown method 'crd' \(did you mean rsd\?\); valid choices: dist, dkd, "),
     ({"method.name": "kd"}, False, "method 'kd' needs a teacher"),
     ({"method.uhkd.alpha": -1.0}, True, "method.uhkd.alpha must be >= 0, got -1.0"),
     ({"method.uhkd.beta": math.inf}, True, "method.uhkd.beta must be a finite number, got inf"),

@@ -41,6 +41,56 @@ def test_stage_contract(name):
     assert torch.allclose(logits, own, atol=1e-5) and torch.allclose(model.forward_logits(x), own, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(FAMILY_MODELS))
+def test_stage_by_stage_forward_is_forward_intermediates(name):
+    """An identity hook leaves `forward` (timm's `forward_intermediates`) unchanged; the hook sees the map entering
+    each stage: the previous stage's output, or for Swin that output after the stage's patch merging."""
+    model, x, seen = tiny(name), torch.rand(2, 3, 32, 32), {}
+
+    def identity(stage, m):
+        seen[stage] = m
+        return m
+
+    with torch.no_grad():
+        logits, maps = model(x)
+        staged_logits, staged_maps = model.forward_staged(x, identity)
+    torch.testing.assert_close(staged_logits, logits)
+    for staged, plain in zip(staged_maps, maps):
+        torch.testing.assert_close(staged, plain)
+    assert sorted(seen) == [1, 2, 3, 4] and [tuple(seen[s].shape[1:]) for s in (1, 2, 3, 4)] == model.stage_inputs
+    for stage in (2, 3, 4):
+        if name.startswith("swin"):
+            merge = model.net.layers[stage - 1].downsample
+            expected = merge(maps[stage - 2].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        else:
+            expected = maps[stage - 2]
+        torch.testing.assert_close(seen[stage], expected)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_a_hook_changes_only_the_stages_after_it(name):
+    model, x = tiny(name), torch.rand(2, 3, 32, 32)
+    noise = torch.randn((2, *model.stage_inputs[2]), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, maps = model(x)
+        shifted_logits, shifted = model.forward_staged(x, lambda stage, m: m + noise if stage == 3 else m)
+    torch.testing.assert_close(shifted[:2], maps[:2])
+    assert all(not torch.allclose(a, b) for a, b in zip(shifted[2:], maps[2:]))
+    assert not torch.allclose(shifted_logits, logits)
+
+
+def test_pooled_embedding_is_the_classifiers_input():
+    x = torch.rand(2, 3, 32, 32)
+    resnet, deit = tiny("resnet18"), tiny("deit_tiny_patch16_224")
+    with torch.no_grad():
+        logits, embedding = resnet.forward_embedding(x)
+        torch.testing.assert_close(embedding, resnet(x)[1][3].mean((2, 3)))  # global average pool of stage 4
+        torch.testing.assert_close(logits, resnet.forward_logits(x))
+        logits, embedding = deit.forward_embedding(x)
+        torch.testing.assert_close(embedding, deit.net.forward_features(deit.normalize(x))[:, 0])  # class token
+        torch.testing.assert_close(logits, deit.forward_logits(x))
+
+
 def test_kinds_and_families():
     assert [model_kind(n) for n in ("resnet50", "swin_nano_patch4_window7_224", "resmlp_12_224")] == \
         ["cnn", "vit", "mlp"]

@@ -10,23 +10,26 @@ from __future__ import annotations
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
-from timm.models.efficientnet import _gen_mobilenet_v2
-from timm.models.mlp_mixer import Affine, ResBlock, _create_mixer
-from timm.models.swin_transformer import _create_swin_transformer
+from timm.models.convnext import ConvNeXt
+from timm.models.efficientnet import EfficientNet, _gen_mobilenet_v2
+from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, _create_mixer
+from timm.models.resnet import ResNet
+from timm.models.swin_transformer import SwinTransformer, _create_swin_transformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from .errors import UserError, choice_error, did_you_mean, one_line
 from .hub import HUB
 
 # timm's register_model appends the registered entry points to this list.
-__all__ = ["FAMILIES", "StageModel", "check_checkpoint_file", "create_stage_model", "load_teacher", "model_family",
-           "model_kind", "save_model_checkpoint"]
+__all__ = ["FAMILIES", "StageHook", "StageModel", "check_checkpoint_file", "create_stage_model", "load_teacher",
+           "model_family", "model_kind", "save_model_checkpoint"]
 
 # Architecture families: name prefix -> kind. `swin` is a token model with a hierarchical (4-resolution) layout.
 FAMILIES: dict[str, str] = {
@@ -134,12 +137,74 @@ def _stage_indices(feature_info: Sequence[dict], isotropic_blocks: str) -> list[
     return ends[-4:]
 
 
+# hook(stage, x): the NCHW map about to enter stage 1..4 -> the map the model continues with
+StageHook = Callable[[int, Tensor], Tensor]
+
+
+class _Walk:
+    """A timm model cut into the pieces its own `forward_intermediates` runs, in order: `stem`, `units`, `finish`
+    (the final norm before `forward_head`). `taps[k]` is the unit whose output is stage k+1's map, `entries[k]` the
+    unit before which stage k+1's hook runs. The entries are where the released PAT code puts its prompts (timm
+    0.6's stage boundaries): ResNet before layer k (after the stem's max-pool), ConvNeXt before stage k (its
+    down-sampling included), Swin after stage k's patch merging (timm 0.6 merged at the end of the previous stage),
+    MobileNetV2 and the isotropic models (ViT, Mixer, ResMLP) before the first block after the previous stage's end.
+
+    `layout` is the models' own between-unit format: "nchw", "nhwc" (Swin) or "nlc" (tokens; `prefix` leading
+    tokens such as a class token are not part of the grid)."""
+
+    def __init__(self, net: nn.Module, take: list[int]) -> None:
+        self.layout, self.prefix, self.finish = "nchw", 0, nn.Identity()
+        if isinstance(net, ResNet):  # feature index 0 is the stem before max-pooling, 1..4 the layers
+            self.stem = lambda x: net.maxpool(net.act1(net.bn1(net.conv1(x))))
+            self.units = [net.layer1, net.layer2, net.layer3, net.layer4]
+            self.taps = self.entries = [i - 1 for i in take]
+        elif isinstance(net, EfficientNet):  # feature index i ends after block stage_ends[i] - 1 (0 = the stem)
+            self.stem, self.finish = lambda x: net.bn1(net.conv_stem(x)), lambda x: net.bn2(net.conv_head(x))
+            self.units = list(net.blocks)
+            self.taps = [net.stage_ends[i] - 1 for i in take]
+            self.entries = [net.stage_ends[i - 1] for i in take]
+        elif isinstance(net, ConvNeXt):
+            self.stem, self.units, self.finish = net.stem, list(net.stages), net.norm_pre
+            self.taps = self.entries = list(take)
+        elif isinstance(net, SwinTransformer):
+            self.stem, self.finish, self.layout = net.patch_embed, net.norm, "nhwc"
+            self.units = [unit for stage in net.layers for unit in (stage.downsample, stage.blocks)]
+            self.taps = self.entries = [2 * i + 1 for i in take]
+        elif isinstance(net, (VisionTransformer, MlpMixer)):
+            if isinstance(net, VisionTransformer):
+                self.stem = lambda x: net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
+                self.prefix, self.patches = net.num_prefix_tokens, net.patch_embed
+            else:
+                self.stem, self.patches = net.stem, net.stem
+            self.units, self.finish, self.layout = list(net.blocks), net.norm, "nlc"
+            self.taps = list(take)
+            self.entries = [0] + [i + 1 for i in take[:-1]]
+        else:
+            raise TypeError(f"no stage-by-stage forward for {type(net).__name__}")
+
+    def to_map(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        if self.layout == "nhwc":
+            return x.permute(0, 3, 1, 2).contiguous()
+        if self.layout == "nlc":
+            tokens = x[:, self.prefix:]
+            return tokens.reshape(x.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+        return x
+
+    def from_map(self, m: Tensor, like: Tensor) -> Tensor:
+        """`m` (NCHW) back in the layout of `like`, with `like`'s prefix tokens in front."""
+        if self.layout == "nhwc":
+            return m.permute(0, 2, 3, 1).contiguous()
+        if self.layout == "nlc":
+            return torch.cat([like[:, :self.prefix], m.flatten(2).transpose(1, 2)], 1)
+        return m
+
+
 class StageModel(nn.Module):
     """A timm model on images in [0, 1]: `forward(x) -> (logits, [f1, f2, f3, f4])` with NCHW stage maps.
 
     Attributes (from a dry forward): `stage_channels`, `stage_reductions` (input size / map size), `stage_sizes`
-    ((H, W) per stage), `num_features` (width before the classifier), `num_classes`, `name`, `kind`, `img_size`,
-    `has_class_token`.
+    ((H, W) per stage), `stage_inputs` ((C, H, W) of the map entering each stage, see `forward_staged`),
+    `num_features` (width before the classifier), `num_classes`, `name`, `kind`, `img_size`, `has_class_token`.
     """
 
     def __init__(self, net: nn.Module, name: str, *, img_size: int, scale: str, isotropic_blocks: str,
@@ -157,11 +222,18 @@ class StageModel(nn.Module):
         self._set_stages(_stage_indices(net.feature_info, isotropic_blocks))
         self.frozen = False
         self.pruned_after: int | None = None  # last computed stage when layers after it were removed
+        inputs: dict[int, tuple[int, ...]] = {}
+
+        def record(stage: int, x: Tensor) -> Tensor:
+            inputs[stage] = tuple(x.shape[1:])
+            return x
+
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            _, feats = self(torch.zeros(1, 3, img_size, img_size))
+            _, feats = self.forward_staged(torch.zeros(1, 3, img_size, img_size), record)
         self.train(was_training)
+        self.stage_inputs = [inputs[s] for s in (1, 2, 3, 4)]
         self.stage_channels = [f.shape[1] for f in feats]
         self.stage_sizes = [(f.shape[2], f.shape[3]) for f in feats]
         self.stage_reductions = [img_size // f.shape[2] for f in feats]
@@ -180,6 +252,31 @@ class StageModel(nn.Module):
             return None, [inter[j] for j in self._pick]
         final, inter = self.net.forward_intermediates(x, indices=self._take, output_fmt="NCHW")
         return self.net.forward_head(final), [inter[j] for j in self._pick]
+
+    def forward_staged(self, x: Tensor, hook: StageHook | None = None) -> tuple[Tensor, list[Tensor]]:
+        """`forward`, stage by stage, calling `hook(stage, map)` on the NCHW map about to enter each stage (1..4)
+        and continuing with the map it returns (prompts, PAT). The pieces are those `forward_intermediates` runs,
+        so with a hook that returns its input this is `forward` (within float rounding). Not on a pruned model."""
+        if self.pruned_after is not None:
+            raise RuntimeError(f"{self.name} was pruned after stage {self.pruned_after}: no stage-by-stage forward")
+        walk = _Walk(self.net, [self._take[j] for j in self._pick])
+        grid = walk.patches.dynamic_feat_size(tuple(x.shape[-2:])) if walk.layout == "nlc" else None
+        x = walk.stem(self.normalize(x))
+        maps: dict[int, Tensor] = {}
+        for i, unit in enumerate(walk.units):
+            for k in (k for k, entry in enumerate(walk.entries) if entry == i and hook is not None):
+                x = walk.from_map(hook(k + 1, walk.to_map(x, grid)), x)
+            x = unit(x)
+            maps.update((k, walk.to_map(x, grid)) for k, tap in enumerate(walk.taps) if tap == i)
+        return self.net.forward_head(walk.finish(x)), [maps[k] for k in range(4)]
+
+    def forward_embedding(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`(logits, embedding)`: the pooled embedding is the classifier's input (timm's pre-logits: global pool,
+        and for ViT/DeiT the normed class token, for ConvNeXt the head's norm); logits = classifier(embedding)."""
+        if self.pruned_after is not None:
+            raise RuntimeError(f"{self.name} was pruned after stage {self.pruned_after}: it has no classifier")
+        embedding = self.net.forward_head(self.net.forward_features(self.normalize(x)), pre_logits=True)
+        return self.net.get_classifier()(embedding), embedding
 
     def forward_with_class_tokens(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """`forward` plus each stage's class token (B, 1, C); only for models with one (`has_class_token`)."""
