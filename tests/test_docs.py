@@ -1,9 +1,9 @@
 """Everything the repository cites is in the repository: no reference to a document outside it, and every pointer
 into docs/ (`docs/<page>.md#<anchor>` in code, tests and Markdown) and every relative link of the Markdown files
-outside docs/ resolves. Links between the pages in docs/ are checked by `mkdocs build --strict` (.ci/run)."""
+outside docs/ resolves. Links between the pages in docs/ are checked by `mkdocs build --strict` (.ci/run). The facts
+the docs state that the code also knows are compared with it: the results schema's columns, the README's methods."""
 from __future__ import annotations
 
-import fnmatch
 import re
 import subprocess
 import unicodedata
@@ -18,9 +18,6 @@ THIS = Path(__file__).resolve().relative_to(ROOT).as_posix()
 
 # Notes that were never part of the repository: a specification, its section numbers, issue and stack notes.
 EXTERNAL = re.compile(r"\bSPEC\b|(?i:issue notes|stack notes|NOTES-stack)")
-# TEMPORARY: files being rewritten elsewhere that still cite those notes; each entry goes once its files are fixed
-# (test_the_allow_list_holds_only_files_that_still_need_it says when).
-PENDING = ("README.md",)
 
 POINTER = re.compile(r"(?<![\w/.-])docs/([\w.-]+\.md)(?:#([\w-]+))?")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -45,22 +42,11 @@ def external_references(text: str) -> list[str]:
     return [f"line {text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}" for m in EXTERNAL.finditer(text)]
 
 
-def pending(path: str) -> bool:
-    return any(fnmatch.fnmatch(path, pattern) for pattern in PENDING)
-
-
 def test_no_tracked_file_cites_a_document_outside_the_repository():
     found = {path: refs for path, text in tracked_text_files().items()
-             if path != THIS and not pending(path) and (refs := external_references(text))}
+             if path != THIS and (refs := external_references(text))}
     assert not found, ("cite the docs/ page that holds it instead (docs/contributing.md#where-a-fact-lives): "
                        f"{found}")
-
-
-def test_the_allow_list_holds_only_files_that_still_need_it():
-    needed = {pattern for path, text in tracked_text_files().items() if external_references(text)
-              for pattern in PENDING if fnmatch.fnmatch(path, pattern)}
-    assert set(PENDING) <= needed, f"no file matching {sorted(set(PENDING) - needed)} cites outside notes any more: " \
-                                   "remove it from PENDING"
 
 
 def markdown_slugs(heading: str) -> set[str]:
@@ -162,3 +148,28 @@ def test_the_results_schema_page_is_the_schema_the_code_writes(section):
     config = set(LEAF_TYPES) if section == "trials.parquet" else set()
     assert set(written) - (config - set(documented)) == set(documented)  # every other column is in the table
     assert f"schema **version {SCHEMA_VERSION}**" in (ROOT / "docs" / "results-schema.md").read_text()
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_methods_table_is_the_method_registry():
+    """One row per built-in method (name, display name) in the registry's table order; a plugin's method (the test
+    session loads examples/my_method.py) is the user's own and has no row."""
+    from uhkd.methods import registered
+
+    built_in = [(cls.name, cls.display) for cls in registered() if cls.__module__.startswith("uhkd.methods.")]
+    rows = []
+    for line in readme_section("Methods").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 2:
+            rows.append((cells[0].strip("`"), cells[1]))
+    assert rows == built_in
+
+
+def test_readme_lines_fit_in_120_characters():
+    long = [f"line {i}: {len(line)}" for i, line in
+            enumerate((ROOT / "README.md").read_text(encoding="utf-8").splitlines(), 1) if len(line) > 120]
+    assert not long, long
