@@ -27,11 +27,11 @@ load([str(Path(__file__).resolve().parents[1] / "examples" / "my_method.py")])
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray cluster with 2 CPUs for the whole session (started on first use); after it stops, no process of
-    it is left on the machine (`realstack.kill_left_behind`, which says what it had to kill)."""
+    it is left on the machine (`testkit.realstack.kill_left_behind`, which says what it had to kill)."""
     import ray
-    from realstack import kill_left_behind
+    from testkit.realstack import kill_left_behind
 
-    from uhkd.sweep.cluster import job_env
+    from uhkd.ray_session import job_env
 
     # job_env: the example plugin loaded above goes to the workers (py_modules), as a sweep's own cluster ships it
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=job_env())
@@ -44,11 +44,11 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A SeaweedFS S3 server on free local ports for the session (`tests/realstack.py`: `S3Server` with `endpoint`,
+    """A SeaweedFS S3 server on free local ports for the session (`testkit/realstack.py`: `S3Server` with `endpoint`,
     `access_key`, `secret_key`, `bucket`, `uri(path)`, `env`, `filesystem()`, `listing(path)`). Its credentials are
     put into this process's environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), which Ray nodes started
     afterwards inherit."""
-    from realstack import s3
+    from testkit.realstack import s3
 
     with s3(tmp_path_factory.mktemp("s3")) as server:
         saved = {k: os.environ.get(k) for k in server.env}
@@ -65,11 +65,11 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory, s3_server):
-    """A `ray start --head` node plus a second node that shares no disk with it (`tests/realstack.py`:
+    """A `ray start --head` node plus a second node that shares no disk with it (`testkit/realstack.py`:
     `TwoNodes` with `address`, `env`, `hidden`). The second node sees `hidden[0]` (a fresh folder: put results,
     teachers and runs there) as an empty tmpfs and alone holds the custom resource `worker_node`, so trials that
     request `{"worker_node": 1}` run there. Both nodes have the S3 credentials."""
-    from realstack import two_nodes as start
+    from testkit.realstack import two_nodes as start
 
     with start([tmp_path_factory.mktemp("work")], env=s3_server.env) as cluster:
         yield cluster

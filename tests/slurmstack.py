@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from realstack import free_ports
+from testkit.realstack import free_ports
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch")
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from realstack import free_port
+from testkit.realstack import free_port
 
 from analysis import ablations, common, curves, sweep_report, tables
 from uhkd.sweep.results import epoch_record, epochs_schema, trial_record, trials_schema

@@ -1,5 +1,5 @@
 """Faults, bad files and hostile input: nothing lost, one clear line. The fast checks run on their own; the
-scenarios on real processes (`benchmarks/faults.py`, which prints them as a table) are slow-marked."""
+scenarios on real processes (`testkit/faults.py`; `benchmarks/faults.py` prints them as a table) are slow-marked."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from benchmarks import faults
+from testkit import faults
 from uhkd.data.cifar import read_cifar100
 from uhkd.errors import UserError
 from uhkd.models import create_stage_model, load_teacher, save_model_checkpoint

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from realstack import free_ports
+from testkit.realstack import free_ports
 
 from uhkd.sweep.results import TRIALS
 

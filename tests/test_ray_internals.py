@@ -1,4 +1,4 @@
-"""Every private Ray API and Ray process internal the sweep layer uses (`uhkd/sweep/ray_internals.py`) still exists
+"""Every private Ray API and Ray process internal the toolkit uses (`uhkd/ray_internals.py`) still exists
 in the installed Ray and does what the sweep relies on: each test runs one function on a real Ray and fails naming
 it. Then each function's fallback, with its internal taken away as a newer Ray might: it returns what keeps the sweep
 correct and says once which function fell back."""
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from uhkd.sweep import ray_internals as ri
+from uhkd import ray_internals as ri
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def fresh_fallbacks(monkeypatch):
 
 
 def provided(name: str) -> None:
-    assert name not in ri.fallbacks(), (f"uhkd.sweep.ray_internals.{name}: Ray {ray.__version__} no longer provides "
+    assert name not in ri.fallbacks(), (f"uhkd.ray_internals.{name}: Ray {ray.__version__} no longer provides "
                                         f"what it uses ({ri.fallbacks()[name]}); docs/ray-versions.md")
 
 
@@ -41,13 +41,13 @@ def test_recorded_address(monkeypatch, tmp_path):
     assert ri.recorded_address() == ""
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text("10.1.2.3:6379\n")
-    assert ri.recorded_address() == "10.1.2.3:6379", "uhkd.sweep.ray_internals.recorded_address reads another file"
+    assert ri.recorded_address() == "10.1.2.3:6379", "uhkd.ray_internals.recorded_address reads another file"
     provided("recorded_address")
 
 
 def test_gcs_temp_dirs(ray_local):
     temp_dir = Path(ray.get_runtime_context().get_temp_dir())
-    assert temp_dir in ri.gcs_temp_dirs(), "uhkd.sweep.ray_internals.gcs_temp_dirs misses this session's GCS server"
+    assert temp_dir in ri.gcs_temp_dirs(), "uhkd.ray_internals.gcs_temp_dirs misses this session's GCS server"
     provided("gcs_temp_dirs")
 
 
@@ -57,11 +57,11 @@ def test_autoscaler_config_file(ray_local):
     gcs = ray.get_runtime_context().gcs_address
     monitors = [a for a in ri._command_lines() if any(x.endswith("monitor.py") for x in a)
                 and f"--gcs-address={gcs}" in a]
-    assert monitors, "uhkd.sweep.ray_internals.autoscaler_config_file: no monitor.py --gcs-address=<gcs> process"
+    assert monitors, "uhkd.ray_internals.autoscaler_config_file: no monitor.py --gcs-address=<gcs> process"
     assert ri.autoscaler_config_file(gcs) is None
     script = next(x for x in monitors[0] if x.endswith("monitor.py"))
     monitor = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
-    assert "--autoscaling-config" in monitor.stdout, "uhkd.sweep.ray_internals.autoscaler_config_file: Ray's " \
+    assert "--autoscaling-config" in monitor.stdout, "uhkd.ray_internals.autoscaler_config_file: Ray's " \
                                                      "monitor.py takes no --autoscaling-config"
     provided("autoscaler_config_file")
 
@@ -77,7 +77,7 @@ def test_quiet_token_notice():
     try:
         ri.quiet_token_notice()
         assert importlib.import_module(ri.TOKEN_NOTICE_LOGGER).logger is notice, \
-            "uhkd.sweep.ray_internals.quiet_token_notice: Ray's token notice comes from another logger"
+            "uhkd.ray_internals.quiet_token_notice: Ray's token notice comes from another logger"
         assert not notice.isEnabledFor(logging.WARNING)
     finally:
         notice.setLevel(level)
@@ -104,7 +104,7 @@ def test_live_actors(ray_local):
     pid = ray.get(probe.pid.remote())
     try:
         found = [a for a in ri.live_actors() if a.pid == pid]
-        assert found, "uhkd.sweep.ray_internals.live_actors misses a live actor"
+        assert found, "uhkd.ray_internals.live_actors misses a live actor"
         context = ray.get_runtime_context()
         assert found[0].class_name == "InternalsProbe"
         assert found[0].job_id == bytes.fromhex(context.get_job_id())
@@ -128,7 +128,7 @@ def test_placement_groups_of_dead_creators(ray_local):
         found = [g for g in ri.placement_groups_of_dead_creators(job) if g.id.hex() == group]
         time.sleep(0.5)
     provided("placement_groups_of_dead_creators")
-    assert found, "uhkd.sweep.ray_internals.placement_groups_of_dead_creators misses a group whose creator died"
+    assert found, "uhkd.ray_internals.placement_groups_of_dead_creators misses a group whose creator died"
     remove_placement_group(found[0])
 
 
@@ -143,9 +143,9 @@ def test_ended_jobs_and_other_jobs_running(ray_local):
     deadline = time.monotonic() + 30
     while bytes.fromhex(ended) not in ri.ended_jobs() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert bytes.fromhex(ended) in ri.ended_jobs(), "uhkd.sweep.ray_internals.ended_jobs misses an ended job"
+    assert bytes.fromhex(ended) in ri.ended_jobs(), "uhkd.ray_internals.ended_jobs misses an ended job"
     assert bytes.fromhex(mine) not in ri.ended_jobs()
-    assert not ri.other_jobs_running(mine), "uhkd.sweep.ray_internals.other_jobs_running counts an ended job"
+    assert not ri.other_jobs_running(mine), "uhkd.ray_internals.other_jobs_running counts an ended job"
     assert ri.other_jobs_running("ffffffff")  # this job, seen from another
     provided("ended_jobs")
     provided("other_jobs_running")
@@ -160,7 +160,7 @@ def test_wait_for_wandb_files(tmp_path):
     provided("wait_for_wandb_files")
     actor = callback._logger_actor_cls(str(tmp_path), queue.Queue(), [], [])
     assert actor._wandb is wandb and callable(wandb.teardown), \
-        "uhkd.sweep.ray_internals.wait_for_wandb_files: Ray's logging actor no longer holds the wandb module"
+        "uhkd.ray_internals.wait_for_wandb_files: Ray's logging actor no longer holds the wandb module"
 
 
 def test_start_wandb_run():
@@ -168,7 +168,7 @@ def test_start_wandb_run():
 
     start = inspect.signature(WandbLoggerCallback._start_logging_actor)
     assert list(start.parameters)[:3] == ["self", "trial", "exclude_results"], \
-        f"uhkd.sweep.ray_internals.start_wandb_run: Ray's _start_logging_actor is now {start}"
+        f"uhkd.ray_internals.start_wandb_run: Ray's _start_logging_actor is now {start}"
     assert isinstance(WandbLoggerCallback._exclude_results, list)
 
 
@@ -190,7 +190,7 @@ def test_client_address():
     head = start_head(temp_dir, num_cpus=1)
     try:
         code = ("import json, ray, sys; ray.init(sys.argv[1], log_to_driver=False, logging_level='ERROR');"
-                "from uhkd.sweep import ray_internals as ri; print(json.dumps([ri.client_address(), ri.fallbacks()]))")
+                "from uhkd import ray_internals as ri; print(json.dumps([ri.client_address(), ri.fallbacks()]))")
         done = subprocess.run([sys.executable, "-c", code, head.client_address], capture_output=True, text=True,
                               timeout=300, env=head.env)
     finally:
@@ -199,13 +199,13 @@ def test_client_address():
     assert done.returncode == 0, done.stderr[-2000:]
     address, fell_back = json.loads(done.stdout.splitlines()[-1])
     assert address == head.client_address and not fell_back, \
-        f"uhkd.sweep.ray_internals.client_address: {address!r}, {fell_back}"
+        f"uhkd.ray_internals.client_address: {address!r}, {fell_back}"
 
 
 def test_own_session(tmp_path):
     """An embedded cluster started inside own_session(): none of its processes is in the driver's session (a signal
     to the driver's process group cannot reach them), and they still end with the driver."""
-    code = ("import json, os, ray; from uhkd.sweep import ray_internals as ri\n"
+    code = ("import json, os, ray; from uhkd import ray_internals as ri\n"
             "with ri.own_session():\n"
             "    ray.init(address='local', num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
             "node = ray._private.worker._global_node\n"
@@ -220,7 +220,7 @@ def test_own_session(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     pids, in_driver_session, fell_back = json.loads(done.stdout.splitlines()[-1])
     assert pids and not any(in_driver_session) and not fell_back, \
-        f"uhkd.sweep.ray_internals.own_session: {in_driver_session}, {fell_back}"
+        f"uhkd.ray_internals.own_session: {in_driver_session}, {fell_back}"
     time.sleep(2)
     alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and
              Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
@@ -238,7 +238,7 @@ def test_move_trial_storage(tmp_path):
     storage = StorageContext(storage_path=str(tmp_path / "old"), experiment_dir_name="tune", trial_dir_name="t1")
     trial = Trial("moved", storage=storage, trial_id="t1")
     ri.move_trial_storage(trial, str(tmp_path / "new"), pafs.LocalFileSystem())
-    assert trial.path == str(tmp_path / "new" / "tune" / "t1"), "uhkd.sweep.ray_internals.move_trial_storage"
+    assert trial.path == str(tmp_path / "new" / "tune" / "t1"), "uhkd.ray_internals.move_trial_storage"
     provided("move_trial_storage")
 
 
@@ -288,4 +288,4 @@ def test_fallback_when_the_internal_is_gone(case, monkeypatch, capsys):
     assert name in ri.fallbacks()
     getattr(ri, name)(*args)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: Ray")]
-    assert len(warnings) == 1 and f"uhkd.sweep.ray_internals.{name} uses" in warnings[0]
+    assert len(warnings) == 1 and f"uhkd.ray_internals.{name} uses" in warnings[0]

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from realstack import processes_with_env
+from testkit.realstack import processes_with_env
 from slurmstack import missing, slurm
 
-from benchmarks import faults
+from testkit import faults
 from uhkd.sweep.results import EPOCHS, TRIALS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from realstack import free_port
+from testkit.realstack import free_port
 
 from uhkd.errors import UserError
 from uhkd.sweep.cli import SweepOptions

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
-from realstack import free_port
+from testkit.realstack import free_port
 
 from analysis.common import read_epochs, read_trials
 from uhkd.errors import UserError

@@ -82,7 +82,7 @@ def test_a_sweep_lists_the_problems_of_all_its_pairs_before_ray(tmp_path, capsys
 
 
 def test_an_unreachable_or_unwritable_location_is_one_line_before_ray(tmp_path, capsys):
-    from realstack import free_port
+    from testkit.realstack import free_port
     from sweeps import hetero_pairs
 
     store = f"?endpoint_override=127.0.0.1:{free_port()}&scheme=http"  # nothing listens there

@@ -1,5 +1,5 @@
 """The `--track tensorboard|mlflow|wandb` flags and their checks, without importing Ray or any tracker (the
-callbacks that log are `uhkd.sweep.tracking`). The tracker packages are the optional extra `pip install -e ".[track]"`."""
+callbacks that log are `uhkd.tracking`). The tracker packages are the optional extra `pip install -e ".[track]"`."""
 from __future__ import annotations
 
 import importlib.util

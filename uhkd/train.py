@@ -287,7 +287,7 @@ def _connect_ray(cfg: RunConfig) -> None:
 
     import ray
 
-    from .sweep.cluster import job_env, ray_messages_to_file, start_local
+    from .ray_session import job_env, ray_messages_to_file, start_local
 
     if not ray.is_initialized():
         if address := os.environ.get("RAY_ADDRESS"):
@@ -390,7 +390,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _tracker(args: argparse.Namespace, cfg: RunConfig, output: Path) -> Any:
     """The run's trackers: config = the resolved flat dotted keys, TensorBoard events in `output`."""
     from .methods import resolve_method
-    from .sweep.tracking import RunTracker
+    from .tracking import RunTracker
 
     resolved = dataclasses.replace(cfg, method=resolve_method(cfg))
     return RunTracker(track_options(args, "uhkd.train"), output.name, flatten(resolved), str(output))

@@ -20,7 +20,7 @@ import uhkd
 
 from ..config import RunConfig, batch_plan, config_hash, flatten
 from ..errors import one_line
-from .ray_internals import ended_jobs, live_actors, other_jobs_running, placement_groups_of_dead_creators
+from ..ray_internals import ended_jobs, live_actors, other_jobs_running, placement_groups_of_dead_creators
 from .results import SweepTables
 from .trainable import run_config, trial_checkpoint, trial_overrides
 

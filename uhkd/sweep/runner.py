@@ -27,7 +27,7 @@ from .spec import Sweep, SweepPreset
 from .state import (STORED, TUNE, StoredSweep, read_manifest, read_stored, saved_state, started, write_manifest,
                     write_stored)
 from .teachers import CARRIED, install, teachers_sweep
-from .trainable import in_process, teacher_path, train_trial, trial_overrides
+from .trainable import flat_run_config, in_process, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
 # memory reserved for a trial's own process(es), measured on 2 CPUs: a Ray Train trial's driver side is ~1.1 GB
@@ -258,7 +258,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     from .callbacks import ParquetResults, ReleaseStoppedTrainRuns
     from .console import LiveLines
     from .search import scheduler, searcher
-    from .tracking import callbacks as tracking_callbacks
+    from ..tracking import callbacks as tracking_callbacks
 
     budget = sweep.preset.budget(sweep.kind)
     storage_path, filesystem = ray_storage(join(opts.results, name))
@@ -266,7 +266,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
         name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=0,  # the console: LiveLines
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainRuns(), LiveLines(),
-                   *tracking_callbacks(replace(opts.track, experiment=name))],
+                   *tracking_callbacks(replace(opts.track, experiment=name), flat_run_config)],
         failure_config=tune.FailureConfig(max_failures=TUNE_RETRIES))
     # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
     common = dict(trial_dirname_creator=trial_dirname, reuse_actors=in_process_trials)
@@ -486,7 +486,7 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
     outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
                            interrupted=len(tables.trials) < planned, grid=grid)
-    from .tracking import read_back
+    from ..tracking import read_back
 
     for line in read_back(replace(opts.track, experiment=name)):
         out(line)

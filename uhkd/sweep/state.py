@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from ..errors import UserError, one_line
 from ..storage import join, open_location, ray_storage
 from .cli import SweepOptions
-from .ray_internals import move_trial_storage
+from ..ray_internals import move_trial_storage
 from .spec import Sweep
 
 MANIFEST = "sweep.json"

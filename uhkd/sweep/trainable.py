@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import pyarrow.fs as pafs
 
-from ..config import RunConfig, build_config, is_config_key, method_key
+from ..config import RunConfig, build_config, flatten, is_config_key, method_key
 from ..errors import UserError
 from ..plugins import import_modules
 from ..storage import METRICS_LOG, STUDENT, join, open_location
@@ -80,6 +80,11 @@ def run_config(config: Mapping[str, Any], trial_id: str) -> RunConfig:
     runs = "tune" if in_process(cfg.workers) else "train"
     return dataclasses.replace(cfg, name=trial_id, method=resolve_method(cfg),
                                output_dir=join(config["_sweep_dir"], runs, trial_id))
+
+
+def flat_run_config(trial: Any) -> dict[str, Any]:
+    """A Tune trial's resolved run as flat dotted keys, what its `trials.parquet` row holds (for the trackers)."""
+    return flatten(run_config(trial.config, trial.trial_id))
 
 
 def trial_checkpoint(trial: Any, run_folder: str) -> tuple[list[dict], str]:

@@ -10,16 +10,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 
-from ..config import flatten
-from ..errors import one_line
-from ..track_options import SQLITE, TrackOptions, mlflow_command, mlflow_store
+from .errors import one_line
+from .track_options import SQLITE, TrackOptions, mlflow_command, mlflow_store
 from .ray_internals import mlflow_runs, start_wandb_run, wait_for_wandb_files
 
 EPOCH_METRICS = ("top1", "top5", "best_top1", "loss", "lr", "images_per_s", "epoch_time_s")
@@ -52,14 +51,17 @@ def mlflow_lines(uri: str, experiment: str, run_id: str = "") -> list[str]:
             f"  {mlflow_command(uri, f'runs list --experiment-id {found.experiment_id}')}"]
 
 
-def trial_params(trial: Any) -> dict[str, Any]:
-    """The trial's resolved run config as flat dotted keys (what `trials.parquet` holds), plus `pair`."""
-    if isinstance(trial, RunTrial):
-        flat = dict(trial.config)
-    else:
-        from .trainable import run_config
+ConfigOf = Callable[[Any], dict[str, Any]]
 
-        flat = flatten(run_config(trial.config, trial.trial_id))
+
+def run_trial_config(trial: "RunTrial") -> dict[str, Any]:
+    return dict(trial.config)
+
+
+def trial_params(trial: Any, config_of: ConfigOf) -> dict[str, Any]:
+    """The trial's resolved run config as flat dotted keys (what `trials.parquet` holds: `config_of(trial)`), plus
+    `pair`."""
+    flat = config_of(trial)
     flat["pair"] = f"{flat['model.teacher']}:{flat['model.student']}"
     return {k: ("" if v is None else v) for k, v in flat.items()}
 
@@ -80,6 +82,8 @@ def _step_result(result: dict) -> tuple[int, dict] | None:
 
 
 class MLflowTracking(MLflowLoggerCallback):
+    config_of: ConfigOf = staticmethod(run_trial_config)
+
     def log_trial_start(self, trial: Any) -> None:
         runs = mlflow_runs(self)
         if runs is None:
@@ -88,7 +92,7 @@ class MLflowTracking(MLflowLoggerCallback):
             tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
             run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
             runs[trial] = run.info.run_id
-            self.mlflow_util.log_params(run_id=runs[trial], params_to_log=trial_params(trial))
+            self.mlflow_util.log_params(run_id=runs[trial], params_to_log=trial_params(trial, self.config_of))
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         stepped = _step_result(result)
@@ -104,6 +108,8 @@ class MLflowTracking(MLflowLoggerCallback):
 
 
 class WandbTracking(WandbLoggerCallback):
+    config_of: ConfigOf = staticmethod(run_trial_config)
+
     def setup(self, *args: Any, **kwargs: Any) -> None:
         wait_for_wandb_files(self)
         if self.kwargs.get("mode") != "offline":  # offline runs need no account (Ray's setup insists on a key)
@@ -113,7 +119,7 @@ class WandbTracking(WandbLoggerCallback):
         if not start_wandb_run(
                 self, trial, [*self.excludes, "config"], id=trial.trial_id, name=str(trial), resume=False,
                 reinit=True, allow_val_change=True, group=self.group or trial.experiment_dir_name,
-                project=self.project, config=trial_params(trial), **self.kwargs):
+                project=self.project, config=trial_params(trial, self.config_of), **self.kwargs):
             super().log_trial_start(trial)
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
@@ -132,8 +138,9 @@ class TensorBoardTracking(TBXLoggerCallback):
             super().log_trial_result(iteration, trial, stepped[1])
 
 
-def callbacks(options: TrackOptions) -> list[Any]:
-    """One Tune logger callback per tracker of `options`."""
+def callbacks(options: TrackOptions, config_of: ConfigOf = run_trial_config) -> list[Any]:
+    """One Tune logger callback per tracker of `options`; `config_of(trial)` gives a trial's resolved run config
+    as flat dotted keys (a sweep's: `uhkd.sweep.trainable.flat_run_config`)."""
     out: list[Any] = []
     for name in options.trackers:
         if name == "tensorboard":
@@ -144,6 +151,9 @@ def callbacks(options: TrackOptions) -> list[Any]:
             out.append(WandbTracking(
                 project=options.wandb_project or os.environ.get("WANDB_PROJECT") or "uhkd", group=options.experiment,
                 mode=os.environ.get("WANDB_MODE", "offline"), dir=os.environ.get("WANDB_DIR") or os.getcwd()))
+    for callback in out:
+        if hasattr(callback, "config_of"):
+            callback.config_of = config_of
     return out
 
 
@@ -202,7 +212,7 @@ class RunTracker:
 def _ensure_ray() -> None:
     import ray
 
-    from .cluster import start_local
+    from .ray_session import start_local
 
     if not ray.is_initialized():
         start_local(num_cpus=1)

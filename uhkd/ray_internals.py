@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import ray
 
-from ..errors import one_line
+from .errors import one_line
 
 T = TypeVar("T")
 _fallbacks: dict[str, str] = {}
@@ -49,7 +49,7 @@ def internal(fallback: Callable[..., T], cost: str) -> Callable[[Callable[..., T
             except (ImportError, AttributeError, TypeError, Missing) as exc:
                 if fn.__name__ not in _fallbacks:
                     _fallbacks[fn.__name__] = one_line(f"{type(exc).__name__}: {exc}")
-                    print(f"warning: Ray {ray.__version__} lacks what uhkd.sweep.ray_internals.{fn.__name__} uses "
+                    print(f"warning: Ray {ray.__version__} lacks what uhkd.ray_internals.{fn.__name__} uses "
                           f"({_fallbacks[fn.__name__]}); {cost}", file=sys.stderr)
                 return fallback(*args, **kwargs)
 
