@@ -232,30 +232,34 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error:") or "Traceback" in line]
 
 
-def printed(proc: subprocess.Popen, pattern: str) -> Callable[[], bool]:
-    """Whether the driver `proc` has printed a line matching `pattern` (a regular expression)."""
-    return lambda: re.search(pattern, _peek(proc), re.MULTILINE) is not None
+# Epochs of about a second (the tiny models' default is a quarter): a fault applied at a printed line lands seconds
+# before the sweep could end, on a loaded machine too.
+LONGER = ("--set", "data.limit_train=1280", "--set", "optim.max_steps_per_epoch=40")
+# A trial has ended (its row is written before its line) and the next one has trained its first epoch.
+MID_SWEEP = r"(?s): (?:finished|stopped by the scheduler after epoch \d+), best top1 .* epoch 1/"
+
+
+def wait_for_line(proc: subprocess.Popen, pattern: str, ready: Callable[[], bool] = lambda: True) -> None:
+    """Until the driver `proc` has printed a line matching `pattern` (a regular expression) and `ready` holds,
+    looking every 20 ms: a fault applied then lands at that moment. (A poll of the sweep's files, every few tenths
+    of a second and slow to read on a loaded machine, let faults land after the sweep had finished.)"""
+    wait_for(lambda: re.search(pattern, _peek(proc), re.MULTILINE) is not None and ready(), proc, poll=0.02)
 
 
 def interrupt_then_resume(bench: Bench, scenario: str, fault: int | Callable[[subprocess.Popen], None], *,
                           between: Callable[[], None] = lambda: None, samples: int = 3, epochs: int = 3,
-                          ready: Callable[[], bool] | None = None, after_line: str = "", extra: tuple = (),
-                          cluster: str = "local", results_after: Path | None = None,
+                          after_line: str = MID_SWEEP, ready: Callable[[], bool] = lambda: True,
+                          extra: tuple = LONGER, cluster: str = "local", results_after: Path | None = None,
                           ) -> tuple[Outcome, subprocess.CompletedProcess, str]:
-    """Start a sweep; once it printed a line matching `after_line` (then at once) and `ready` holds (default,
-    without `after_line`: a trial has a row and another has logged an epoch), apply `fault` (a signal for the
-    driver, or a function of the driver's process); run `between`, then --resume it (results root
-    `results_after`, default the same). Returns the measurement (epoch records taken right after the fault), the
-    resume's process and the first driver's stderr; `outcome` says the first driver's exit code and how long it
-    took after the fault."""
+    """Start a sweep (`extra` settings, default LONGER epochs); once it printed a line matching `after_line`
+    (default MID_SWEEP) and `ready` holds, apply `fault` (a signal for the driver, or a function of the driver's
+    process); run `between`, then --resume it (results root `results_after`, default the same). Returns the
+    measurement (epoch records taken right after the fault), the resume's process and the first driver's stderr;
+    `outcome` says the first driver's exit code and how long it took after the fault."""
     name = "sw"
-    if ready is None:
-        ready = (lambda: True) if after_line else \
-            (lambda: len(rows(bench.results, name)) >= 1 and epochs_logged(bench, name, epochs + 1)())
     first = bench.start(bench.sweep(name, *extra, samples=samples, epochs=epochs, cluster=cluster))
     try:
-        line = printed(first, after_line) if after_line else (lambda: True)
-        wait_for(lambda: line() and ready(), first, poll=0.02 if after_line else 0.3)
+        wait_for_line(first, after_line, ready)
         faulted = time.monotonic()
         fault(first) if callable(fault) else first.send_signal(fault)
         _, first_err = first.communicate(timeout=180)
@@ -275,19 +279,12 @@ def interrupt_then_resume(bench: Bench, scenario: str, fault: int | Callable[[su
 
 # --- the scenarios -------------------------------------------------------------------------------------------------
 
-LONGER = ["--set", "data.limit_train=1280", "--set", "optim.max_steps_per_epoch=40"]  # epochs of a few seconds
-
-
 def driver_sigkill(bench: Bench) -> Outcome:
     return interrupt_then_resume(bench, "driver SIGKILLed, then --resume", signal.SIGKILL)[0]
 
 
 def driver_sigterm(bench: Bench) -> Outcome:
-    """SIGTERM to the driver as soon as it prints a trial's first epoch after another trial finished, epochs of a
-    second: the signal lands seconds before the sweep could end. (Polling the files for that moment, a few tenths
-    of a second of epochs apart, let a loaded machine send it after the sweep had finished: exit 0, no hint.)"""
-    result, _, first_err = interrupt_then_resume(bench, "SIGTERM to the driver, then --resume", signal.SIGTERM,
-                                                 after_line=r"(?s): finished, best top1 .* epoch 1/3 ", extra=LONGER)
+    result, _, first_err = interrupt_then_resume(bench, "SIGTERM to the driver, then --resume", signal.SIGTERM)
     result.lines = [line for line in first_err.splitlines() if "--resume --name sw" in line] + result.lines
     return result
 
@@ -312,10 +309,10 @@ def epoch_kill(bench: Bench) -> Outcome:
 
 def stopped_kill(bench: Bench) -> Outcome:
     """SIGKILL to the driver as soon as ASHA stopped a trial: its `stopped` row is written while Tune's saved state
-    still has it running; the resumed sweep does not continue it. Longer epochs, so that Tune saved its state
+    still has it running; the resumed sweep does not continue it. Epochs of a second, so that Tune saved its state
     while the trial ran."""
     return interrupt_then_resume(bench, "driver SIGKILLed right after ASHA stopped a trial, then --resume",
-                                 signal.SIGKILL, samples=4, after_line="stopped by the scheduler", extra=LONGER)[0]
+                                 signal.SIGKILL, samples=4, after_line="stopped by the scheduler")[0]
 
 
 def moved(bench: Bench) -> Outcome:
@@ -424,7 +421,7 @@ def trial_checkpoint_corrupted(bench: Bench) -> Outcome:
 
     result, second, _ = interrupt_then_resume(bench, "trial checkpoint truncated, then --resume", signal.SIGINT,
                                               between=truncate_latest, samples=1, epochs=5,
-                                              ready=epochs_logged(bench, "sw", 2))
+                                              after_line=r" epoch 2/5 ")
     result.lines += [line for line in worker_logs(bench) if "falling back" in line]
     return result
 
@@ -489,7 +486,7 @@ def two_resumes(bench: Bench) -> Outcome:
             kill_group(one)
 
     result, second, _ = interrupt_then_resume(bench, "two --resume at once", signal.SIGINT, between=race,
-                                              samples=1, epochs=80, ready=epochs_logged(bench, "sw", 2))
+                                              samples=1, epochs=80, after_line=r" epoch 2/80 ", extra=())
     result.lines = error_lines(refused[0].stderr) + result.lines
     result.outcome = f"second exit {refused[0].returncode}; {result.outcome}"
     return result
@@ -612,12 +609,12 @@ run(Sweep("grid", load_preset("quick"), cells=cells, force={{"data.split": "fina
 
 
 def worker_sigkill(bench: Bench) -> Outcome:
-    """SIGKILL to a running trial's process (an in-process trial: the Tune actor itself): Tune restarts the trial,
-    which continues from its checkpoint."""
+    """SIGKILL to a running trial's process (an in-process trial: the Tune actor itself) once it printed its second
+    epoch: Tune restarts the trial, which continues from its checkpoint."""
     name = "sw"
-    first = bench.start(bench.sweep(name, samples=2, epochs=4))
+    first = bench.start(bench.sweep(name, *LONGER, samples=2, epochs=4))
     try:
-        wait_for(epochs_logged(bench, name, 2), first)
+        wait_for_line(first, r" epoch 2/4 ")
         victims = trial_processes(bench.ray_tmp)
         for pid in victims[:1]:
             os.kill(pid, signal.SIGKILL)
@@ -716,9 +713,9 @@ def _inner_disk_full(work: Path, out: Path) -> None:
     subprocess.run(["mount", "--make-rprivate", "/"], check=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(bench.results)], check=True)
     filler = bench.results / "filler"
-    first = bench.start(bench.sweep("sw", samples=3, epochs=3))
+    first = bench.start(bench.sweep("sw", *LONGER, samples=3, epochs=3))
     try:
-        wait_for(lambda: len(rows(bench.results, "sw")) >= 1, first)
+        wait_for_line(first, MID_SWEEP)
         with open(filler, "wb", buffering=0) as f:
             for chunk in (1 << 20, 1 << 12, 1):  # to the last byte: a tiny trial's checkpoint is < 1 MB
                 with contextlib.suppress(OSError):
