@@ -275,17 +275,21 @@ def interrupt_then_resume(bench: Bench, scenario: str, fault: int | Callable[[su
 
 # --- the scenarios -------------------------------------------------------------------------------------------------
 
+LONGER = ["--set", "data.limit_train=1280", "--set", "optim.max_steps_per_epoch=40"]  # epochs of a few seconds
+
+
 def driver_sigkill(bench: Bench) -> Outcome:
     return interrupt_then_resume(bench, "driver SIGKILLed, then --resume", signal.SIGKILL)[0]
 
 
 def driver_sigterm(bench: Bench) -> Outcome:
-    result, _, first_err = interrupt_then_resume(bench, "SIGTERM to the driver, then --resume", signal.SIGTERM)
+    """SIGTERM to the driver as soon as it prints a trial's first epoch after another trial finished, epochs of a
+    second: the signal lands seconds before the sweep could end. (Polling the files for that moment, a few tenths
+    of a second of epochs apart, let a loaded machine send it after the sweep had finished: exit 0, no hint.)"""
+    result, _, first_err = interrupt_then_resume(bench, "SIGTERM to the driver, then --resume", signal.SIGTERM,
+                                                 after_line=r"(?s): finished, best top1 .* epoch 1/3 ", extra=LONGER)
     result.lines = [line for line in first_err.splitlines() if "--resume --name sw" in line] + result.lines
     return result
-
-
-LONGER = ["--set", "data.limit_train=1280", "--set", "optim.max_steps_per_epoch=40"]  # epochs of a few seconds
 
 
 def early_kill(bench: Bench) -> Outcome:

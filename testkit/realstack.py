@@ -10,6 +10,7 @@ use the context managers directly.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shlex
@@ -55,6 +56,22 @@ def answers(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def listening_hosts(port: int) -> list[str]:
+    """The addresses TCP sockets on this machine listen on at `port` (Linux's /proc/net tables)."""
+    hosts = []
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/net", table).read_text().splitlines()[1:]:
+                fields = line.split()
+                address, hex_port = fields[1].split(":")
+                state = fields[3]
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    # the kernel prints the address as 32-bit words in host (little-endian) byte order
+                    words = [bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8)]
+                    hosts.append(str(ipaddress.ip_address(b"".join(words))))
+    return hosts
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -3,6 +3,7 @@ scenarios on real processes (`testkit/faults.py`; `benchmarks/faults.py` prints 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import shlex
@@ -286,17 +287,30 @@ def test_a_cluster_that_stops_answering_is_said_lost_and_one_that_answers_is_not
         server.close()
 
 
+EMBEDDED_CLUSTER = """
+import json, ray
+from ray._private import ray_constants, worker
+from ray._private.authentication.authentication_utils import is_token_auth_enabled
+from testkit.realstack import listening_hosts
+from uhkd.sweep.cluster import connect
+print(connect('local'))
+print('token auth', is_token_auth_enabled())
+where = ray.experimental.internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
+                                                      namespace=ray_constants.KV_NAMESPACE_DASHBOARD).decode()
+print(json.dumps({'address': where, 'url': worker.get_dashboard_url(),
+                  'listening': listening_hosts(int(where.rsplit(':', 1)[1]))}))
+"""
+
+
 @pytest.mark.slow
 def test_embedded_cluster_keeps_token_auth_and_a_local_dashboard(tmp_path):
-    """The toolkit never turns Ray's token authentication off itself (tests and CI do, by RAY_AUTH_MODE)."""
-    code = ("from uhkd.sweep.cluster import connect; print(connect('local'));"
-            "from ray._private.authentication.authentication_utils import is_token_auth_enabled;"
-            "print('token auth', is_token_auth_enabled())")
+    """The toolkit never turns Ray's token authentication off itself (tests and CI do, by RAY_AUTH_MODE), and the
+    embedded cluster's dashboard serves nothing beyond this machine."""
     ray_tmp = faults.tempfile.mkdtemp(prefix="ra", dir="/tmp")
     env = {k: v for k, v in faults.env(ray_tmp).items() if k != "RAY_AUTH_MODE"}
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                              env={**env, "HOME": str(tmp_path)})
+        done = subprocess.run([sys.executable, "-c", EMBEDDED_CLUSTER], capture_output=True, text=True,
+                              timeout=180, env={**env, "HOME": str(tmp_path)})
     finally:
         faults.shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -304,8 +318,12 @@ def test_embedded_cluster_keeps_token_auth_and_a_local_dashboard(tmp_path):
     # said in the toolkit's line, not by Ray's own warning on the console
     assert "started an embedded local cluster (1 node, " in done.stdout and ", token authentication on)" in done.stdout
     assert "Token authentication" not in done.stderr
-    cluster = (ROOT / "uhkd" / "sweep" / "cluster.py").read_text()
-    assert 'dashboard_host="127.0.0.1"' in cluster
+    # where the dashboard's head process binds its web server (the node's IP for any host but a loopback one), the
+    # URL Ray reports for it ("" while the web server is off), and what listens on that port
+    dashboard = json.loads(done.stdout.splitlines()[-1])
+    assert dashboard["address"].startswith("127.0.0.1:"), dashboard
+    assert dashboard["url"] in ("", dashboard["address"]), dashboard
+    assert all(ipaddress.ip_address(host).is_loopback for host in dashboard["listening"]), dashboard
 
 
 EXPECT_LINES = {  # scenario -> what the user must have been told (one line each)

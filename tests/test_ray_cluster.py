@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -343,6 +344,16 @@ FAKE_AUTOSCALER = {
                      "head_start_ray_commands", "worker_start_ray_commands"), [])}
 
 
+TRIAL_NODES = """
+import json, sys, ray
+from ray._private.state import state
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+nodes = {n["NodeID"]: n for n in ray.nodes()}  # dead ones too: an idle node the autoscaler ended
+trials = [a for a in state.actor_table(None).values() if a["Pid"] in json.loads(sys.argv[2])]
+print(json.dumps([nodes[a["Address"]["NodeID"]].get("Resources", {}) for a in trials]))
+"""
+
+
 @pytest.mark.slow
 def test_a_sweep_runs_its_trials_on_the_nodes_an_autoscaler_starts(tmp_path, teacher_dir):
     """Autoscaler v1 (what `ray up` runs) keeps its node types in its config file and publishes none to the GCS;
@@ -353,6 +364,11 @@ def test_a_sweep_runs_its_trials_on_the_nodes_an_autoscaler_starts(tmp_path, tea
     try:
         done = sweep(scaling, scaling.address, tmp_path / "res", teacher_dir,
                      *in_process("--num-samples", "2", "--name", "scaled"), timeout=600)
+        # each trial's process (Tune's result log says which) and the node the GCS has its actor on
+        pids = [json.loads(line)["pid"] for log in (tmp_path / "res" / "scaled" / "tune").glob("*/result.json")
+                for line in log.read_text().splitlines()[:1]]
+        nodes = subprocess.run([sys.executable, "-c", TRIAL_NODES, scaling.address, json.dumps(pids)],
+                               env=scaling.env, capture_output=True, text=True, timeout=120)
         monitor = (Path(temp_dir) / "session_latest" / "logs" / "monitor.log").read_text()
     finally:
         stop_head(scaling)
@@ -361,8 +377,16 @@ def test_a_sweep_runs_its_trials_on_the_nodes_an_autoscaler_starts(tmp_path, tea
     assert "(1 node, 0 CPUs)" in done.stdout
     assert "sweep scaled: 2 trial(s), 2 at once" in done.stdout
     assert "sweep scaled: 2/2 trials recorded (2 ok, 0 stopped, 0 failed)" in done.stdout
-    assert "Adding 2 node(s) of type cpu_node" in monitor
     assert pd.read_parquet(tmp_path / "res" / "scaled" / TRIALS)["status"].tolist() == ["ok", "ok"]
+    # the autoscaler's summary of each update names the nodes it asked for in it: both at once, or one and then
+    # one, as the trials' demand arrives (and Ray's fake provider starts one node per request, so it asks again)
+    added = re.findall(r"Adding (\d+) node\(s\) of type cpu_node\.", monitor)
+    assert sum(map(int, added)) >= 1, [line for line in monitor.splitlines() if "cpu_node" in line]
+    # both trials ran on such a node (1 CPU), not on the head (0 CPUs; Ray gives it the head's marker resource)
+    assert nodes.returncode == 0, nodes.stderr[-2000:]
+    resources = json.loads(nodes.stdout.splitlines()[-1])
+    assert len(pids) == 2 and len(resources) == 2, (pids, resources)
+    assert all(r.get("CPU") == 1 and "node:__internal_head__" not in r for r in resources), resources
 
 
 @pytest.mark.slow
