@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, figure_title, integer_ticks, line_colors, ok_trials,
                              pair_label, panel_rows, percent_axis, read_trials, render, require_columns, row_legend,
                              save_figure, select, signed, teacher_line, write_text)
-from uhkd.errors import UserError
+from uhkd.errors import OneLineParser, UserError
 
 SWITCHES = tuple(f"method.uhkd.{p}" for p in ("spectrum", "sra", "sca", "stages", "alpha", "beta", "k", "band"))
 CURVE_PARAMS = tuple(f"method.uhkd.{p}" for p in ("beta", "alpha", "k", "band"))
@@ -145,8 +145,8 @@ def plot_curves(data: pd.DataFrame, metric: str = "best_top1", title: str = "") 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="analysis/ablations.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="analysis/ablations.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help=RESULTS_HELP)
     p.add_argument("--out-dir", default="analysis_out", help="folder for ablation_table.* and ablation_curves.png/"
                    "pdf (default analysis_out)")

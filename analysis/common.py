@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from uhkd.errors import UserError, one_line
+from uhkd.storage import check_folder
 from uhkd.sweep.results import EPOCHS, PARTS, TRIALS, merged_table, open_location, wide
 
 RESULTS_HELP = ("a trials.parquet file, a sweep folder holding trials.parquet (and epochs.parquet), or a results "
@@ -60,7 +61,11 @@ def find_tables(results: str | Path, name: str) -> tuple[pafs.FileSystem, list[s
 
 def _read(results: str | Path, name: str) -> pd.DataFrame:
     fs, paths = find_tables(results, name)
-    tables = (merged_table(fs, p, name) for p in paths)
+    try:
+        tables = [merged_table(fs, p, name) for p in paths]
+    except UserError as err:
+        raise UserError(f"{err}; give {RESULTS_HELP} (a sweep's damaged table is rebuilt by continuing that sweep: "
+                        f"python sweeps/<sweep>.py --resume --name <sweep>)") from None
     frames = [wide(t, name) for t in tables if t is not None and t.num_rows]
     if not frames:
         raise UserError(f"{name} at {str(results)!r} has no rows yet (no trial has finished)")
@@ -147,11 +152,14 @@ class Stat:
             return cls(math.nan, math.nan, 0)
         return cls(float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan, int(arr.size))
 
-    def text(self, digits: int = 2) -> str:
+    def text(self, digits: int = 2, unit: str = "") -> str:
+        """`mean ± std (n=N)`; with a `unit` (what n counts, when not seeds) `mean (1 unit)` or
+        `mean ± std (n=N units)`."""
         if self.n == 0:
             return "—"
         std = f" ± {self.std:.{digits}f}" if self.n > 1 else ""
-        return f"{self.mean:.{digits}f}{std} (n={self.n})"
+        count = f"n={self.n}" if not unit else f"1 {unit}" if self.n == 1 else f"n={self.n} {unit}s"
+        return f"{self.mean:.{digits}f}{std} ({count})"
 
 
 def signed(value: float, digits: int = 2) -> str:
@@ -308,11 +316,24 @@ def write_text(text: str, out: str | None) -> list[Path]:
     return [path]
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Where a script will write, checked before it reads anything: `--out-dir` a folder this user can create or
+    write into, `--out` a file in one."""
+    if getattr(args, "out_dir", None):
+        check_folder(args.out_dir, "--out-dir")
+    if getattr(args, "out", None):
+        if Path(args.out).expanduser().is_dir():
+            raise UserError(f"--out {args.out!r} is a folder; give a file name")
+        check_folder(str(Path(args.out).expanduser().resolve().parent), f"the folder of --out {args.out!r},")
+
+
 def cli(main: Callable[[argparse.Namespace], list[Path]], parser: argparse.ArgumentParser,
         argv: Sequence[str] | None = None) -> int:
-    """Parse, run, print the output paths; a `UserError` becomes one `error:` line and exit status 2."""
+    """Parse, check the outputs, run, print the output paths; a `UserError` becomes one `error:` line and exit
+    status 2."""
     args = parser.parse_args(argv)
     try:
+        check_outputs(args)
         outputs = main(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ from analysis.common import (RESULTS_HELP, cli, figure_title, integer_ticks, lin
                              percent_axis, read_epochs, read_trials, require_columns, row_legend, save_figure,
                              select, teacher_line)
 from analysis.sweep_report import value_text, varying_params
-from uhkd.errors import UserError
+from uhkd.errors import OneLineParser, UserError
 
 KEYS = ["sweep", "trial_id"]
 MAIN = ("top1", "loss")
@@ -191,8 +191,8 @@ def loss_terms(data: pd.DataFrame) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="analysis/curves.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="analysis/curves.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help=RESULTS_HELP)
     p.add_argument("--trial", nargs="+", default=[], metavar="ID", help="only these trial ids")
     p.add_argument("--group-by", nargs="+", default=None, metavar="COL",

@@ -27,9 +27,9 @@ from matplotlib.figure import Figure
 from analysis.common import cli, pair_label, save_figure
 from uhkd.data import get_dataset, load_split, with_transform
 from uhkd.data.augment import get_recipe, image_transform
+from uhkd.errors import OneLineParser, UserError
 from uhkd.frequency import BANDS, SPECTRA, spectral_tokens
 from uhkd.models import StageModel, create_stage_model, load_teacher
-from uhkd.errors import UserError
 
 STUDENTS = ("before", "after")
 METRICS = ("cosine", "pearson")
@@ -164,8 +164,8 @@ def plot_maps(panels: list[list[tuple[str, np.ndarray]]], stage: int, what: str 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="analysis/similarity.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="analysis/similarity.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher timm name, e.g. swin_tiny_patch4_window7_224")
     p.add_argument("--teacher-checkpoint", required=True, help="teacher checkpoint file (uhkd model checkpoint)")
     p.add_argument("--student", required=True, help="student timm name, e.g. resnet18")

@@ -25,7 +25,7 @@ from matplotlib.lines import Line2D
 from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, figure_title, ok_trials, pair_label, percent_axis,
                              read_trials, render, require_columns, save_figure, select, write_text)
 from uhkd.config import LEAF_TYPES, method_key
-from uhkd.errors import UserError
+from uhkd.errors import OneLineParser, UserError
 
 METRIC_NAMES = {"best_top1": "best-epoch top-1", "last_top1": "last-epoch top-1"}
 SHARED_SPREAD = 0.12  # of an axis: the most that separates the lines of trials sharing a configuration
@@ -222,8 +222,8 @@ def _load_study(storage: str, name: str | None) -> optuna.Study:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="analysis/sweep_report.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="analysis/sweep_report.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help=RESULTS_HELP)
     p.add_argument("--sweep", default=None, help="only trials of this sweep")
     p.add_argument("--dataset", default=None, help="only trials of this dataset")

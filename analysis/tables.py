@@ -1,8 +1,10 @@
 """The paper's comparison table (UHKD Tables 1-2 layout) from sweep results.
 
-Rows are teacher→student pairs grouped by student family; columns are the teacher's top-1 and one column per method
-present in the results (the student trained alone, `scratch`, then each distillation method), in the method
-registry's order with its display names; every cell is mean ± std over seeds with the number of seeds.
+Rows are teacher→student pairs grouped by student family; columns are the teacher's top-1 (mean over its
+checkpoints: every trial of a pair evaluates the same checkpoint again) and one column per method present in the
+results (the student trained alone, `scratch`, then each distillation method), in the method registry's order with
+its display names; every cell is mean ± std over seeds with the number of seeds. Results without a distilled trial
+(the teachers sweep, `--tag teacher`; a grid of `scratch` alone) give one row per model trained alone.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pandas as pd
 
 from analysis.common import (RESULTS_HELP, Stat, cli, dedupe_runs, display_names, ok_trials, pair_label,
                              published_results, read_trials, render, require_columns, select, signed, write_text)
-from uhkd.errors import UserError
+from uhkd.errors import OneLineParser, UserError
 
 FAMILIES = {"cnn": "CNN students", "vit": "ViT students", "mlp": "MLP students"}
 CLAIM = "uhkd_max_gain_over_ofa"
@@ -87,6 +89,11 @@ class Table:
     def compares_uhkd_with_ofa(self) -> bool:
         return {"uhkd", "ofa"} <= set(self.methods)
 
+    @property
+    def alone(self) -> bool:
+        """Models trained alone, no teacher → student pair: no Teacher column."""
+        return all(not r.teacher for r in self.rows)
+
 
 def _student_kind(name: str) -> str:
     from uhkd.models import model_kind  # lazy: importing models pulls in timm
@@ -108,20 +115,22 @@ def build_table(trials: pd.DataFrame, dataset: str, *, metric: str = "best_top1"
         notes.append(f"{repeats} repeated runs (same config and seed) dropped; the latest kept")
     methods = method_columns(set(trials["method"]))
     distilled = trials[trials["method"] != "scratch"]
-    if distilled.empty:
-        raise UserError(f"no distilled trials (only {', '.join(sorted(set(trials['method'])))}) among the finished "
-                        f"{dataset!r} trials: the table compares methods per teacher → student pair")
     scratch = trials[trials["method"] == "scratch"]
     rows = []
+    if distilled.empty:  # models trained alone: a row each
+        notes.append(f"no distilled trials: each model trained alone ({', '.join(methods)})"
+                     + ("; the teachers sweep's rows, the top-1 of each teacher checkpoint it wrote"
+                        if tag == "teacher" else ""))
+        for student, alone in scratch.groupby("student", sort=False):
+            rows.append(Row(_student_kind(student), "", student, Stat(math.nan, math.nan, 0),
+                            {"scratch": Stat.of(alone[metric])}, {"scratch": Stat.of(alone[other])}))
     for (teacher, student), pair in distilled.groupby(["teacher", "student"], sort=False):
         def stats(column: str) -> dict[str, Stat]:
             return {m: Stat.of((scratch.loc[scratch["student"] == student] if m == "scratch" else
                                 pair.loc[pair["method"] == m])[column]) for m in methods}
 
-        # The teacher is evaluated once per trial; average per seed first so methods do not weigh it.
-        teacher_top1 = Stat.of(pair.groupby("seed")["teacher_top1"].mean())
         borrowed = {m: _borrowed(pair[pair["method"] == m], f"{teacher}:{student}") for m in methods}
-        rows.append(Row(_student_kind(student), teacher, student, teacher_top1, stats(metric), stats(other),
+        rows.append(Row(_student_kind(student), teacher, student, teacher_stat(pair), stats(metric), stats(other),
                         {m: b for m, b in borrowed.items() if b}))
     order = list(FAMILIES)
     rows.sort(key=lambda r: (order.index(r.family) if r.family in order else len(order), r.student, r.teacher))
@@ -142,6 +151,16 @@ def build_table(trials: pd.DataFrame, dataset: str, *, metric: str = "best_top1"
     if "model.scale" in trials.columns and set(trials["model.scale"]) - {"full"}:
         notes.append(f"model.scale: {', '.join(sorted(set(trials['model.scale'])))} (scaled-down models)")
     return Table(dataset, metric, methods, rows, notes)
+
+
+def teacher_stat(pair: pd.DataFrame) -> Stat:
+    """The teacher's top-1 of a pair's trials: every trial evaluates its teacher checkpoint again on the same set,
+    so each checkpoint counts once (the mean of its trials), n = checkpoints. A run without one (a random teacher,
+    `model.random_teacher`) has a teacher of its own per seed."""
+    source = (pair["model.teacher_checkpoint"].fillna("") if "model.teacher_checkpoint" in pair.columns
+              else pd.Series("", index=pair.index))
+    source = source.where(source != "", "random teacher, seed " + pair["seed"].astype(str))
+    return Stat.of(pair.groupby(source)["teacher_top1"].mean())
 
 
 def _borrowed(trials: pd.DataFrame, pair: str) -> str:
@@ -185,7 +204,8 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
                ("", row.student, ref) if column == "scratch" else (row.teacher, row.student, ref))
         return pub.get(key)
 
-    columns = ["teacher", *table.methods]
+    columns = [*([] if table.alone else ["teacher"]), *table.methods]
+    lead = 1 + len(columns) - len(table.methods)  # table columns before the first method's
     gain = table.compares_uhkd_with_ofa
     other = next(m for m in METRICS if m != table.metric).split("_")[0]  # "last" or "best"
     if fmt == "csv":
@@ -209,8 +229,10 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
         return pd.DataFrame(records).to_csv(index=False, float_format="%.4f")
 
     names = display_names()
-    header = [f"Teacher → Student ({METRICS[table.metric]} top-1 %)", "Teacher",
-              *(method_header(m) for m in table.methods), *(["Δ UHKD−OFA"] if gain else [])]
+    header = [f"{'Model' if table.alone else 'Teacher → Student'} ({METRICS[table.metric]} top-1 %)",
+              *([] if table.alone else ["Teacher"]),
+              *("Trained alone" if table.alone else method_header(m) for m in table.methods),
+              *(["Δ UHKD−OFA"] if gain else [])]
     rows: list[list[str]] = []
     bold = []
     conflict = False
@@ -218,10 +240,11 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
         label = FAMILIES.get(family, f"{family} students")
         rows.append([f"*{label}*" if fmt == "md" else label] + [""] * (len(header) - 1))
         for row in (r for r in table.rows if r.family == family):
-            cells = [f"{names.get(row.teacher, row.teacher)} → {names.get(row.student, row.student)}"]
+            student = names.get(row.student, row.student)
+            cells = [f"{names.get(row.teacher, row.teacher)} → {student}" if row.teacher else student]
             for col in columns:
                 stat = row.teacher_top1 if col == "teacher" else row.cells[col]
-                text = stat.text()
+                text = stat.text(unit="checkpoint" if col == "teacher" else "")
                 if published:
                     value = pub_of(row, col)
                     if value is None:
@@ -232,11 +255,13 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
                         diff = f" (Δ {signed(stat.mean - value[0])})" if stat.n else ""
                         text += f" / pub {value[0]:.2f}{mark}{diff}"
                 cells.append(text + ("‡" if col in row.borrowed else ""))
-            bold += [(len(rows), 2 + table.methods.index(m)) for m in row.best]
+            if len(table.methods) > 1:
+                bold += [(len(rows), lead + table.methods.index(m)) for m in row.best]
             if gain:
                 cells.append(signed(row.gain))
             rows.append(cells)
-    notes = [*table.notes, *([gain_footer(table)] if gain else []), "bold: best method of the row"]
+    notes = [*table.notes, *([gain_footer(table)] if gain else []),
+             *(["bold: best method of the row"] if len(table.methods) > 1 else [])]
     if published and not pub:
         notes.append(f"no published numbers for {table.dataset} in uhkd/reference/published_results.csv")
     elif published:
@@ -246,8 +271,8 @@ def format_table(table: Table, fmt: str = "md", published: bool = False) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="analysis/tables.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="analysis/tables.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help=RESULTS_HELP)
     p.add_argument("--dataset", required=True, help="dataset column value: cifar100, imagenet1k, mnist5k, ...")
     p.add_argument("--format", default="md", choices=("md", "latex", "csv"), help="output format (default md)")

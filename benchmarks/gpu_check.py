@@ -6,8 +6,9 @@
 - `epoch`: one 300-epoch CIFAR-100 run's projected GPU-hours per pair family (= student of the cifar100
   reproduce_tables grid) from a timed fraction of an epoch of the real training loop (on-device data path at 224,
   full evaluation, checkpoint) on a generated 50,000 + 10,000-image in-memory set, and the grid's total;
-- `ray`: Ray Train on the GPU (`python -m uhkd.train --workers 1 --gpus-per-worker 1`: nccl, bf16, channels-last)
-  and a 2-trial quick sweep with `--gpus-per-trial 0.5` (needs Ray: benchmarks/gpu_ray_setup.sh installs it there).
+- `ray`: Ray Train on the GPU (`python -m uhkd.train --workers 1 --ray-train --gpus-per-worker 1`: nccl, bf16,
+  channels-last; one worker trains in-process unless `--ray-train`) and a 2-trial quick sweep of one pair with
+  `--gpus-per-trial 0.5` (needs Ray: benchmarks/gpu_ray_setup.sh installs it there).
 
     python benchmarks/gpu_check.py --out /tmp/gpu_check                 # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --small --only epoch    # dry mode: tiny models at 32 px, seconds
@@ -165,13 +166,13 @@ def ray_section(a, out: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     gpus = ["--gpus-per-worker", "1"] if a.device == "cuda" else []
-    script("-m", "uhkd.train", "--preset", "quick", "--workers", "1", *gpus, "--epochs", "2",
+    script("-m", "uhkd.train", "--preset", "quick", "--workers", "1", "--ray-train", *gpus, "--epochs", "2",
            "--output", str(out / "ray-train" / "run"), env=env)
-    result("ray", check="uhkd.train --workers 1" + (" --gpus-per-worker 1" if gpus else ""), status="ok")
+    result("ray", check="uhkd.train --workers 1 --ray-train" + (" --gpus-per-worker 1" if gpus else ""), status="ok")
     trial_gpus = ["--gpus-per-trial", "0.5"] if a.device == "cuda" else []
     script(str(ROOT / "sweeps" / "hetero_pairs.py"), "--preset", "quick", "--cluster", "local", "--num-samples", "2",
-           "--epochs", "2", *trial_gpus, "--results", str(out / "results"), "--teacher-dir", str(out / "teachers"),
-           env=env)
+           "--pairs", "convnext_tiny:resnet18", "--epochs", "2", *trial_gpus, "--results", str(out / "results"),
+           "--teacher-dir", str(out / "teachers"), env=env)
     result("ray", check="hetero_pairs quick, 2 trials" + (" --gpus-per-trial 0.5" if trial_gpus else ""),
            status="ok")
 

@@ -115,5 +115,13 @@ def build(args: argparse.Namespace, opts: SweepOptions) -> Sweep:
     return Sweep("reproduce_tables", preset, cells=cells, force={"data.split": "final"})
 
 
+def comparison_table(rows: list[dict]) -> list[str]:
+    """The sweep's comparison table (`python -m analysis.tables`' Markdown), the last lines of its summary."""
+    from analysis.tables import build_table, format_table
+
+    table = build_table(pd.DataFrame(rows), rows[0]["dataset"])
+    return ["comparison table:", *format_table(table).rstrip("\n").splitlines()]
+
+
 if __name__ == "__main__":
-    sys.exit(main(parser(), build))
+    sys.exit(main(parser(), build, table=comparison_table))

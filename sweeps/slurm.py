@@ -32,9 +32,11 @@ LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay",
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweeps/slurm.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage="%(prog)s [options] -- sweeps/SWEEP.py [sweep flags]")
+    from uhkd.errors import OneLineParser
+
+    p = OneLineParser(prog="sweeps/slurm.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      usage="%(prog)s [options] -- sweeps/SWEEP.py [sweep flags]")
     p.add_argument("--nodes", type=int, default=1, help="nodes of the allocation (default 1); the first is Ray's head")
     p.add_argument("--time", default="", help="the job's time limit, as sbatch --time (default: the partition's)")
     p.add_argument("--signal-lead", type=int, default=300, metavar="SECONDS",

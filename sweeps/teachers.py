@@ -2,7 +2,8 @@
 a URI such as s3://bucket/teachers: the teachers are uploaded there and every node fetches them once).
 
 cifar100: fine-tunes ImageNet-pretrained timm teachers on CIFAR-100 (docs/protocol.md#recipes: AdamW 5e-5, cosine, warm-up 20, clip
-5) from local weight files `<pretrained-dir>/<timm name>.{safetensors,pth,bin}`, each teacher one Ray Train trial.
+5) from local weight files `<pretrained-dir>/<timm name>.{safetensors,pth,bin}`, each teacher one trial (in its
+own process, or a Ray Train TorchTrainer with --workers-per-trial 2 or more).
 imagenet: the pretrained models are the teachers; their weight files are converted, nothing trains.
 quick: trains the tiny teachers from scratch on the offline digits (the other quick sweeps do this by themselves
 when the checkpoints are missing).
@@ -27,6 +28,7 @@ from uhkd.sweep.trainable import teacher_path
 
 def parser() -> argparse.ArgumentParser:
     p = sweep_parser("sweeps/teachers.py", __doc__)
+    p.hints.update({flag: "--models" for flag in ("--teacher", "--student", "--pairs")})
     p.add_argument("--models", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
                    help="timm names, comma list (default: the preset's teachers)")
     p.add_argument("--pretrained-dir", default="", help="local ImageNet weight files by timm name")

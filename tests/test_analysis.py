@@ -31,7 +31,9 @@ def trial(teacher: str, student: str, method: str, seed: int, top1: float, **ext
            "dataset": "cifar100", "teacher": teacher, "student": student, "method": method,
            "pair": f"{teacher}:{student}", "seed": seed, "split": "final", "model.scale": "full",
            "method.name": method, **(uhkd if method == "uhkd" else {}), "optim.lr": 0.05, "epochs": 3, "epochs_run": 3, "best_top1": top1, "last_top1": top1 - 1.0,
-           "teacher_top1": math.nan if method == "scratch" else 89.0 + seed, "status": "ok",
+           "teacher_top1": math.nan if method == "scratch" else 89.0 + seed,  # a teacher checkpoint per seed
+           "model.teacher_checkpoint": "" if method == "scratch" else f"/teachers/{teacher}-{seed}.pth",
+           "status": "ok",
            "failure_reason": "", "config_hash": f"h{n:03d}",
            "finished_at": pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(minutes=n)}
     row.update(extra)
@@ -95,14 +97,30 @@ def test_read_trials_accepts_file_folder_root_and_uri(tmp_path):
         common.read_trials(store)
 
 
+def test_bad_inputs_and_outputs_are_one_line_with_advice_this_command_can_follow(tmp_path, results, capsys):
+    """Where a script writes is checked before it reads; a file that is not a results table gets advice that fits
+    an analysis script (which has no --resume of its own)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not parquet")
+    assert curves.run([str(results), "--out-dir", str(a_file)]) == 2
+    assert capsys.readouterr().err == f"error: --out-dir '{a_file}' is a file, not a folder\n"
+    assert tables.run([str(results), "--dataset", "cifar100", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --out '{tmp_path}' is a folder; give a file name\n"
+    assert tables.run([str(a_file), "--dataset", "cifar100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: results table '{a_file}' ") and err.count("\n") == 1
+    assert " run --resume" not in err and "python sweeps/<sweep>.py --resume --name <sweep>" in err
+    assert a_file.read_text() == "not parquet"
+
+
 def test_table_markdown_cells_best_and_gain(results, capsys):
     assert tables.run([str(results), "--dataset", "cifar100"]) == 0
     text = capsys.readouterr().out
     assert md_row(text, "Swin-T → ResNet18") == [
-        "Swin-T → ResNet18", "90.00 ± 1.00 (n=3)", "75.00 ± 1.41 (n=2)", "79.00 ± 1.00 (n=3)", "—",
+        "Swin-T → ResNet18", "90.00 ± 1.00 (n=3 checkpoints)", "75.00 ± 1.41 (n=2)", "79.00 ± 1.00 (n=3)", "—",
         "80.50 ± 0.71 (n=2)", "**86.00 ± 1.00 (n=3)**", "+5.50"]
     assert md_row(text, "ConvNeXt-T → DeiT-T") == [
-        "ConvNeXt-T → DeiT-T", "89.50 ± 0.71 (n=2)", "—", "70.00 (n=1)", "**78.00 (n=1)**",
+        "ConvNeXt-T → DeiT-T", "89.50 ± 0.71 (n=2 checkpoints)", "—", "70.00 (n=1)", "**78.00 (n=1)**",
         "76.00 ± 1.41 (n=2)", "76.50 ± 0.00 (n=2)", "+0.50"]
     firsts = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
     assert firsts[1:] == ["*CNN students*", "Swin-T → ResNet18", "*ViT students*", "ConvNeXt-T → DeiT-T"]
@@ -164,12 +182,33 @@ def test_table_marks_borrowed_uhkd_settings(tmp_path, capsys):
 def test_table_published_join(results, capsys):
     assert tables.run([str(results), "--dataset", "cifar100", "--published"]) == 0
     row = md_row(capsys.readouterr().out, "Swin-T → ResNet18")
-    assert row[1] == "90.00 ± 1.00 (n=3) / pub 89.26 (Δ +0.74)"
+    assert row[1] == "90.00 ± 1.00 (n=3 checkpoints) / pub 89.26 (Δ +0.74)"
     assert row[2] == "75.00 ± 1.41 (n=2) / pub 74.01 (Δ +0.99)"
     assert row[3] == "79.00 ± 1.00 (n=3) / pub 78.74 (Δ +0.26)"
     assert row[4] == "— / pub 80.26"  # no DKD run of ours on this pair, a published DKD number
     assert row[5] == "80.50 ± 0.71 (n=2) / pub 80.54 (Δ -0.04)"
     assert row[6] == "**86.00 ± 1.00 (n=3) / pub n/a**"
+
+
+def test_table_teacher_with_one_checkpoint_counts_it_once(tmp_path, capsys):
+    """Every trial of a pair evaluates the same teacher file again: one checkpoint, said so, not `± 0.00 (n=4)`."""
+    rows = [trial(SWIN, R18, m, s, 80.0 + s, teacher_top1=90.0, **{"model.teacher_checkpoint": "/t/swin.pth"})
+            for m in ("kd", "uhkd") for s in range(2)]
+    assert tables.run([str(write_results(tmp_path / "one", rows)), "--dataset", "cifar100"]) == 0
+    assert md_row(capsys.readouterr().out, "Swin-T → ResNet18")[1] == "90.00 (1 checkpoint)"
+
+
+def test_table_of_models_trained_alone(tmp_path, capsys):
+    """The teachers sweep's rows (`--tag teacher`, no distilled trial): one row per model, no Teacher column."""
+    rows = [trial("", m, "scratch", 0, top1, pair=f":{m}", tag="teacher", teacher_top1=math.nan)
+            for m, top1 in ((SWIN, 91.0), (CONVNEXT, 92.5))]
+    assert tables.run([str(write_results(tmp_path / "teachers", rows)), "--dataset", "cifar100", "--tag",
+                       "teacher"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == "| Model (best-epoch top-1 %) | Trained alone |"
+    assert md_row(text, "Swin-T") == ["Swin-T", "91.00 (n=1)"]
+    assert md_row(text, "ConvNeXt-T") == ["ConvNeXt-T", "92.50 (n=1)"]
+    assert "no distilled trials: each model trained alone" in text and "**" not in text
 
 
 def test_table_published_csv_and_latex(results, capsys):

@@ -60,3 +60,37 @@ def test_follow_checkpoints_reports_each_new_epoch_once(tmp_path):
         checkpoint("checkpoint_000003", "".join(lines))
         shutil.rmtree(tmp_path / "checkpoint_000001")  # Ray keeps the newest two
     assert seen == [{"epoch": 2}, {"epoch": 3}]
+
+
+def test_the_sweep_console_estimates_the_time_left_at_this_sessions_pace(monkeypatch, capsys):
+    """4 trials of 3 epochs, 2 at once: once both running trials reported an epoch (10 s in), 10 trial-epochs are
+    left at 5 s each (10 s / 2 epochs reported); a finished trial counts none; a pickled (resumed) console
+    measures its own pace again."""
+    import pickle
+    from types import SimpleNamespace
+
+    from uhkd.sweep import console
+
+    clock = iter([100.0, 110.0, 130.0])  # the first start, the first round's end, a's end
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    live = console.LiveLines(planned=4, epochs=3, concurrent=2)
+    a, b = (SimpleNamespace(trial_id=t, status="RUNNING", config={"pair": "t:s", "_run": {"optim.epochs": 3}},
+                            last_result={}, evaluated_params={}) for t in ("a", "b"))
+    def metrics(epoch: int, top1: float) -> dict:
+        return {"epoch": epoch, "loss": 1.0, "top1": top1, "top5": 90.0, "best_top1": top1, "best_epoch": epoch,
+                "lr": 0.1, "images_per_s": 100.0, "epoch_time_s": 5.0}
+
+    live.on_trial_start(0, [a], a)
+    live.on_trial_start(0, [a, b], b)
+    live.on_trial_result(0, [a, b], a, metrics(1, 50.0))
+    live.on_trial_result(0, [a, b], b, metrics(1, 40.0))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "estimate: about 50 s left (10 trial-epoch(s) at most, 2 at once)"
+    live.on_trial_result(0, [a, b], a, metrics(2, 60.0))
+    a.last_result = {"status": "ok", "best_top1": 60.0, "epoch": 2}
+    live.on_trial_complete(0, [a, b], a)  # done at 2 of 3: 2 (b) + 2 x 3 (not started) left, 30 s / 3 epochs
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "trial a t:s: finished, best top1 60; about 80 s left (8 trial-epoch(s) at most, 2 at once)")
+    again = pickle.loads(pickle.dumps(live))
+    assert (again.planned, again.epochs, again.concurrent) == (4, 3, 2)
+    assert (again.started, again.reported, again.done) == (0.0, 0, {}) and again.time_left([a, b]) == ""

@@ -375,7 +375,7 @@ def test_a_sweep_runs_its_trials_on_the_nodes_an_autoscaler_starts(tmp_path, tea
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "(1 node, 0 CPUs)" in done.stdout
-    assert "sweep scaled: 2 trial(s), 2 at once" in done.stdout
+    assert "sweep scaled: 2 trial(s) of 1 epoch(s), 2 at once, " in done.stdout
     assert "sweep scaled: 2/2 trials recorded (2 ok, 0 stopped, 0 failed)" in done.stdout
     assert pd.read_parquet(tmp_path / "res" / "scaled" / TRIALS)["status"].tolist() == ["ok", "ok"]
     # the autoscaler's summary of each update names the nodes it asked for in it: both at once, or one and then

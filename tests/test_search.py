@@ -59,6 +59,35 @@ def test_each_pair_its_share_and_its_own_persistent_study(tmp_path):
     assert [t.value for t in completed] == [20.0, 30.0] and all("x" in t.params for t in completed)
 
 
+def test_each_pair_draws_its_own_start_up_configurations_and_the_same_again(tmp_path):
+    """Seeded from the sweep seed and the pair: the pairs' first trials differ (alike, the "searched" settings of
+    every pair would be one random draw), and the same seed draws the same ones again; another seed, others."""
+    def first_draws(seed: int) -> dict[str, float]:
+        sweep = _sweep(PAIRS)
+        search = _base(searcher(sweep, seed=seed, planned=6, max_concurrent=6, tables=(str(tmp_path), "sw")))
+        search.set_search_properties(None, None, dict(sweep.space))
+        return {c["pair"]: c["x"] for c in (search.suggest(f"t{i}") for i in range(3))}
+
+    draws = first_draws(0)
+    assert set(draws) == set(PAIRS) and len(set(draws.values())) == 3
+    assert first_draws(0) == draws and first_draws(1) != draws
+
+
+def test_the_plan_line_says_when_a_pair_is_a_smoke_test_not_a_search():
+    from uhkd.sweep.console import plan_lines
+    from uhkd.sweep.search import startup_trials
+
+    assert [startup_trials(n) for n in (1, 2, 4, 20, 40)] == [1, 1, 2, 10, 10]  # Optuna's 10, at most half
+    lines = plan_lines("sw", 4, [3, 3], 2, 1, "/r/sw", split_budget(4, PAIRS), seed=5)
+    assert lines[0] == ("sweep sw: 4 trial(s) of 3 epoch(s), 2 at once, each in its Tune trial's own process (no Ray "
+                        "Train); results in /r/sw")
+    assert lines[1].endswith("a:r18 2 (1 random), b:deit 1 (1 random), c:resmlp 1 (1 random)")
+    assert lines[2].startswith("note: b:deit, c:resmlp: no more trials than the random start-up, so a smoke test")
+    grid = plan_lines("g", 6, [2, 5], 1, 4, "s3://b/r/g?scheme=http")
+    assert grid == ["sweep g: 6 trial(s) of 2-5 epoch(s), 1 at once, each a Ray Train run of 4 workers; results in "
+                    "'s3://b/r/g?scheme=http'"]
+
+
 def test_a_trial_that_ended_after_the_last_saved_state_counts_on_resume(tmp_path):
     """Its row is written, but Tune's state (and the searcher's, saved with it) was saved before it began: the
     restored search counts it, so the sweep samples no replacement beside it."""

@@ -170,7 +170,7 @@ def test_time_limit_ends_a_two_node_sweep_and_the_requeued_job_finishes_it(clust
     assert "the time limit is near: the sweep saves, then the job requeues" in first
     assert "slurm: requeueing job" in first
     # Ray had two nodes, and with one CPU per node two trials at once means both nodes ran trials
-    assert "(2 nodes, 2 CPUs)" in first and "trial(s), 2 at once" in first
+    assert "(2 nodes, 2 CPUs)" in first and re.search(r"sweep grid: \d+ trial\(s\) of [\d-]+ epoch\(s\), 2 at once,", first)
     assert "token authentication on" in first
     before = len(faults.rows(work["dir"] / "results", "grid"))
     epochs_before = sum(len(e) for e in faults.logged_epochs(work["dir"] / "results", "grid").values())

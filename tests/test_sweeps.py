@@ -238,6 +238,7 @@ def test_grid_sweep_records_nan_and_crashing_trials_as_failed(tmp_path, ray_loca
     assert sorted(c["cell"]["label"] for c in configs) == sorted(cells) and not any("_cells" in c for c in configs)
     assert all(c["cell"]["set"] == cells[c["cell"]["label"]] for c in configs)
     assert "3/3 trials recorded (1 ok, 0 stopped, 2 failed)" in "\n".join(lines)
+    assert lines[-1] == "exit code 3: some trial(s) failed (listed above)"
 
 
 def test_interrupt_then_resume_records_every_trial_once(tmp_path, teacher_dir):
@@ -322,6 +323,7 @@ def test_cluster_auto_attaches_to_a_ray_start_cluster(tmp_path, teacher_dir):
     (["--preset", "cifar100", "--set", "data.dataset=mnist5k"], "missing teacher checkpoint(s) in"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--num-samples", "2"], "--num-samples 2 is fewer than the 3 pairs; the search splits the samples"),
+    (["--set", "data.dataset=folder", "--data-root", "/no/such/dir"], "'/no/such/dir'"),
 ])
 def test_bad_input_fails_before_any_trial_with_one_line(tmp_path, capsys, args, message):
     from sweeps import hetero_pairs
@@ -331,6 +333,67 @@ def test_bad_input_fails_before_any_trial_with_one_line(tmp_path, capsys, args, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()  # nothing started
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("hetero_pairs", ["--student", "resnet81"], "unknown flag --student (did you mean --pairs TEACHER:STUDENT?)"),
+    ("hetero_pairs", ["--num-smaples", "2"], "unknown flag --num-smaples (did you mean --num-samples?)"),
+    ("hetero_pairs", ["--worker-per-trial", "2"], "unknown flag --worker-per-trial (did you mean --workers-per-trial?)"),
+    ("teachers", ["--pairs", "a:b"], "unknown flag --pairs (did you mean --models?)"),
+    ("uhkd.train", ["--pairs", "a:b"], "unknown flag --pairs (did you mean --teacher T --student S?)"),
+    ("uhkd.train", ["--ouput", "x"], "unknown flag --ouput (did you mean --output?)"),
+    ("analysis.curves", ["results", "--outdir", "x"], "unknown flag --outdir (did you mean --out-dir?)"),
+    ("analysis.tables", ["results", "--dataset", "d", "--lst"], "unknown flag --lst (did you mean --last?)"),
+])
+def test_an_unknown_flag_is_one_line_naming_the_likely_one(capsys, command, args, message):
+    import importlib
+
+    module = importlib.import_module({"hetero_pairs": "sweeps.hetero_pairs", "teachers": "sweeps.teachers"}
+                                     .get(command, command))
+    with pytest.raises(SystemExit) as exited:
+        module.parser().parse_args(args) if hasattr(module, "parser") else module.parse_args(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err == f"error: {message} (see --help)\n"
+
+
+def test_a_dataset_missing_here_fails_before_any_trial_when_cluster_auto_starts_one_here(tmp_path):
+    """`--cluster auto` with no cluster running starts an embedded one on this machine: the dataset is checked here
+    first, as with `--cluster local`, instead of every trial failing on it."""
+    from uhkd.sweep.cluster import started_elsewhere
+
+    if started_elsewhere():
+        pytest.skip("a `ray start` cluster runs on this machine: --cluster auto would attach to it")
+    ray_tmp = _short_tmp()
+    try:
+        done = subprocess.run([*_script("hetero_pairs"), "--results", str(tmp_path / "r"), "--teacher-dir",
+                               str(tmp_path / "t"), "--set", "data.dataset=folder", "--data-root", "/no/such/dir"],
+                              env=_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "'/no/such/dir'" in done.stderr and "Traceback" not in done.stderr
+    assert "ray:" not in done.stdout and not (tmp_path / "r").exists()  # no cluster, nothing written
+
+
+def test_exit_codes_say_how_the_sweep_ended(tmp_path):
+    """docs/sweeps.md#exit-codes: 0 when every trial is recorded and none failed (stopped early by the scheduler
+    counts as recorded), 3 when some failed, 1 when all did, 130 when interrupted; each documented there."""
+    from uhkd.sweep import runner
+
+    def code(statuses: list[str], interrupted: bool = False) -> int:
+        tables = SweepTables(str(tmp_path / "r"), f"s{len(list(tmp_path.glob('r/*')))}")
+        for i, status in enumerate(statuses):
+            tables.write_trial({"trial_id": str(i), "status": status, "pair": PAIR, "method": "kd"})
+        outcome = runner.SweepOutcome("s", tables.folder, tables.compact(), len(statuses), 1, interrupted, None)
+        return runner.exit_code(outcome)
+
+    assert code(["ok", "stopped"]) == runner.EXIT_OK == 0
+    assert code(["ok", "failed"]) == runner.EXIT_SOME_FAILED == 3
+    assert code(["failed", "failed"]) == runner.EXIT_ALL_FAILED == 1
+    assert code(["ok"], interrupted=True) == runner.EXIT_INTERRUPTED == 130
+    section = (ROOT / "docs" / "sweeps.md").read_text().split("## Exit codes")[1].split("\n## ")[0]
+    documented = {int(line.split("|")[1].strip(" `")) for line in section.splitlines() if line.startswith("| `")}
+    assert documented == {0, 1, 2, 3, 130}
 
 
 def test_impossible_resources_and_unreachable_cluster_fail_before_any_trial(tmp_path, capsys, ray_local,

@@ -150,7 +150,8 @@ def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, te
         (started,) = [l for l in live if l.startswith(f"trial {trial_id} {PAIR}: started")]
         cell = {"method.name=kd"} | ({"optim.lr=0.001"} if trials.loc[trial_id, "optim.lr"] == 1e-3 else set())
         assert set(started.split(": started")[1].split()) == cell  # the cell's values, not the cell's dict
-        assert f"trial {trial_id} {PAIR}: finished, best top1 {trials.loc[trial_id, 'best_top1']:.4g}" in live
+        finished = f"trial {trial_id} {PAIR}: finished, best top1 {trials.loc[trial_id, 'best_top1']:.4g}"
+        assert any(line == finished or line.startswith(finished + "; about ") for line in live)
     best = trials["best_top1"].idxmax()
     summary = summary[next(i for i, line in enumerate(summary) if "trials recorded" in line):]
     assert summary[0].startswith("sweep tracked: 2/2 trials recorded (2 ok, 0 stopped, 0 failed)")
@@ -158,8 +159,8 @@ def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, te
         "pair", "trial", "top1", "epoch", "epochs", "status", "optim.lr"]  # the one value that differs
     assert summary[3].split() == [PAIR, best, f"{trials.loc[best, 'best_top1']:.2f}",
                                   str(trials.loc[best, "best_epoch"]), "2/2", "ok", f"{trials.loc[best, 'optim.lr']:.4g}"]
-    assert summary[-3:] == ["next:", f"  python analysis/tables.py {folder} --dataset mnist5k --split final",
-                            f"  python analysis/sweep_report.py {folder} --include-stopped --out-dir figures"]
+    assert summary[-3:] == ["next:", f"  python -m analysis.tables {folder} --dataset mnist5k --split final",
+                            f"  python -m analysis.curves {folder} --out-dir figures"]  # a grid: no search to report
 
     assert_same_as_parquet(runs, epochs)
 
@@ -183,22 +184,28 @@ def test_sweep_console_and_tracking_in_mlflow_wandb_and_tensorboard(tmp_path, te
         assert [v for _, v in scalars["ray/tune/loss_kl"]] == pytest.approx(mine["loss_kl"].tolist(), rel=1e-6)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_a_single_run_shows_and_tracks_every_epoch(tmp_path, capsys, request, monkeypatch, workers):
-    """In-process (the loop prints) and on Ray Train (the driver prints what the run's checkpoints on its storage
-    hold, and tracks it): each epoch's line once on the console, and the same numbers in MLflow (its default store,
-    mlflow.db in the working folder, read back by the printed command) and TensorBoard."""
+@pytest.mark.parametrize("ray_train", [False, True])
+def test_a_single_run_shows_and_tracks_every_epoch(tmp_path, capsys, request, monkeypatch, ray_train):
+    """One worker in-process (the loop prints) and, with --ray-train, on Ray Train (the driver prints what the run's
+    checkpoints on its storage hold, and tracks it): each epoch's line once on the console, and the same numbers in
+    MLflow (its default store, mlflow.db in the working folder, read back by the printed command) and
+    TensorBoard."""
+    import ray
+
     from uhkd.train import main
 
-    if workers:
+    if ray_train:
         request.getfixturevalue("ray_local")
+    started = ray.is_initialized()
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
-    args = ["--preset", "quick", "--workers", str(workers), "--epochs", "2", "--output", str(out), "--track",
-            "mlflow,tensorboard", "--set", "optim.max_steps_per_epoch=2", "--set", "data.limit_eval=64"]
+    args = ["--preset", "quick", "--workers", "1", *(["--ray-train"] if ray_train else []), "--epochs", "2",
+            "--output", str(out), "--track", "mlflow,tensorboard", "--set", "optim.max_steps_per_epoch=2", "--set",
+            "data.limit_eval=64"]
     assert main(args) == 0
-    log = out / "metrics.jsonl" if workers == 0 else Path(checkpoint_folders(LOCAL, str(out))[0]) / "metrics.jsonl"
+    assert ray.is_initialized() == (started or ray_train)  # one worker alone never starts Ray
+    log = (Path(checkpoint_folders(LOCAL, str(out))[0]) if ray_train else out) / "metrics.jsonl"
     reports = [json.loads(line) for line in log.read_text().splitlines()]
     console = capsys.readouterr().out.splitlines()
     lines = [line for line in console if line.startswith("epoch ")]

@@ -182,6 +182,19 @@ def test_cli_bad_input_messages(tmp_path, capsys, args, message):
     assert code == 2 and err.startswith(message) and err.count("\n") == 1
 
 
+def test_an_output_that_cannot_be_a_folder_fails_before_training(tmp_path, capsys):
+    """`--output` naming a file (or a folder under one) is one line, exit 2, before any data or epoch."""
+    existing = tmp_path / "a-file"
+    existing.write_text("keep me")
+    for output, message in ((existing, f"error: --output '{existing}' is a file, not a folder"),
+                            (existing / "run", f"error: --output '{existing / 'run'}' cannot be created: {existing} "
+                                               f"is a file")):
+        assert main(["--preset", "quick", "--workers", "0", "--output", str(output)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == message + "\n" and "epoch" not in captured.out
+    assert existing.read_text() == "keep me"
+
+
 def test_teacher_checkpoint_with_other_class_count_is_refused(tmp_path, capsys):
     from uhkd.models import save_model_checkpoint
 

@@ -94,7 +94,8 @@ class RunConfig:
     seed: int = 0
     name: str = ""
     output_dir: str = ""  # where checkpoints go; "" = runs/<name>
-    workers: int = 1  # Ray Train workers; 0 = in-process (no Ray)
+    workers: int = 1  # training processes: 0 or 1 = in the calling process (no Ray Train), >= 2 = a Ray Train
+    # TorchTrainer of that many workers (`in_process`)
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     amp: str = "auto"  # auto (bf16 where supported on GPU, off on CPU) | bf16 | fp16 | off
@@ -102,6 +103,17 @@ class RunConfig:
     threads: int = 0  # torch threads per worker; 0 = cpus_per_worker rounded up
     eval_teacher: bool = True
     max_failures: int = 2  # Ray Train worker-group restarts
+
+
+RAY_TRAIN_MIN_WORKERS = 2
+
+
+def in_process(workers: int) -> bool:
+    """What `workers` means everywhere (`python -m uhkd.train --workers`, a sweep's `--workers-per-trial`, a preset's
+    `workers`): 0 or 1 trains in the calling process, without Ray Train's start-up; 2 or more on a Ray Train
+    `TorchTrainer` of that many workers. (`uhkd.train --ray-train` puts a one-worker run on Ray Train, for checks of
+    that path on one GPU.)"""
+    return workers < RAY_TRAIN_MIN_WORKERS
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

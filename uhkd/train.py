@@ -17,12 +17,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .config import RunConfig, config_hash, flatten, parse_set, unflatten
+from .config import RunConfig, config_hash, flatten, in_process, parse_set, unflatten
 from .errors import OneLineParser, UserError
 from .hub import HUB
 from .plugins import add_plugin_flag, import_modules, load as load_plugins, loaded as loaded_plugins
 from .registry import DATASETS, METHODS
-from .storage import METRICS_LOG, checkpoint_folders, exists, is_uri, join, location_of, open_location, ray_storage
+from .storage import (METRICS_LOG, check_folder, checkpoint_folders, exists, is_uri, join, location_of, open_location,
+                      ray_storage)
 from .track_options import add_track_flags, track_options
 from .trainer import (CHECKPOINT, STUDENT, LocalSession, Session, epoch_line, read_checkpoint, resume_line,
                       teacher_label, train_loop)
@@ -232,7 +233,8 @@ def _worker(config: dict) -> dict:
 
 def fit_ray_train(cfg: RunConfig, *, storage_path: str, run_name: str, callbacks: Sequence[Any] = (),
                   resources: dict[str, float] | None = None) -> dict:
-    """Run `cfg` on a TorchTrainer with `cfg.workers` workers and return the final metrics, with `checkpoint`: the
+    """Run `cfg` on a TorchTrainer with `cfg.workers` workers (one too: `in_process` is the command line's and the
+    sweeps' rule, a direct call is explicit) and return the final metrics, with `checkpoint`: the
     location of the last checkpoint (its `student.pt` is the exported student of a finished run).
 
     The Ray Train run is `<storage_path>/<run_name>`, where `storage_path` is a local or shared folder or a URI
@@ -309,16 +311,18 @@ def _driver_lines(cfg: RunConfig) -> Callable[[dict], None]:
     return show
 
 
-def _train(cfg: RunConfig, output: Path, tracker: Any) -> dict:
-    """In-process, or on Ray Train with the driver following the run's metrics; each epoch also to `tracker`."""
+def _train(cfg: RunConfig, output: Path, tracker: Any, ray_train: bool = False) -> dict:
+    """In-process (0 or 1 worker, unless `ray_train`), or on Ray Train with the driver following the run's metrics;
+    each epoch also to `tracker`."""
     from .console import FollowCheckpoints
 
-    if cfg.workers:
+    here = in_process(cfg.workers) and not ray_train
+    if not here:
         _connect_ray(cfg)
     if tracker is not None:
         tracker.start()
     report = tracker.result if tracker is not None else None
-    if cfg.workers == 0:
+    if here:
         return run_in_process(cfg, report=report)
     show = _driver_lines(cfg)
 
@@ -335,7 +339,8 @@ def _train(cfg: RunConfig, output: Path, tracker: Any) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m uhkd.train", description="One distillation run (the protocol: docs/protocol.md).")
+    p = OneLineParser(prog="python -m uhkd.train", description="One distillation run (the protocol: docs/protocol.md).",
+                      hints=SWEEP_FLAGS)
     p.add_argument("--teacher", help="timm model name of the teacher")
     p.add_argument("--teacher-checkpoint", help="teacher weights (uhkd checkpoint); required by every method but "
                    "scratch unless --set model.random_teacher=true")
@@ -343,7 +348,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", help=f"one of {', '.join(METHODS.names())} (or a --plugin's)")
     p.add_argument("--dataset", help=" | ".join(DATASETS.names()))
     p.add_argument("--data-root", help="dataset folder")
-    p.add_argument("--workers", type=int, help="Ray Train workers; 0 = in this process without Ray")
+    p.add_argument("--workers", type=int, help="training processes: 0 or 1 = in this process without Ray (default "
+                                               "1), 2 or more = a Ray Train TorchTrainer of that many workers")
+    p.add_argument("--ray-train", action="store_true", help="run on a Ray Train TorchTrainer even with one worker "
+                                                           "(to check that path, e.g. nccl on one GPU)")
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--epochs", type=int)
     p.add_argument("--preset", help="quick | cifar100 | imagenet (default: the dataset's own)")
@@ -361,6 +369,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# what a sweep's flags are called here
+SWEEP_FLAGS = {"--pairs": "--teacher T --student S", "--results": "--output", "--teacher-dir": "--teacher-checkpoint",
+               "--workers-per-trial": "--workers", "--gpus-per-trial": "--gpus-per-worker",
+               "--seeds": "--set seed=N", "--seed": "--set seed=N"}
 FLAG_KEYS = {"teacher": "model.teacher", "teacher_checkpoint": "model.teacher_checkpoint",
              "student": "model.student", "method": "method.name", "dataset": "data.dataset",
              "data_root": "data.root", "workers": "workers", "gpus_per_worker": "gpus_per_worker",
@@ -383,6 +395,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.output and is_uri(args.output):
         problems.add(f"--output {args.output!r} is a URI; a single run writes to a local or shared folder (a "
                      f"sweep's --results takes a URI)")
+    elif args.output:
+        problems.check(check_folder, args.output, "--output")
     dataset = overrides.get("data.dataset", RunConfig().data.dataset)
     return checked_config(args.preset or DEFAULT_PRESET.get(str(dataset)), overrides, problems)
 
@@ -404,16 +418,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_plugins(args.plugin)
         cfg = config_from_args(args)
         output = Path(cfg.output_dir or os.path.join("runs", run_name(cfg))).expanduser().resolve()
+        check_folder(str(output), "the output folder")  # the default one (--output was checked with the flags)
         cfg = dataclasses.replace(cfg, output_dir=str(output))
         preflight(cfg)  # before Ray starts
         found = dataset_summary(cfg)
         if found:
             print(found, flush=True)
         tracker = _tracker(args, cfg, output) if args.track else None
-        metrics = _train(cfg, output, tracker)
+        metrics = _train(cfg, output, tracker, args.ray_train)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the same command resumes the run from its last checkpoint", file=sys.stderr)
+        return 130
     if tracker is not None:
         tracker.end(failed=metrics.get("status") == "failed")
         for line in tracker.read_back():

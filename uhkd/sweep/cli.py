@@ -18,6 +18,11 @@ from .spec import load_preset, preset_names
 ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 MAX_NAME = 100  # a sweep name is a folder name (and an experiment name in the trackers)
 RESOURCE_STEP = 0.0001  # Ray counts resources in steps of this; a smaller positive amount is none
+# what `python -m uhkd.train`'s flags are called on a sweep (an unknown flag is named with its likely one)
+TRAIN_FLAGS = {"--teacher": "--pairs TEACHER:STUDENT", "--student": "--pairs TEACHER:STUDENT",
+               "--teacher-checkpoint": "--teacher-dir", "--output": "--results",
+               "--gpus-per-worker": "--gpus-per-trial", "--dataset": "--set data.dataset=NAME",
+               "--pretrained": "--set model.pretrained_file=hub|FILE", "--download": "--set data.download=true"}
 
 
 @dataclass
@@ -75,7 +80,8 @@ def _pairs(text: str) -> tuple[str, ...]:
 
 
 def sweep_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      hints=TRAIN_FLAGS)
     g = p.add_argument_group("shared sweep flags")
     g.add_argument("--cluster", default="auto", metavar="auto|local|ADDRESS",
                    help="auto: attach to RAY_ADDRESS or the cluster `ray start --head` started here, else start an "
@@ -87,7 +93,9 @@ def sweep_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=_seeds, help="run seeds, comma list (default: the preset's)")
     g.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed (default: 1 when the "
                                                         "cluster has GPUs, else 0; quick: 0)")
-    g.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial; 0 = the trial's own process")
+    g.add_argument("--workers-per-trial", type=int, help="training processes per trial: 0 or 1 = the trial's own "
+                                                         "process (no Ray Train), 2 or more = a Ray Train "
+                                                         "TorchTrainer of that many workers")
     g.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker, fractions allowed")
     g.add_argument("--data-root", default="", help="dataset folder (cifar100 archive folder, ImageNet root)")
     g.add_argument("--teacher-dir", default="teachers", metavar="DIR_OR_URI",

@@ -138,26 +138,46 @@ def _connect(cluster: str) -> str:
     if explicit:
         _init(cluster)
         return f"ray: attached to the cluster at {cluster} ({_describe()})"
+    address, found = _auto()
+    if address:
+        _init(address)
+        return f"ray: attached to {found} ({_describe()})"
+    auth = start_local()
+    return f"ray: no running cluster found{found}; started an embedded local one ({_describe()}, {auth})"
+
+
+def _auto() -> tuple[str, str]:
+    """(address, how it was found) of the cluster `--cluster auto` attaches to, or ("", why none answered) when
+    it starts an embedded one."""
     env = os.environ.get("RAY_ADDRESS", "")
     if env and env != "auto":
         if not answers(env):
             raise UserError(f"RAY_ADDRESS={env} does not answer; unset it or start that cluster")
-        _init(env)
-        return f"ray: attached to the cluster at RAY_ADDRESS={env} ({_describe()})"
+        return env, f"the cluster at RAY_ADDRESS={env}"
     recorded = recorded_address()
     if recorded and answers(recorded):
-        _init(recorded)
-        return f"ray: attached to the cluster started with `ray start` at {recorded} ({_describe()})"
+        return recorded, f"the cluster started with `ray start` at {recorded}"
     elsewhere = started_elsewhere()
     if len(elsewhere) > 1:
         raise UserError(f"several clusters started with `ray start` run here ({', '.join(elsewhere)}); choose one "
                         f"with --cluster ADDRESS")
     if elsewhere:
-        _init(elsewhere[0])
-        return f"ray: attached to the cluster started with `ray start --temp-dir` at {elsewhere[0]} ({_describe()})"
-    auth = start_local()
-    stale = f"; {recorded} (recorded by an earlier `ray start`) does not answer" if recorded else ""
-    return f"ray: no running cluster found{stale}; started an embedded local one ({_describe()}, {auth})"
+        return elsewhere[0], f"the cluster started with `ray start --temp-dir` at {elsewhere[0]}"
+    return "", f"; {recorded} (recorded by an earlier `ray start`) does not answer" if recorded else ""
+
+
+def trains_here(cluster: str) -> bool:
+    """Whether the trials of `--cluster` run on this machine alone, so that what they read there (the dataset) can
+    be checked here before any trial: `local`, `auto` where it starts an embedded cluster, or the Ray instance
+    this process already holds (which both use) when each of its nodes is this machine."""
+    if cluster not in ("auto", "local"):
+        return False
+    if ray.is_initialized():
+        if ray.util.client.ray.is_connected():
+            return False
+        here = ray.util.get_node_ip_address()
+        return all(n["NodeManagerAddress"] == here for n in ray.nodes() if n.get("Alive"))
+    return cluster == "local" or not _auto()[0]
 
 
 def scalable_nodes(limit: int = 256) -> list[dict[str, float]] | None:

@@ -173,8 +173,7 @@ def read_table(fs: pafs.FileSystem, path: str, name: str) -> pa.Table:
         problem = _schema_problem(table, name)
         if not problem:
             return table
-    raise UserError(f"results table {path!r} {problem}; move it aside and run --resume: the rows are rebuilt from "
-                    f"the trials' own records")
+    raise UserError(f"results table {path!r} {problem}")  # what to do about it depends on who reads it
 
 
 def _schema_problem(table: pa.Table, name: str) -> str:
@@ -240,9 +239,14 @@ class SweepTables:
         self.epochs: dict[tuple[str, int], dict] = {}
 
     def load(self) -> "SweepTables":
-        """Read every row written so far (compacted or not), in the form `write_trial` takes."""
+        """Read every row written so far (compacted or not), in the form `write_trial` takes. A damaged table is a
+        `UserError` saying how the sweep gets past it."""
         for name, rows, flat in ((TRIALS, self.trials, flat_trial), (EPOCHS, self.epochs, flat_epoch)):
-            table = merged_table(self.fs, f"{self.folder}/{name}", name)
+            try:
+                table = merged_table(self.fs, f"{self.folder}/{name}", name)
+            except UserError as err:
+                raise UserError(f"{err}; move it aside and run --resume: the rows are rebuilt from the trials' own "
+                                f"records") from None
             for row in table.to_pylist() if table is not None else ():
                 rows[row["trial_id"] if name == TRIALS else (row["trial_id"], row["epoch"])] = flat(row)
         return self

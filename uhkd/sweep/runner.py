@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
-from ..config import LEAF_TYPES, RunConfig, coerce, is_config_key, method_key
-from ..errors import UserError, choice_error, one_line
+from ..config import LEAF_TYPES, RunConfig, coerce, in_process, is_config_key, method_key
+from ..errors import RunFailed, UserError, choice_error, one_line
 from ..plugins import loaded as loaded_plugins
 from ..storage import check_folder, exists, is_uri, join, open_location, ray_storage
 from . import lock
@@ -27,7 +27,7 @@ from .spec import Sweep, SweepPreset
 from .state import (STORED, TUNE, StoredSweep, read_manifest, read_stored, saved_state, started, write_manifest,
                     write_stored)
 from .teachers import CARRIED, install, teachers_sweep
-from .trainable import flat_run_config, in_process, teacher_path, train_trial, trial_overrides
+from .trainable import flat_run_config, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
 # memory reserved for a trial's own process(es), measured on 2 CPUs: a Ray Train trial's driver side is ~1.1 GB
@@ -56,12 +56,31 @@ ENV_DEFAULTS = {
 @dataclass
 class SweepOutcome:
     name: str
-    folder: str  # where trials.parquet and epochs.parquet are
+    folder: str  # where trials.parquet and epochs.parquet are, a path on the results filesystem
     tables: SweepTables
     planned: int
     concurrent: int  # trials at once
     interrupted: bool
     grid: Any  # Tune's ResultGrid
+    location: str = ""  # the sweep's folder as the user gave the results root (a URI keeps its scheme and query)
+    minutes: float = 0.0  # wall time of this session's fit
+
+
+# The sweeps' exit codes (docs/sweeps.md#exit-codes)
+EXIT_OK = 0  # every planned trial recorded, none failed (ok, or stopped early by the scheduler)
+EXIT_ALL_FAILED = 1  # every trial failed: nothing to analyse (also: the teachers a sweep needs failed to train)
+EXIT_BAD_INPUT = 2  # found before anything ran (or a full results disk, a damaged file that stops --resume)
+EXIT_SOME_FAILED = 3  # some trials failed, the others are recorded: the tables have gaps
+EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM, a lost cluster: continue with --resume
+
+
+def exit_code(outcome: SweepOutcome) -> int:
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED
+    statuses = [row["status"] for row in outcome.tables.trials.values()]
+    if "failed" not in statuses:
+        return EXIT_OK
+    return EXIT_SOME_FAILED if set(statuses) - {"failed"} else EXIT_ALL_FAILED
 
 
 def seeds(sweep_kind: str, preset: SweepPreset, opts: SweepOptions) -> tuple[int, ...]:
@@ -265,7 +284,8 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
     run_config = tune.RunConfig(
         name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=0,  # the console: LiveLines
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainRuns(), LiveLines(),
+        callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainRuns(),
+                   LiveLines(planned, max_epochs, max_concurrent),
                    *tracking_callbacks(replace(opts.track, experiment=name), flat_run_config)],
         failure_config=tune.FailureConfig(max_failures=TUNE_RETRIES))
     # in-process trials (no Ray Train) may reuse a finished trial's process: no second import of torch and timm
@@ -314,8 +334,10 @@ def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
                             f"reproduce_tables runs configs over several seeds")
         base["_run"]["seed"] = run_seeds[0]
         planned = opts.num_samples or int(sweep.preset.budget(sweep.kind).get("num_samples", 1))
+    from .cluster import trains_here
+
     # the dataset must be where trials train: checked here when that is this machine, else by each trial
-    runs, teachers = check_configs(trial_configs(sweep, base), dataset=opts.cluster == "local")
+    runs, teachers = check_configs(trial_configs(sweep, base), dataset=trains_here(opts.cluster))
     check_method_sets(opts.sets, {r.method.name for r in runs}, sweep.kind)
     from ..models import check_checkpoint_file
 
@@ -329,10 +351,12 @@ def plan(sweep: Sweep, opts: SweepOptions, name: str) -> Plan:
     return Plan(base, planned, runs, missing)
 
 
-def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) -> SweepOutcome:
-    """Check, then run (or resume) `sweep`; returns where its tables are and whether it was interrupted. The sweep
-    is locked while it runs here: a second driver on the same sweep refuses (`uhkd.sweep.lock`). A lost cluster
-    ends this process (`_fit`)."""
+def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print,
+        table: Callable[[list[dict]], list[str]] | None = None) -> SweepOutcome:
+    """Check, then run (or resume) `sweep` and print its summary (`table`: the lines that end it instead of the best
+    trial per pair, e.g. reproduce_tables' comparison table); returns where its tables are and whether it was
+    interrupted. The sweep is locked while it runs here: a second driver on the same sweep refuses
+    (`uhkd.sweep.lock`). A lost cluster ends this process (`_fit`)."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # absolute here: under Ray Client the callbacks that write the tables resolve paths on the cluster
@@ -341,11 +365,11 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print) ->
         check_folder(opts.results, "--results")
     name, existing = sweep_name(sweep, opts)
     try:
-        if opts.resume:
-            return _resume(sweep, opts, name, out)
-        return _run(sweep, opts, name, existing, out)
+        outcome = _resume(sweep, opts, name, out) if opts.resume else _run(sweep, opts, name, existing, out)
     finally:
         lock.release(join(opts.results, name))
+    summarize(outcome, not sweep.cells, out, table)
+    return outcome
 
 
 def _resume(sweep: Sweep, opts: SweepOptions, name: str, out: Callable[[str], None]) -> SweepOutcome:
@@ -422,8 +446,13 @@ def _run(sweep: Sweep, opts: SweepOptions, name: str, existing: bool, out: Calla
     write_stored(folder, stored)
     write_manifest(folder, {"kind": sweep.kind, "preset": sweep.preset.name, "planned": p.planned,
                             "concurrent": max_concurrent, "resources": resources})
-    out(f"sweep {name}: {p.planned} trial(s), {max_concurrent} at once, "
-        f"{'no' if stored.in_process else cfg.workers} Ray Train worker(s) per trial; results in {folder}")
+    from .console import plan_lines
+    from .search import split_budget
+
+    shares = split_budget(p.planned, list(sweep.space["pair"].categories)) if not sweep.cells else None
+    for line in plan_lines(name, p.planned, [r.optim.epochs for r in p.runs], max_concurrent, cfg.workers, folder,
+                           shares, opts.seed):
+        out(line)
     tuner = _tuner(sweep, opts, name, space, tune.with_resources(train_trial, resources), p.planned, max_concurrent,
                    stored.max_epochs, stored.in_process)
     return _fit(tuner, opts, name, p.planned, max_concurrent, out)
@@ -441,7 +470,9 @@ def train_teachers(preset: SweepPreset, models: Sequence[str], opts: SweepOption
     outcome = run(teachers_sweep(preset, models, seeds("teachers", preset, topts)[0]), topts, out)
     if outcome.interrupted:
         raise KeyboardInterrupt
-    install([r for r in outcome.tables.trials.values() if r["student"] in models], teacher_dir, out)
+    failed = install([r for r in outcome.tables.trials.values() if r["student"] in models], teacher_dir, out)
+    if failed:
+        raise RunFailed(f"teacher training failed ({'; '.join(failed)}); the sweep needs these teachers")
 
 
 def compacted(results: str, name: str) -> SweepTables:
@@ -485,12 +516,12 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
     tables = tables_where_written(opts.results, name)
     # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
     outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
-                           interrupted=len(tables.trials) < planned, grid=grid)
+                           interrupted=len(tables.trials) < planned, grid=grid, location=join(opts.results, name),
+                           minutes=(time.monotonic() - started_at) / 60)
     from ..tracking import read_back
 
     for line in read_back(replace(opts.track, experiment=name)):
         out(line)
-    summarize(outcome, time.monotonic() - started_at, out)
     return outcome
 
 
@@ -520,38 +551,45 @@ def disk_full(exc: BaseException | None) -> bool:
     return False
 
 
-def summarize(outcome: SweepOutcome, seconds: float, out: Callable[[str], None]) -> None:
+def summarize(outcome: SweepOutcome, search: bool, out: Callable[[str], None],
+              table: Callable[[list[dict]], list[str]] | None = None) -> None:
     from .console import summary_lines
 
-    for line in summary_lines(list(outcome.tables.trials.values()), outcome.folder, outcome.planned, seconds / 60,
-                              outcome.name):
+    for line in summary_lines(list(outcome.tables.trials.values()), outcome.location, outcome.planned,
+                              outcome.minutes, outcome.name, search, table):
         out(line)
+    code = exit_code(outcome)
+    if code in (EXIT_ALL_FAILED, EXIT_SOME_FAILED):
+        out(f"exit code {code}: {'every' if code == EXIT_ALL_FAILED else 'some'} trial(s) failed (listed above)")
 
 
 def main(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, SweepOptions], Sweep],
          argv: Sequence[str] | None = None,
-         after: Callable[[SweepOutcome, SweepOptions], None] | None = None) -> int:
-    """Parse, build and run a sweep (then `after` on a finished one): 0 when it finished, 2 on bad input (one
-    line), 130 when interrupted."""
+         after: Callable[[SweepOutcome, SweepOptions], None] | None = None,
+         table: Callable[[list[dict]], list[str]] | None = None) -> int:
+    """Parse, build and run a sweep (then `after` on a finished one; `table`: see `run`); returns its exit code
+    (`exit_code`, or `EXIT_BAD_INPUT` with one line)."""
     import ray
 
     started_ray = not ray.is_initialized()
     try:
         args, opts = parse(parser, argv)
-        outcome = run(build(args, opts), opts)
+        outcome = run(build(args, opts), opts, table=table)
         if after is not None and not outcome.interrupted:
             after(outcome, opts)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ALL_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
     if outcome.interrupted:
         print(f"interrupted: continue with python {parser.prog} {resume_flags(outcome.name, opts.results)}",
               file=sys.stderr)
-        return 130
-    return 0
+    return exit_code(outcome)

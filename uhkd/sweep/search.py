@@ -7,6 +7,7 @@ persist as `<kind>-<preset>-<method>-<objective>/<pair>`), and its own ASHA rung
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from typing import Any, Callable
@@ -24,6 +25,18 @@ def split_budget(total: int, pairs: list[str]) -> dict[str, int]:
     """`total` samples over `pairs` as evenly as possible (the first pairs take the remainder)."""
     share, extra = divmod(total, len(pairs))
     return {pair: share + (i < extra) for i, pair in enumerate(pairs)}
+
+
+def pair_seed(seed: int, pair: str) -> int:
+    """The seed of `pair`'s TPE sampler: from the sweep's `--seed` and the pair, so the pairs draw different random
+    start-up configurations (alike, every pair would try the same few) and the same command draws the same ones."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{pair}".encode()).digest()[:4], "big")
+
+
+def startup_trials(share: int) -> int:
+    """Random start-up trials of a pair with `share` trials, before TPE models it: Optuna's 10, or half the share
+    when smaller (at least 1)."""
+    return min(10, max(1, share // 2))
 
 
 def study_name(sweep: Sweep, pair: str) -> str:
@@ -153,9 +166,8 @@ class PairASHA(SweepScheduler):
 
 
 def searcher(sweep: Sweep, seed: int, planned: int, max_concurrent: int, tables: tuple[str, str]) -> Searcher:
-    """TPE per pair of the sweep's `pair` domain, `planned` samples split across the pairs. Every pair's sampler has
-    the same seed, so the pairs start from the same random configurations (a paired comparison). `tables`: where
-    the sweep's rows are (results location, sweep name)."""
+    """TPE per pair of the sweep's `pair` domain, `planned` samples split across the pairs, each pair's sampler seeded
+    from `seed` and the pair (`pair_seed`). `tables`: where the sweep's rows are (results location, sweep name)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -172,8 +184,7 @@ def searcher(sweep: Sweep, seed: int, planned: int, max_concurrent: int, tables:
     budget = split_budget(planned, list(sweep.space["pair"].categories))
 
     def make(pair: str) -> OptunaSearch:
-        # TPE models a pair after its random start-up trials: Optuna's 10, or half the pair's share when smaller
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, budget[pair] // 2)))
+        sampler = optuna.samplers.TPESampler(seed=pair_seed(seed, pair), n_startup_trials=startup_trials(budget[pair]))
         return OptunaSearch(metric=metric, mode=mode, sampler=sampler, storage=storage,
                             study_name=study_name(sweep, pair) if storage else None)
 

@@ -23,17 +23,10 @@ from typing import Any, Mapping
 
 import pyarrow.fs as pafs
 
-from ..config import RunConfig, build_config, flatten, is_config_key, method_key
+from ..config import RunConfig, build_config, flatten, in_process, is_config_key, method_key
 from ..errors import UserError
 from ..plugins import import_modules
 from ..storage import METRICS_LOG, STUDENT, join, open_location
-
-RAY_TRAIN_MIN_WORKERS = 2  # fewer: the trial trains in its own process, without Ray Train's actors
-
-
-def in_process(workers: int) -> bool:
-    return workers < RAY_TRAIN_MIN_WORKERS
-
 
 def split_pair(pair: str) -> tuple[str, str]:
     """"teacher:student" -> (teacher, student); the teacher may be empty (a student trained from scratch)."""
