@@ -366,7 +366,7 @@ BAD_INPUT_LINES = ["--name is at most 100 characters, got 5000", "--seed must be
 
 
 # Known bug (issue 23 left open): a SIGKILL that lands while Tune writes its experiment state leaves that JSON torn,
-# and the resumed sweep then runs one trial more than planned (seen in 2 of 6 runs of stopped_kill).
+# and the resumed sweep then runs one trial more than planned (seen in 2 of 5 runs of stopped_kill).
 TORN_STATE = pytest.mark.xfail(reason="a torn Tune experiment_state after SIGKILL: one extra trial on --resume",
                                strict=False)
 
