@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 import os
+import pickle
 import shlex
 import subprocess
 import sys
@@ -249,6 +250,35 @@ def test_the_resume_hint_quotes_what_a_shell_would_split():
     assert shlex.split(flags)[-1] == "/data/my results"
 
 
+def test_tunes_state_cut_off_mid_write_is_set_aside_and_the_newest_whole_one_restored(tmp_path):
+    """Two runs of a sweep saved Tune's state; the second was killed while its state was copied (empty or cut-off
+    JSON). Its four files are set aside, so that Tune's own lookups (newest by name) pick the first run's state and
+    search state; a whole newest state is left alone."""
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.utils.util import _load_newest_checkpoint
+
+    from uhkd.sweep.state import set_aside_torn_state
+
+    tune_dir = tmp_path / "sw" / "tune"
+    tune_dir.mkdir(parents=True)
+    runs = {"2026-01-01_10-00-00": '{"trial_data": []}', "2026-01-01_11-00-00": '{"trial_data": [[{"tri'}
+    for session, state in runs.items():
+        (tune_dir / f"experiment_state-{session}.json").write_text(state)
+        (tune_dir / f"search_gen_state-{session}.json").write_text("{}")
+        (tune_dir / f"searcher-state-{session}.pkl").write_bytes(pickle.dumps({"run": session}))
+        (tune_dir / f"callback-states-{session}.pkl").write_bytes(pickle.dumps([]))
+    assert set_aside_torn_state(str(tmp_path / "sw")) == ["2026-01-01_11-00-00"]
+    assert sorted(p.name for p in tune_dir.glob("*.torn")) == [
+        "callback-states-2026-01-01_11-00-00.pkl.torn", "experiment_state-2026-01-01_11-00-00.json.torn",
+        "search_gen_state-2026-01-01_11-00-00.json.torn", "searcher-state-2026-01-01_11-00-00.pkl.torn"]
+    assert Path(_find_newest_experiment_checkpoint(str(tune_dir))).name == "experiment_state-2026-01-01_10-00-00.json"
+    assert _load_newest_checkpoint(str(tune_dir), "searcher-state-*.pkl") == {"run": "2026-01-01_10-00-00"}
+    assert set_aside_torn_state(str(tmp_path / "sw")) == []  # the newest is whole now
+    (tune_dir / "experiment_state-2026-01-01_10-00-00.json").write_text("")  # killed before it wrote a byte
+    assert set_aside_torn_state(str(tmp_path / "sw")) == ["2026-01-01_10-00-00"]
+    assert _find_newest_experiment_checkpoint(str(tune_dir)) is None
+
+
 def test_a_resumed_trial_takes_the_checkpoint_of_its_latest_epoch(tmp_path):
     """Tune names a restored trial's checkpoints from the count its saved state had: after an interruption, an
     older name may hold a later epoch, and a damaged log sorts last."""
@@ -365,15 +395,8 @@ BAD_INPUT_LINES = ["--name is at most 100 characters, got 5000", "--seed must be
                    "planned is '3', not a positive integer", "resources is \"cpu\", not an object"]
 
 
-# Known bug (issue 23 left open): a SIGKILL that lands while Tune writes its experiment state leaves that JSON torn,
-# and the resumed sweep then runs one trial more than planned (seen in 2 of 5 runs of stopped_kill).
-TORN_STATE = pytest.mark.xfail(reason="a torn Tune experiment_state after SIGKILL: one extra trial on --resume",
-                               strict=False)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", [pytest.param(s, marks=TORN_STATE) if s == "stopped_kill" else s
-                                      for s in faults.SCENARIOS])
+@pytest.mark.parametrize("scenario", faults.SCENARIOS)
 def test_fault_scenario(scenario, tmp_path):
     if scenario == "disk_full" and subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"],
                                                   capture_output=True).returncode:

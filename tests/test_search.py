@@ -107,6 +107,20 @@ def test_a_trial_that_ended_after_the_last_saved_state_counts_on_resume(tmp_path
     assert restored.suggest("u0")["pair"] == "b:deit" and restored.suggest("u1") == PairSearch.FINISHED
 
 
+def test_a_search_started_afresh_on_resume_counts_the_rows_already_written(tmp_path):
+    """Tune's state was cut off mid-write, so the resume starts the search afresh: the trials with rows count against
+    their pairs' budgets (planned 4 over two pairs, 2 each), and only what is left is sampled."""
+    from uhkd.sweep.results import SweepTables
+
+    tables = SweepTables(str(tmp_path), "sw")
+    for trial_id, pair in (("t0", "a:r18"), ("t1", "b:deit"), ("t2", "a:r18")):
+        tables.write_trial({"trial_id": trial_id, "pair": pair, "status": "ok"})
+    sweep = _sweep(PAIRS[:2])
+    fresh = _base(searcher(sweep, seed=0, planned=4, max_concurrent=4, tables=(str(tmp_path), "sw")))
+    fresh.set_search_properties(None, None, dict(sweep.space))
+    assert fresh.suggest("u0")["pair"] == "b:deit" and fresh.suggest("u1") == PairSearch.FINISHED
+
+
 def test_asha_stops_trials_only_against_their_own_pair(ray_local, tmp_path):
     """Trials run one at a time, pairs alternating (a, b, a, b): the first trial of the slow pair `b` finds its
     pair's rungs empty and runs all 4 epochs, though it trails every trial of `a` (one ASHA over both pairs stops it

@@ -3,6 +3,7 @@ the documented schema matching Tune's results), attaching to a `ray start` clust
 and a crashing trial recorded as failed while the others finish, and bad input failing before any trial."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,9 +13,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from testkit.realstack import free_port
@@ -283,6 +286,79 @@ def test_interrupt_then_resume_records_every_trial_once(tmp_path, teacher_dir):
         logged = [json.loads(line)["epoch"] for line in (last / "metrics.jsonl").read_text().splitlines()]
         assert logged == list(range(1, len(logged) + 1))
         assert epochs[epochs["trial_id"] == trial_id]["epoch"].tolist() == logged
+
+
+def _cut_off_tunes_state_and_forget(folder: Path, trial_id: str) -> Path:
+    """What a SIGKILL while Tune copies its state into the sweep's folder leaves, with trial `trial_id` still running
+    then (so without rows): a cut-off `experiment_state-*.json`. Returns that file."""
+    for name in (TRIALS, EPOCHS):
+        table = pq.read_table(folder / name)
+        pq.write_table(table.filter(pc.not_equal(table["trial_id"], trial_id)), folder / name)
+    state = next((folder / "tune").glob("experiment_state-*.json"))
+    state.write_text(state.read_text()[:100])
+    return state
+
+
+def _resumed_after_a_cut_off_state(folder: Path, resume: Callable[[], list[str]], planned: int) -> list[str]:
+    """Cut off Tune's state with one trial running, resume, and check that the sweep ends with its `planned` trials,
+    each once: the others' rows as they were, the one running then trained again as a new trial."""
+    before = pd.read_parquet(folder / TRIALS).set_index("trial_id")
+    running = before.index[-1]
+    state = _cut_off_tunes_state_and_forget(folder, running)
+    lines = resume()
+    after = pd.read_parquet(folder / TRIALS).set_index("trial_id")
+    kept = before.drop(running)
+    assert len(after) == planned and after.index.is_unique and set(kept.index) < set(after.index)
+    assert after.loc[kept.index, "finished_at"].equals(kept["finished_at"])  # not run again
+    assert running not in after.index
+    assert not pd.read_parquet(folder / EPOCHS).duplicated(["trial_id", "epoch"]).any()
+    session = state.name[len("experiment_state-"):-len(".json")]
+    assert f"sweep {folder.name}: Tune's state of run(s) {session} was cut off while being saved" in "\n".join(lines)
+    assert not state.exists() and state.with_name(state.name + ".torn").is_file()
+    assert f"sweep {folder.name}: {planned}/{planned} trials recorded" in "\n".join(lines)
+    return lines
+
+
+def test_a_search_resumed_after_tunes_state_was_cut_off_runs_only_the_trials_left(tmp_path, ray_local,
+                                                                                   teacher_dir, capsys):
+    """The driver was killed while Tune copied its state (the stopped_kill fault scenario lands there now and then):
+    Tune's own restore would restore nothing, not even the search, and sample every planned trial again. The resume
+    sets that state aside and starts the search afresh, the trials with rows counting against the budget."""
+    from sweeps import hetero_pairs
+
+    argv = ["--results", str(tmp_path), "--teacher-dir", teacher_dir, "--pairs", PAIR, "--num-samples", "3",
+            "--epochs", "1", "--workers-per-trial", "0", "--name", "sw", *SMALL, "--set", "optim.max_steps_per_epoch=2"]
+    assert hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build, argv) == 0
+
+    def resume() -> list[str]:
+        capsys.readouterr()
+        code = hetero_pairs.main(hetero_pairs.parser(), hetero_pairs.build,
+                                 ["--results", str(tmp_path), "--resume", "--name", "sw"])
+        assert code == 0
+        return capsys.readouterr().out.splitlines()
+
+    lines = _resumed_after_a_cut_off_state(tmp_path / "sw", resume, planned=3)
+    assert "sweep sw: no whole state of Tune; starting its search afresh with its stored settings; 2 of its 3 " \
+           "trial(s) have rows and are kept" in lines
+
+
+def test_a_grid_resumed_after_tunes_state_was_cut_off_runs_only_the_cells_left(tmp_path, ray_local, teacher_dir):
+    """As for a search; a grid starts afresh with the cells no row records (the same run and labels), here the
+    one cell that was running: every cell once."""
+    cells = {f"lr{lr}": {"pair": PAIR, "method.name": "kd", "optim.lr": lr, "tag": f"t{lr}"} for lr in (1e-3, 2e-3)}
+    opts = SweepOptions(results=str(tmp_path), teacher_dir=teacher_dir, workers_per_trial=0, epochs=1, name="grid",
+                        sets={**SMALL_SETS, "optim.max_steps_per_epoch": "2"})
+    sweep = Sweep("grid", load_preset("quick"), cells=cells, force={"data.split": "final"})
+    run(sweep, opts)
+
+    def resume() -> list[str]:
+        lines: list[str] = []
+        assert not run(sweep, dataclasses.replace(opts, resume=True), out=lines.append).interrupted
+        return lines
+
+    _resumed_after_a_cut_off_state(tmp_path / "grid", resume, planned=2)
+    rows = pd.read_parquet(tmp_path / "grid" / TRIALS)
+    assert sorted(zip(rows["optim.lr"], rows["tag"])) == [(1e-3, "t0.001"), (2e-3, "t0.002")]
 
 
 def test_cluster_auto_attaches_to_a_ray_start_cluster(tmp_path, teacher_dir):

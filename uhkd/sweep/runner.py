@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
-from ..config import LEAF_TYPES, RunConfig, coerce, in_process, is_config_key, method_key
+from ..config import LEAF_TYPES, RunConfig, coerce, config_hash, in_process, is_config_key, method_key
 from ..errors import RunFailed, UserError, choice_error, one_line
 from ..plugins import loaded as loaded_plugins
 from ..storage import check_folder, exists, is_uri, join, open_location, ray_storage
@@ -24,10 +24,10 @@ from . import lock
 from .cli import SweepOptions, parse
 from .results import SweepTables
 from .spec import Sweep, SweepPreset
-from .state import (STORED, TUNE, StoredSweep, read_manifest, read_stored, saved_state, started, write_manifest,
-                    write_stored)
+from .state import (STORED, TORN, TUNE, StoredSweep, read_manifest, read_stored, saved_state, set_aside_torn_state,
+                    started, write_manifest, write_stored)
 from .teachers import CARRIED, install, teachers_sweep
-from .trainable import flat_run_config, teacher_path, train_trial, trial_overrides
+from .trainable import LABELS, flat_run_config, run_config, teacher_path, train_trial, trial_overrides
 
 TRIAL_CPU = 0.01  # the trial's own process: it only waits for its Ray Train workers
 # memory reserved for a trial's own process(es), measured on 2 CPUs: a Ray Train trial's driver side is ~1.1 GB
@@ -158,6 +158,16 @@ def grid_cells(sweep: Sweep) -> list[dict[str, Any]]:
     return [{"label": label, "set": overrides} for label, overrides in sweep.cells.items()]
 
 
+def cells_left(space: dict[str, Any], rows: dict[str, dict]) -> list[dict[str, Any]]:
+    """The cells of a grid sweep's `space` that no trial row records (a row of the same run and labels): what the
+    grid runs when it starts afresh on a resume."""
+    def key(config: dict[str, Any]) -> tuple[str, ...]:
+        return (config_hash(run_config(config, "")), *trial_overrides(config)[1].values())
+
+    done = {(row.get("config_hash"), *(str(row.get(label) or "") for label in LABELS)) for row in rows.values()}
+    return [cell for cell in space["cell"]["grid_search"] if key({**space, "cell": cell}) not in done]
+
+
 def trial_configs(sweep: Sweep, base: dict[str, Any]) -> list[dict[str, Any]]:
     """One representative trial config per grid cell, or per pair of a search space (its other values sampled
     later), to check before anything runs."""
@@ -281,7 +291,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
 
     budget = sweep.preset.budget(sweep.kind)
     storage_path, filesystem = ray_storage(join(opts.results, name))
-    run_config = tune.RunConfig(
+    tune_run = tune.RunConfig(
         name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=0,  # the console: LiveLines
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[ParquetResults(opts.results, name, sweep.preset.name), ReleaseStoppedTrainRuns(),
@@ -298,7 +308,7 @@ def _tuner(sweep: Sweep, opts: SweepOptions, name: str, param_space: dict, train
         tune_config = tune.TuneConfig(search_alg=search, num_samples=planned,
                                       scheduler=scheduler(sweep, budget, max_epochs, (opts.results, name)),
                                       **common)
-    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=tune_run)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -374,7 +384,7 @@ def run(sweep: Sweep, opts: SweepOptions, out: Callable[[str], None] = print,
 
 def _resume(sweep: Sweep, opts: SweepOptions, name: str, out: Callable[[str], None]) -> SweepOutcome:
     """Continue sweep `name` with its stored settings, at its current location: what Tune saved is restored; when
-    Tune saved nothing, its search starts afresh."""
+    Tune saved nothing whole, its search starts afresh, keeping the trials that have rows."""
     from ray import tune
 
     from .cluster import connect
@@ -384,25 +394,39 @@ def _resume(sweep: Sweep, opts: SweepOptions, name: str, out: Callable[[str], No
     manifest = read_manifest(folder, name)
     if manifest["kind"] != sweep.kind:
         raise UserError(f"sweep {name!r} is a {manifest['kind']} sweep; resume it with sweeps/{manifest['kind']}.py")
-    SweepTables(opts.results, name).load()  # an unreadable table fails here, in one line
-    stored, saved = read_stored(folder, name), saved_state(folder)
+    rows = SweepTables(opts.results, name).load().trials  # an unreadable table fails here, in one line
+    stored = read_stored(folder, name)
+    torn = set_aside_torn_state(folder) if stored is not None else []  # without a stored sweep, nothing else to use
+    saved = saved_state(folder)
     if stored is None and not saved:
         raise UserError(f"cannot resume sweep {name!r}: neither Tune's state nor {folder}/{STORED} was saved; "
                         f"start it again without --resume")
     out(connect(opts.cluster))
-    out(f"sweep {name}: resuming with its stored trials and settings" if saved else
-        f"sweep {name}: stopped before Tune saved any state; starting its search afresh with its stored settings")
+    if torn:
+        out(f"sweep {name}: Tune's state of run(s) {', '.join(torn)} was cut off while being saved (the driver was "
+            f"killed then); set aside as {folder}/{TUNE}/*{TORN}")
     trainable = tune.with_resources(train_trial, manifest["resources"])
     planned, concurrent = manifest["planned"], manifest["concurrent"]
+    if stored is not None:
+        stored = stored.at(opts.results, name)
+    if not saved:
+        kept = f"; {len(rows)} of its {planned} trial(s) have rows and are kept" if rows else ""
+        out(f"sweep {name}: {'no whole state of Tune' if torn else 'stopped before Tune saved any state'}; starting "
+            f"its search afresh with its stored settings{kept}")
+        if stored.sweep.cells:  # a search counts the rows itself (PairSearch); a grid runs the cells left
+            cells = cells_left(stored.space, rows)
+            if not cells:
+                return _outcome(opts, name, planned, concurrent, None, time.monotonic())
+            stored = replace(stored, space={**stored.space, "cell": tune.grid_search(cells)})
+        return _fit(_tuner(stored.sweep, stored.opts, name, stored.space, trainable, planned, concurrent,
+                           stored.max_epochs, stored.in_process), opts, name, planned, concurrent, out)
+    out(f"sweep {name}: resuming with its stored trials and settings")
     space = None  # a sweep that stored no search (an older toolkit's): Tune's state alone, at the place it had
     if stored is not None:
         # built again here, rewriting the tuner.pkl that Tune's restore reads: its callbacks, search and scheduler
         # then write under this --results
-        stored = stored.at(opts.results, name)
-        tuner = _tuner(stored.sweep, stored.opts, name, stored.space, trainable, planned, concurrent,
-                       stored.max_epochs, stored.in_process)
-        if not saved:
-            return _fit(tuner, opts, name, planned, concurrent, out)
+        _tuner(stored.sweep, stored.opts, name, stored.space, trainable, planned, concurrent, stored.max_epochs,
+               stored.in_process)
         space = stored.space
     # errored trials crashed on infrastructure (a configuration error ends as status=failed, not errored): they
     # continue from their checkpoints too
@@ -494,6 +518,7 @@ def tables_where_written(results: str, name: str) -> SweepTables:
 
 def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: int,
          out: Callable[[str], None]) -> SweepOutcome:
+    from ..tracking import read_back
     from .cluster import watch
 
     started_at = time.monotonic()
@@ -513,16 +538,17 @@ def _fit(tuner: Any, opts: SweepOptions, name: str, planned: int, concurrent: in
     finally:
         stop_watching()
         signal.signal(signal.SIGTERM, previous)
-    tables = tables_where_written(opts.results, name)
-    # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
-    outcome = SweepOutcome(name, tables.folder, tables, planned, concurrent,
-                           interrupted=len(tables.trials) < planned, grid=grid, location=join(opts.results, name),
-                           minutes=(time.monotonic() - started_at) / 60)
-    from ..tracking import read_back
-
     for line in read_back(replace(opts.track, experiment=name)):
         out(line)
-    return outcome
+    return _outcome(opts, name, planned, concurrent, grid, started_at)
+
+
+def _outcome(opts: SweepOptions, name: str, planned: int, concurrent: int, grid: Any,
+             started_at: float) -> SweepOutcome:
+    tables = tables_where_written(opts.results, name)
+    # every trial that ends gets its row; fewer rows than planned trials means Tune was interrupted (SIGINT)
+    return SweepOutcome(name, tables.folder, tables, planned, concurrent, interrupted=len(tables.trials) < planned,
+                        grid=grid, location=join(opts.results, name), minutes=(time.monotonic() - started_at) / 60)
 
 
 def _cluster_lost(opts: SweepOptions, name: str, address: str, seconds: float) -> None:

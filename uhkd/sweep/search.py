@@ -47,7 +47,8 @@ class PairSearch(Searcher):
     """One searcher per pair (`make(pair)`, e.g. an OptunaSearch with its own study), each over the search space
     without `pair`. Trials go to the pairs in turn (the pair with the fewest trials so far that has budget left), so
     the pairs advance side by side; when every pair has had its budget the search is finished. Results go back to
-    that pair's searcher. `tables` (results location, sweep name) are the sweep's rows, read on restore."""
+    that pair's searcher. `tables` (results location, sweep name) are the sweep's rows, read before the first
+    suggestion of a session: a trial with a row counts against its pair's budget."""
 
     def __init__(self, budget: dict[str, int], make: Callable[[str], Searcher], metric: Any, mode: Any,
                  tables: tuple[str, str] | None = None) -> None:
@@ -56,12 +57,16 @@ class PairSearch(Searcher):
         self.by_pair = {pair: make(pair) for pair in budget}
         self.trial_pair: dict[str, str] = {}
         self.tables = tables
+        self._rows_counted = tables is None
 
     def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
         space = {k: v for k, v in config.items() if k != "pair"}
         return all(s.set_search_properties(metric, mode, space, **spec) for s in self.by_pair.values())
 
     def suggest(self, trial_id: str) -> dict | None:
+        if not self._rows_counted:
+            self._rows_counted = True
+            self._count_unsaved_trials()
         used = {pair: 0 for pair in self.budget}
         for pair in self.trial_pair.values():
             used[pair] += 1
@@ -90,14 +95,14 @@ class PairSearch(Searcher):
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)
         state.pop("tables", None)  # where the sweep is now, not where it was when the state was saved
+        state.pop("_rows_counted", None)
         self.__dict__.update(state)
-        if self.tables:
-            self._count_unsaved_trials()
 
     def _count_unsaved_trials(self) -> None:
-        """A trial that started and ended within Tune's state-saving period (TUNE_GLOBAL_CHECKPOINT_S) before the
-        driver died has its row but is in neither Tune's saved state nor this searcher's (both are saved together):
-        counted here as used, the resumed sweep samples no replacement beside it."""
+        """A trial with a row that this searcher's state does not hold is counted as used, so that the sweep samples
+        no replacement beside it: one that started and ended within Tune's state-saving period
+        (TUNE_GLOBAL_CHECKPOINT_S) before the driver died (Tune's state and this searcher's are saved together), or
+        every trial with a row when the search starts afresh on a resume (Tune's state was cut off mid-write)."""
         for trial_id, row in SweepTables(*self.tables).load().trials.items():
             if trial_id not in self.trial_pair and row.get("pair") in self.budget:
                 self.trial_pair[trial_id] = row["pair"]

@@ -4,7 +4,8 @@ Before Tune starts, a sweep writes `sweep.json` (the manifest: kind, preset, pla
 trial's resources) and `sweep.pkl` (what its Tuner is built from: the sweep, its options, its param space). A
 resumed sweep builds its Tuner again from them at the sweep's current location (`--results`), so that every
 callback, the search and the scheduler write there, then restores what Tune saved (`tune/experiment_state-*.json`,
-`saved_state`); when the driver stopped before Tune saved anything, the search starts afresh under the same name.
+`saved_state`); when the driver stopped before Tune saved anything, or while it saved (`set_aside_torn_state`), the
+search starts afresh under the same name, its trials with rows counted against the budget.
 Tune moves the trials it restores to the experiment's new place, but neither their configs nor the trials its
 restored search creates later: `relocate` points a trial there.
 """
@@ -53,6 +54,37 @@ def saved_state(folder: str) -> bool:
     fs, root = open_location(folder)
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/{TUNE}", allow_not_found=True))
     return any(i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json") for i in infos)
+
+
+TORN = ".torn"  # suffix of Tune state files set aside, which Tune's restore then ignores
+SESSION_FILES = ("experiment_state-{}.json", "searcher-state-{}.pkl", "search_gen_state-{}.json",
+                 "callback-states-{}.pkl")  # what Tune saves together, per run of the sweep (its session)
+
+
+def set_aside_torn_state(folder: str) -> list[str]:
+    """Tune rewrites its state every few seconds, one set of files per run of the sweep (`SESSION_FILES`). A driver
+    killed while that is copied to the sweep's folder leaves `experiment_state-<session>.json` cut off, and Tune's
+    restore then restores nothing of the sweep, not even its search, and runs it again from the start. Each newest
+    session whose state is cut off is set aside (its files renamed `*.torn`), so that the resume takes the newest
+    state saved whole, or starts the search afresh; returns the sessions set aside."""
+    fs, root = open_location(folder)
+    tune_dir = f"{root}/{TUNE}"
+    prefix, suffix = SESSION_FILES[0].split("{}")
+    states = sorted((i.base_name for i in fs.get_file_info(pafs.FileSelector(tune_dir, allow_not_found=True))
+                     if i.base_name.startswith(prefix) and i.base_name.endswith(suffix)), reverse=True)
+    torn = []
+    for state in states:  # newest first, as Tune picks it
+        try:
+            with fs.open_input_stream(f"{tune_dir}/{state}") as f:
+                json.loads(f.readall())
+            break
+        except ValueError:
+            session = state[len(prefix):-len(suffix)]
+            for name in (pattern.format(session) for pattern in SESSION_FILES):
+                if fs.get_file_info(f"{tune_dir}/{name}").type == pafs.FileType.File:
+                    fs.move(f"{tune_dir}/{name}", f"{tune_dir}/{name}{TORN}")
+            torn.append(session)
+    return torn
 
 
 def write_manifest(folder: str, manifest: dict) -> None:
