@@ -315,6 +315,21 @@ def stopped_kill(bench: Bench) -> Outcome:
                                  signal.SIGKILL, samples=4, after_line="stopped by the scheduler")[0]
 
 
+def torn_state(bench: Bench) -> Outcome:
+    """SIGKILL to the driver mid-sweep, its Tune state then cut off as a kill while Tune copies it into the sweep's
+    folder leaves it (stopped_kill meets that now and then): --resume sets it aside and starts afresh, keeping the
+    trials with rows; the trials running at the kill train again, as new trials (their runs have no row)."""
+    def cut_off() -> None:
+        state = max((bench.results / "sw" / "tune").glob("experiment_state-*.json"))
+        state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
+
+    result, second, _ = interrupt_then_resume(bench, "driver SIGKILLed, Tune's state cut off, then --resume",
+                                              signal.SIGKILL, between=cut_off)
+    result.lines = [line for line in second.stdout.splitlines() if "was cut off while being saved" in line][:1] + \
+        result.lines
+    return result
+
+
 def moved(bench: Bench) -> Outcome:
     """The sweep folder moved (a new disk) while the sweep is stopped, then --resume --results NEW: the sweep
     continues there, its rows, checkpoints and Tune state all under NEW, nothing written at the old place."""
@@ -782,7 +797,8 @@ SCENARIOS: dict[str, Callable[[Bench], Outcome]] = {
     "trial_checkpoint": trial_checkpoint_corrupted, "trials_parquet": trials_parquet_corrupted,
     "cifar_archive": cifar_archive_corrupted, "sweep_json": sweep_json_corrupted, "nan_storm": nan_storm,
     "ray_job": ray_job_stop, "early_kill": early_kill, "epoch_kill": epoch_kill, "stopped_kill": stopped_kill,
-    "moved": moved, "group_sigterm": group_sigterm, "head_lost": head_lost, "bad_input": bad_input,
+    "torn_state": torn_state, "moved": moved, "group_sigterm": group_sigterm, "head_lost": head_lost,
+    "bad_input": bad_input,
 }
 
 
