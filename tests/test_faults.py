@@ -252,9 +252,9 @@ def test_the_resume_hint_quotes_what_a_shell_would_split():
 
 
 def test_tunes_state_cut_off_mid_write_is_set_aside_and_the_newest_whole_one_restored(tmp_path):
-    """Two runs of a sweep saved Tune's state; the second was killed while its state was copied (empty or cut-off
-    JSON). Its four files are set aside, so that Tune's own lookups (newest by name) pick the first run's state and
-    search state; a whole newest state is left alone."""
+    """Two runs of a sweep saved Tune's state; the second was killed while its state was copied (cut-off JSON). Its
+    four files are set aside, so that Tune's own lookups (newest by name) pick the first run's state and search
+    state; a whole newest state is left alone; a cut-off pickle or an empty file is set aside as well."""
     from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
     from ray.tune.utils.util import _load_newest_checkpoint
 
@@ -275,6 +275,11 @@ def test_tunes_state_cut_off_mid_write_is_set_aside_and_the_newest_whole_one_res
     assert Path(_find_newest_experiment_checkpoint(str(tune_dir))).name == "experiment_state-2026-01-01_10-00-00.json"
     assert _load_newest_checkpoint(str(tune_dir), "searcher-state-*.pkl") == {"run": "2026-01-01_10-00-00"}
     assert set_aside_torn_state(str(tmp_path / "sw")) == []  # the newest is whole now
+    # a third run whose experiment state is whole but whose search state (a pickle) was cut off
+    (tune_dir / "experiment_state-2026-01-01_12-00-00.json").write_text('{"trial_data": []}')
+    (tune_dir / "searcher-state-2026-01-01_12-00-00.pkl").write_bytes(pickle.dumps({"run": "12"})[:-3])
+    assert set_aside_torn_state(str(tmp_path / "sw")) == ["2026-01-01_12-00-00"]
+    assert _load_newest_checkpoint(str(tune_dir), "searcher-state-*.pkl") == {"run": "2026-01-01_10-00-00"}
     (tune_dir / "experiment_state-2026-01-01_10-00-00.json").write_text("")  # killed before it wrote a byte
     assert set_aside_torn_state(str(tmp_path / "sw")) == ["2026-01-01_10-00-00"]
     assert _find_newest_experiment_checkpoint(str(tune_dir)) is None

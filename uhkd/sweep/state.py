@@ -11,8 +11,10 @@ restored search creates later: `relocate` points a trial there.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickletools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,7 +40,11 @@ def _write(folder: str, name: str, data: bytes) -> None:
 
 def _read(folder: str, name: str) -> bytes:
     fs, root = open_location(folder)
-    with fs.open_input_stream(f"{root}/{name}") as f:
+    return _read_path(fs, f"{root}/{name}")
+
+
+def _read_path(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
         return f.readall()
 
 
@@ -61,12 +67,26 @@ SESSION_FILES = ("experiment_state-{}.json", "searcher-state-{}.pkl", "search_ge
                  "callback-states-{}.pkl")  # what Tune saves together, per run of the sweep (its session)
 
 
+def _whole(data: bytes) -> bool:
+    """Whether a Tune state file's bytes are whole: a pickle (Tune's `search_gen_state-*.json` is one too) whose
+    opcodes run to its STOP, read without unpickling, or else JSON that parses."""
+    try:
+        if data.startswith(b"\x80"):  # the PROTO opcode that starts every pickle of protocol 2 or later
+            for _ in pickletools.genops(io.BytesIO(data)):
+                pass
+        else:
+            json.loads(data)
+        return True
+    except ValueError:
+        return False
+
+
 def set_aside_torn_state(folder: str) -> list[str]:
     """Tune rewrites its state every few seconds, one set of files per run of the sweep (`SESSION_FILES`). A driver
-    killed while that is copied to the sweep's folder leaves `experiment_state-<session>.json` cut off, and Tune's
-    restore then restores nothing of the sweep, not even its search, and runs it again from the start. Each newest
-    session whose state is cut off is set aside (its files renamed `*.torn`), so that the resume takes the newest
-    state saved whole, or starts the search afresh; returns the sessions set aside."""
+    killed while they are copied to the sweep's folder leaves one cut off, and Tune's restore then restores nothing
+    of the sweep, not even its search, and runs it again from the start. Each newest session with a file cut off is
+    set aside (its files renamed `*.torn`), so that the resume takes the newest state saved whole, or starts the
+    search afresh; returns the sessions set aside."""
     fs, root = open_location(folder)
     tune_dir = f"{root}/{TUNE}"
     prefix, suffix = SESSION_FILES[0].split("{}")
@@ -74,16 +94,14 @@ def set_aside_torn_state(folder: str) -> list[str]:
                      if i.base_name.startswith(prefix) and i.base_name.endswith(suffix)), reverse=True)
     torn = []
     for state in states:  # newest first, as Tune picks it
-        try:
-            with fs.open_input_stream(f"{tune_dir}/{state}") as f:
-                json.loads(f.readall())
+        session = state[len(prefix):-len(suffix)]
+        present = [name for name in (pattern.format(session) for pattern in SESSION_FILES)
+                   if fs.get_file_info(f"{tune_dir}/{name}").type == pafs.FileType.File]
+        if all(_whole(_read_path(fs, f"{tune_dir}/{name}")) for name in present):
             break
-        except ValueError:
-            session = state[len(prefix):-len(suffix)]
-            for name in (pattern.format(session) for pattern in SESSION_FILES):
-                if fs.get_file_info(f"{tune_dir}/{name}").type == pafs.FileType.File:
-                    fs.move(f"{tune_dir}/{name}", f"{tune_dir}/{name}{TORN}")
-            torn.append(session)
+        for name in present:
+            fs.move(f"{tune_dir}/{name}", f"{tune_dir}/{name}{TORN}")
+        torn.append(session)
     return torn
 
 
