@@ -1,5 +1,5 @@
 """Every fault scenario of `testkit/faults.py` on real processes, as a table: trials planned, rows written, rows
-lost, rows duplicated, epochs retrained, outcome.
+lost, rows duplicated, epochs retrained, epochs abandoned, outcome.
 
     python benchmarks/faults.py [--only driver_sigkill,nan_storm] [--keep DIR]
 """
@@ -23,7 +23,7 @@ def main() -> None:
     keys = [k for k in args.only.split(",") if k] or list(SCENARIOS)
     work = Path(args.keep or tempfile.mkdtemp(prefix="uhkd-faults-"))
     header = ["scenario", "trials planned", "rows written", "rows lost", "rows duplicated", "epochs retrained",
-              "outcome"]
+              "epochs abandoned", "outcome"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     try:
         for key in keys:

@@ -2,7 +2,7 @@
 written, rows lost (a trial that ended without its row, or a row written before the fault that changed or
 vanished), rows duplicated, epochs retrained (an epoch with two different records, each its time and loss: in
 Tune's result log, or in the epoch logs of the trial's checkpoints as they were right after the fault and at the
-end) and the outcome. Kill moments come from the driver's own output lines. `benchmarks/faults.py` prints the
+end), epochs abandoned (those of a run left without a row, its trial replaced by a new one) and the outcome. Kill moments come from the driver's own output lines. `benchmarks/faults.py` prints the
 scenarios as a table; `tests/test_faults.py` runs them and asserts on them.
 
 Every sweep here is the quick preset on tiny models (a few steps per epoch), in-process trials unless the scenario
@@ -42,13 +42,14 @@ class Outcome:
     written: int = 0
     lost: int = 0
     duplicated: int = 0
-    retrained: int = 0
+    retrained: int = 0  # epochs a trial trained twice
+    abandoned: int = 0  # epochs of runs without a row, whose trial a new one replaced (`measure`)
     outcome: str = ""
     lines: list[str] = field(default_factory=list)  # what the user saw (error lines), for the tests
 
     def row(self) -> list[str]:
         return [self.scenario, str(self.planned), str(self.written), str(self.lost), str(self.duplicated),
-                str(self.retrained), self.outcome]
+                str(self.retrained), str(self.abandoned), self.outcome]
 
 
 # --- the pieces every scenario uses --------------------------------------------------------------------------------
@@ -214,13 +215,15 @@ def measure(bench: Bench, scenario: str, name: str, planned: int, before: list[d
     changed = [r["trial_id"] for r in before if _result(by_id.get(r["trial_id"], {})) != _result(r)]
     logs = run_logs(results, name)
     ended = {t for t, log in logs.items() if log and log[-1]["status"] in ("ok", "failed")}
-    # a run no trial row belongs to: its epochs were trained again by the trial Tune started in its place
-    orphaned = {t: log for t, log in logs.items() if t not in by_id and t not in ended}
+    now = epoch_records(results, name)
+    # a run no trial row belongs to (found from its checkpoints' records: Tune's log of it may never have been
+    # synced): the resumed sweep replaced its trial by a new one, and its epochs were for nothing
+    orphaned = {t: len(epochs) for t, epochs in now.items() if t not in by_id and t not in ended}
     lost = len(changed) + len(ended - set(ids)) + max(0, planned - len(set(ids)) - len(ended - set(ids)))
-    again = retrained(records or {}, epoch_records(results, name)) + sum(len(log) for log in orphaned.values())
     lines = [*lines, *(f"row of trial {t} changed or vanished" for t in changed),
-             *(f"run {t} ({len(log)} epochs) has no trial row" for t, log in orphaned.items())]
-    return Outcome(scenario, planned, len(after), lost, len(ids) - len(set(ids)), again, outcome, list(lines))
+             *(f"run {t} ({n} epochs) has no trial row" for t, n in orphaned.items())]
+    return Outcome(scenario, planned, len(after), lost, len(ids) - len(set(ids)), retrained(records or {}, now),
+                   sum(orphaned.values()), outcome, list(lines))
 
 
 def _result(row: dict) -> tuple:
@@ -316,15 +319,20 @@ def stopped_kill(bench: Bench) -> Outcome:
 
 
 def torn_state(bench: Bench) -> Outcome:
-    """SIGKILL to the driver mid-sweep, its Tune state then cut off as a kill while Tune copies it into the sweep's
-    folder leaves it (stopped_kill meets that now and then): --resume sets it aside and starts afresh, keeping the
-    trials with rows; the trials running at the kill train again, as new trials (their runs have no row)."""
+    """SIGKILL to the driver at a trial's first epoch line once Tune saved its state, which is then cut off as a kill
+    while Tune copies it into the sweep's folder leaves it (stopped_kill meets that now and then): --resume sets it
+    aside and starts afresh, keeping the trials with rows; the trial running at the kill is replaced by a new one
+    (its run, without a row, abandoned)."""
+    def states() -> list[Path]:
+        return sorted((bench.results / "sw" / "tune").glob("experiment_state-*.json"))
+
     def cut_off() -> None:
-        state = max((bench.results / "sw" / "tune").glob("experiment_state-*.json"))
+        state = states()[-1]
         state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
 
     result, second, _ = interrupt_then_resume(bench, "driver SIGKILLed, Tune's state cut off, then --resume",
-                                              signal.SIGKILL, between=cut_off)
+                                              signal.SIGKILL, after_line=r" epoch 1/3 ", ready=lambda: bool(states()),
+                                              between=cut_off)
     result.lines = [line for line in second.stdout.splitlines() if "was cut off while being saved" in line][:1] + \
         result.lines
     return result
@@ -531,7 +539,7 @@ def two_sweeps_one_root(bench: Bench) -> Outcome:
         kill_group(b)
     one, two = measure(bench, "", "a", 2, [], ""), measure(bench, "", "b", 2, [], "")
     return Outcome("two sweeps on one root at once", 4, one.written + two.written, one.lost + two.lost,
-                   one.duplicated + two.duplicated, one.retrained + two.retrained,
+                   one.duplicated + two.duplicated, one.retrained + two.retrained, one.abandoned + two.abandoned,
                    f"exit {a.returncode} and {b.returncode}; same name: exit {same.returncode}",
                    error_lines(same.stderr))
 
@@ -544,8 +552,8 @@ def teacher_checkpoint_truncated(bench: Bench) -> Outcome:
     argv = bench.sweep("sw", samples=1)
     argv[argv.index("--teacher-dir") + 1] = str(broken)
     done = bench.call(argv)
-    return Outcome("teacher checkpoint truncated", 1, len(rows(bench.results, "sw")), 0, 0, 0,
-                   f"exit {done.returncode} before any trial", error_lines(done.stderr))
+    return Outcome("teacher checkpoint truncated", 1, len(rows(bench.results, "sw")),
+                   outcome=f"exit {done.returncode} before any trial", lines=error_lines(done.stderr))
 
 
 def cifar_archive_corrupted(bench: Bench) -> Outcome:
@@ -565,8 +573,8 @@ def cifar_archive_corrupted(bench: Bench) -> Outcome:
         lines += error_lines(done.stderr)
         codes.append(done.returncode)
     ran = "the crafted command ran" if marker.exists() else "nothing ran"
-    return Outcome("CIFAR archive truncated / crafted", 0, 0, 0, 0, 0, f"exit {codes[0]} and {codes[1]}; {ran}",
-                   lines)
+    return Outcome("CIFAR archive truncated / crafted", outcome=f"exit {codes[0]} and {codes[1]}; {ran}",
+                   lines=lines)
 
 
 class _Evil:

@@ -7,7 +7,6 @@ import ipaddress
 import json
 import os
 import pickle
-import re
 import shlex
 import subprocess
 import sys
@@ -412,12 +411,10 @@ def test_fault_scenario(scenario, tmp_path):
     result = faults.run_scenario(scenario, tmp_path)
     assert not result.outcome.startswith("could not run"), result.outcome
     assert (result.lost, result.duplicated) == (0, 0), result
-    # the fallback from a truncated trial checkpoint trains one epoch again; after a cut-off Tune state, the trials
-    # running at the kill train again as new trials, their old runs without rows (and nothing else)
-    rerun = sum(int(n) for line in result.lines for n in re.findall(r"^run \w+ \((\d+) epochs\) has no trial row",
-                                                                   line))
-    assert result.retrained - rerun <= (scenario == "trial_checkpoint"), result
-    assert bool(rerun) == (scenario == "torn_state"), result
+    assert result.retrained <= (scenario == "trial_checkpoint"), result  # the fallback: one epoch
+    # runs replaced by new trials: after a cut-off Tune state, those running at the kill; after another kill, one
+    # begun within Tune's state-saving period (2 s) before it, at most 2 of these ~1 s epochs
+    assert result.abandoned >= 1 if scenario == "torn_state" else result.abandoned <= 2, result
     assert not any("Traceback" in line for line in result.lines), result.lines
     assert all(line.count("\n") == 0 for line in result.lines)
     for expected in [*([EXPECT_LINES[scenario]] if scenario in EXPECT_LINES else []),

@@ -360,6 +360,11 @@ def test_a_grid_resumed_after_tunes_state_was_cut_off_runs_only_the_cells_left(t
     rows = pd.read_parquet(tmp_path / "grid" / TRIALS)
     assert sorted(zip(rows["optim.lr"], rows["tag"])) == [(1e-3, "t0.001"), (2e-3, "t0.002")]
 
+    # cut off again, every cell with its row: nothing left to run (Tune is not started on an empty grid)
+    max((tmp_path / "grid" / "tune").glob("experiment_state-*.json")).write_text("")
+    assert "sweep grid: 2/2 trials recorded" in "\n".join(resume())
+    assert pd.read_parquet(tmp_path / "grid" / TRIALS).equals(rows)
+
 
 def test_cluster_auto_attaches_to_a_ray_start_cluster(tmp_path, teacher_dir):
     ray_tmp, port = _short_tmp(), free_port()
