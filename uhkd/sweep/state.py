@@ -54,17 +54,24 @@ def started(folder: str) -> bool:
     return fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File
 
 
+TORN = ".torn"  # suffix of Tune state files set aside, which Tune's restore then ignores
+SESSION_FILES = ("experiment_state-{}.json", "searcher-state-{}.pkl", "search_gen_state-{}.json",
+                 "callback-states-{}.pkl")  # what Tune saves together, per run of the sweep (its session)
+
+
+def _saved_states(fs: pafs.FileSystem, tune_dir: str) -> list[str]:
+    """The experiment-state files Tune saved in `tune_dir`, newest first (their names sort by time)."""
+    prefix, suffix = SESSION_FILES[0].split("{}")
+    infos = fs.get_file_info(pafs.FileSelector(tune_dir, allow_not_found=True))
+    return sorted((i.base_name for i in infos if i.base_name.startswith(prefix) and i.base_name.endswith(suffix)),
+                  reverse=True)
+
+
 def saved_state(folder: str) -> bool:
     """Whether Tune saved the experiment state of the sweep in `folder` (it does so every few seconds once it has
     started: a driver stopped before that saved nothing to restore)."""
     fs, root = open_location(folder)
-    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{TUNE}", allow_not_found=True))
-    return any(i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json") for i in infos)
-
-
-TORN = ".torn"  # suffix of Tune state files set aside, which Tune's restore then ignores
-SESSION_FILES = ("experiment_state-{}.json", "searcher-state-{}.pkl", "search_gen_state-{}.json",
-                 "callback-states-{}.pkl")  # what Tune saves together, per run of the sweep (its session)
+    return bool(_saved_states(fs, f"{root}/{TUNE}"))
 
 
 def _whole(data: bytes) -> bool:
@@ -90,10 +97,8 @@ def set_aside_torn_state(folder: str) -> list[str]:
     fs, root = open_location(folder)
     tune_dir = f"{root}/{TUNE}"
     prefix, suffix = SESSION_FILES[0].split("{}")
-    states = sorted((i.base_name for i in fs.get_file_info(pafs.FileSelector(tune_dir, allow_not_found=True))
-                     if i.base_name.startswith(prefix) and i.base_name.endswith(suffix)), reverse=True)
     torn = []
-    for state in states:  # newest first, as Tune picks it
+    for state in _saved_states(fs, tune_dir):  # newest first, as Tune picks it
         session = state[len(prefix):-len(suffix)]
         present = [name for name in (pattern.format(session) for pattern in SESSION_FILES)
                    if fs.get_file_info(f"{tune_dir}/{name}").type == pafs.FileType.File]
