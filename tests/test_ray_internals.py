@@ -189,7 +189,8 @@ def test_client_address():
     temp_dir = tempfile.mkdtemp(prefix="ri", dir="/tmp")  # short: Ray's socket paths
     head = start_head(temp_dir, num_cpus=1)
     try:
-        code = ("import json, ray, sys; ray.init(sys.argv[1], log_to_driver=False, logging_level='ERROR');"
+        # attached as a sweep attaches (`connect`: it retries a session whose server crashed as it started)
+        code = ("import json, sys; from uhkd.sweep.cluster import connect; connect(sys.argv[1]);"
                 "from uhkd import ray_internals as ri; print(json.dumps([ri.client_address(), ri.fallbacks()]))")
         done = subprocess.run([sys.executable, "-c", code, head.client_address], capture_output=True, text=True,
                               timeout=300, env=head.env)
@@ -200,6 +201,21 @@ def test_client_address():
     address, fell_back = json.loads(done.stdout.splitlines()[-1])
     assert address == head.client_address and not fell_back, \
         f"uhkd.ray_internals.client_address: {address!r}, {fell_back}"
+
+
+def test_a_client_session_whose_server_crashed_as_it_started_is_tried_again():
+    """What Ray 2.60's client proxy raised in a CI run when the session server it had just forked was already dead
+    (ray-project/ray#63202): one of the failures `connect` retries."""
+    from uhkd.sweep.cluster import CLIENT_SPAWN_FAILURES, _reason
+
+    exc = ConnectionAbortedError(
+        "Initialization failure from server:\nTraceback (most recent call last):\n  File \".../proxier.py\", line "
+        "396, in start_specific_server\n    cmd = psutil_proc.cmdline()\npsutil.ZombieProcess: PID still exists but "
+        "it's a zombie (pid=3401)\n")
+    reason = _reason(exc)
+    assert reason == ("Initialization failure from server: psutil.ZombieProcess: PID still exists but it's a zombie "
+                      "(pid=3401)")
+    assert any(failure in reason for failure in CLIENT_SPAWN_FAILURES)
 
 
 def test_own_session(tmp_path):

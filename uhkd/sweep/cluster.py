@@ -57,7 +57,8 @@ def _describe() -> str:
 
 
 CLIENT_SPAWN_TRIES = 5
-CLIENT_SPAWN_FAILURES = ("Starting Ray client server failed", "Proxy failed to Connect to backend")
+# how a session's server that crashed as it started shows (the last: found dead, as a zombie, by the proxy)
+CLIENT_SPAWN_FAILURES = ("Starting Ray client server failed", "Proxy failed to Connect to backend", "ZombieProcess")
 
 
 def _init(address: str) -> None:
