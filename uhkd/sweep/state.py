@@ -59,19 +59,19 @@ SESSION_FILES = ("experiment_state-{}.json", "searcher-state-{}.pkl", "search_ge
                  "callback-states-{}.pkl")  # what Tune saves together, per run of the sweep (its session)
 
 
-def _saved_states(fs: pafs.FileSystem, tune_dir: str) -> list[str]:
-    """The experiment-state files Tune saved in `tune_dir`, newest first (their names sort by time)."""
+def _saved_sessions(fs: pafs.FileSystem, tune_dir: str) -> list[str]:
+    """The runs (sessions) whose experiment state Tune saved in `tune_dir`, newest first (they are timestamps)."""
     prefix, suffix = SESSION_FILES[0].split("{}")
     infos = fs.get_file_info(pafs.FileSelector(tune_dir, allow_not_found=True))
-    return sorted((i.base_name for i in infos if i.base_name.startswith(prefix) and i.base_name.endswith(suffix)),
-                  reverse=True)
+    return sorted((i.base_name[len(prefix):-len(suffix)] for i in infos
+                   if i.base_name.startswith(prefix) and i.base_name.endswith(suffix)), reverse=True)
 
 
 def saved_state(folder: str) -> bool:
     """Whether Tune saved the experiment state of the sweep in `folder` (it does so every few seconds once it has
     started: a driver stopped before that saved nothing to restore)."""
     fs, root = open_location(folder)
-    return bool(_saved_states(fs, f"{root}/{TUNE}"))
+    return bool(_saved_sessions(fs, f"{root}/{TUNE}"))
 
 
 def _whole(data: bytes) -> bool:
@@ -96,10 +96,8 @@ def set_aside_torn_state(folder: str) -> list[str]:
     search afresh; returns the sessions set aside."""
     fs, root = open_location(folder)
     tune_dir = f"{root}/{TUNE}"
-    prefix, suffix = SESSION_FILES[0].split("{}")
     torn = []
-    for state in _saved_states(fs, tune_dir):  # newest first, as Tune picks it
-        session = state[len(prefix):-len(suffix)]
+    for session in _saved_sessions(fs, tune_dir):  # newest first, as Tune picks it
         present = [name for name in (pattern.format(session) for pattern in SESSION_FILES)
                    if fs.get_file_info(f"{tune_dir}/{name}").type == pafs.FileType.File]
         if all(_whole(_read_path(fs, f"{tune_dir}/{name}")) for name in present):
