@@ -1,9 +1,10 @@
 """Faults a long sweep meets, each run on real processes and measured the same way: the trials planned, the rows
-written, rows lost (a trial that ended without its row, or a row written before the fault that changed or
-vanished), rows duplicated, epochs retrained (an epoch with two different records, each its time and loss: in
-Tune's result log, or in the epoch logs of the trial's checkpoints as they were right after the fault and at the
-end), epochs abandoned (those of a run left without a row, its trial replaced by a new one) and the outcome. Kill moments come from the driver's own output lines. `benchmarks/faults.py` prints the
-scenarios as a table; `tests/test_faults.py` runs them and asserts on them.
+written, rows lost (a trial that ended without its row, or a row written before the fault that changed or vanished),
+rows duplicated, epochs retrained (an epoch with two different records, each its time and loss: in Tune's result log,
+or in the epoch logs of the trial's checkpoints as they were right after the fault and at the end), epochs abandoned
+(those of a run left without a row, its trial replaced by a new one) and the outcome. Kill moments come from the
+driver's own output lines. `benchmarks/faults.py` prints the scenarios as a table; `tests/test_faults.py` runs them
+and asserts on them.
 
 Every sweep here is the quick preset on tiny models (a few steps per epoch), in-process trials unless the scenario
 needs Ray Train, on clusters this script starts on free local ports and stops.
